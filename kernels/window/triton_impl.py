@@ -1,0 +1,344 @@
+"""Triton sliding-window attention: flash-style forward and a two-kernel, atomic-free backward.
+
+Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim,
+M query rows of a block (BLOCK_M), N key columns of a block (BLOCK_N), P padded head dim.
+
+Every program only visits the key (or query) blocks that intersect the window band
+t - window < s <= t, so the work is O(T · window) per head. Forward keeps an online softmax per
+query block and stores the log-sum-exp; backward recomputes the probabilities from it. dq is
+computed per (query block, query head); dk and dv per (key block, KV head), looping over the G
+query heads of the group and the query blocks that see the key block, so no two programs write
+the same gradient row and no float atomics are needed. Offsets are int64 so B·T·H·D may exceed
+2**31. TRITON_INTERPRET=1 must be set before this module is imported to run it on CPU (fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# 64 x 64 tiles keep tl.dot on tensor cores for D up to 128 without spilling registers.
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _visible(t, s, T, window):
+    """Window mask for broadcast query positions t and key positions s: t - window < s <= t."""
+    return (s <= t) & (s > t - window) & (t < T) & (s < T)
+
+
+@triton.jit
+def _tile(ptr, b, h, offs_t, offs_d, s_b, s_t, s_h, s_d):
+    """Pointers [rows, P] to rows offs_t of (batch b, head h) in a [B, T, H, D] tensor (int64)."""
+    return ptr + b * s_b + h * s_h + offs_t.to(tl.int64)[:, None] * s_t + offs_d[None, :] * s_d
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sq_b, sq_t, sq_h, sq_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    so_b, so_t, so_h, so_d,
+    T, HQ, G, D, window, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program per (query block, batch · query head): online softmax over the window."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    hk = hq // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_MP = tl.load(
+        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+        mask=(offs_m[:, None] < T) & d_ok[None, :],
+        other=0.0,
+    )
+    m_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_M = tl.zeros([BLOCK_M], tl.float32)
+    acc_MP = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # key blocks from the one holding the first row's oldest key to the last row's own key
+    lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < T) & d_ok[None, :]
+        k_NP = tl.load(
+            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
+            mask=kv_ok,
+            other=0.0,
+        )
+        v_NP = tl.load(
+            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
+            mask=kv_ok,
+            other=0.0,
+        )
+        s_MN = tl.dot(q_MP, tl.trans(k_NP), input_precision=PRECISION) * scale
+        s_MN = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, window), s_MN, float("-inf"))
+        m_new_M = tl.maximum(m_M, tl.max(s_MN, 1))
+        # a row whose keys all lie outside this block keeps max -inf; shift by 0 to avoid inf - inf
+        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
+        p_MN = tl.exp(s_MN - m_safe_M[:, None])
+        alpha_M = tl.exp(m_M - m_safe_M)
+        l_M = l_M * alpha_M + tl.sum(p_MN, 1)
+        acc_MP = acc_MP * alpha_M[:, None] + tl.dot(
+            p_MN.to(v_NP.dtype), v_NP, input_precision=PRECISION
+        )
+        m_M = m_new_M
+    # rows past T see no key at all; give them a unit denominator, they are not stored
+    l_M = tl.where(l_M == 0.0, 1.0, l_M)
+    o_MP = acc_MP / l_M[:, None]
+    row_ok = offs_m < T
+    tl.store(
+        _tile(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
+        o_MP.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(lse_ptr + pid_bh * T + offs_m, m_M + tl.log(l_M), mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+    sq_b, sq_t, sq_h, sq_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sdq_b, sdq_t, sdq_h, sdq_d,
+    T, HQ, G, D, window, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program per (query block, batch · query head): dq = scale · Σ ds · k in the window."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HQ
+    hq = pid_bh % HQ
+    hk = hq // G
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = offs_m < T
+    rows_ok = row_ok[:, None] & d_ok[None, :]
+    q_MP = tl.load(
+        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d), mask=rows_ok, other=0.0
+    )
+    do_MP = tl.load(
+        _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+        mask=rows_ok,
+        other=0.0,
+    )
+    lse_M = tl.load(lse_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    delta_M = tl.load(delta_ptr + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    dq_MP = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < T) & d_ok[None, :]
+        k_NP = tl.load(
+            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
+            mask=kv_ok,
+            other=0.0,
+        )
+        v_NP = tl.load(
+            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
+            mask=kv_ok,
+            other=0.0,
+        )
+        s_MN = tl.dot(q_MP, tl.trans(k_NP), input_precision=PRECISION) * scale
+        visible_MN = _visible(offs_m[:, None], offs_n[None, :], T, window)
+        p_MN = tl.where(visible_MN, tl.exp(s_MN - lse_M[:, None]), 0.0)
+        dp_MN = tl.dot(do_MP, tl.trans(v_NP), input_precision=PRECISION)
+        ds_MN = p_MN * (dp_MN - delta_M[:, None])
+        dq_MP += tl.dot(ds_MN.to(k_NP.dtype), k_NP, input_precision=PRECISION)
+    tl.store(
+        _tile(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
+        (dq_MP * scale).to(dq_ptr.dtype.element_ty),
+        mask=rows_ok,
+    )
+
+
+@triton.jit
+def _dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr,
+    sq_b, sq_t, sq_h, sq_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sdk_b, sdk_t, sdk_h, sdk_d,
+    sdv_b, sdv_t, sdv_h, sdv_d,
+    T, H, G, D, window, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program per (key block, batch · KV head): dk, dv summed over the group's query heads.
+
+    The program owns its key rows for all G query heads of the group, so it writes dk and dv
+    once, with plain stores, after visiting every query block whose window reaches the block.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    hk = pid_bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    key_ok = offs_n < T
+    keys_ok = key_ok[:, None] & d_ok[None, :]
+    k_NP = tl.load(
+        _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=keys_ok, other=0.0
+    )
+    v_NP = tl.load(
+        _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=keys_ok, other=0.0
+    )
+    dk_NP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv_NP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # query blocks from the one holding key start_n's own row to the newest query that sees the
+    # block's last key (position start_n + BLOCK_N - 1 + window - 1)
+    lo = start_n // BLOCK_M * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
+    for g in range(0, G):
+        hq = hk * G + g
+        row_bh = (b * H * G + hq) * T
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            rows_ok = row_ok[:, None] & d_ok[None, :]
+            q_MP = tl.load(
+                _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+                mask=rows_ok,
+                other=0.0,
+            )
+            do_MP = tl.load(
+                _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+                mask=rows_ok,
+                other=0.0,
+            )
+            lse_M = tl.load(lse_ptr + row_bh + offs_m, mask=row_ok, other=0.0)
+            delta_M = tl.load(delta_ptr + row_bh + offs_m, mask=row_ok, other=0.0)
+            # transposed scores [keys, queries] so dk and dv come out as plain dots
+            s_NM = tl.dot(k_NP, tl.trans(q_MP), input_precision=PRECISION) * scale
+            visible_NM = _visible(offs_m[None, :], offs_n[:, None], T, window)
+            p_NM = tl.where(visible_NM, tl.exp(s_NM - lse_M[None, :]), 0.0)
+            dv_NP += tl.dot(p_NM.to(do_MP.dtype), do_MP, input_precision=PRECISION)
+            dp_NM = tl.dot(v_NP, tl.trans(do_MP), input_precision=PRECISION)
+            ds_NM = p_NM * (dp_NM - delta_M[None, :])
+            dk_NP += tl.dot(ds_NM.to(q_MP.dtype), q_MP, input_precision=PRECISION)
+    tl.store(
+        _tile(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
+        (dk_NP * scale).to(dk_ptr.dtype.element_ty),
+        mask=keys_ok,
+    )
+    tl.store(
+        _tile(dv_ptr, b, hk, offs_n, offs_d, sdv_b, sdv_t, sdv_h, sdv_d),
+        dv_NP.to(dv_ptr.dtype.element_ty),
+        mask=keys_ok,
+    )
+
+
+# the kernels run in numpy on the CPU when TRITON_INTERPRET=1 was set before this import
+_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def _block_d(D: int) -> int:
+    """Head-dim tile: the next power of two, at least 16 (the smallest tl.dot inner size)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 products (as torch matmul by default), else tf32.
+
+    Triton's default rounds fp32 operands to tf32 on NVIDIA GPUs, which would make the fp32 op
+    disagree with every other backend at ~1e-3; bf16 operands are unaffected by the setting.
+    """
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _SlidingWindowTriton(torch.autograd.Function):
+    """Autograd wrapper: forward saves the log-sum-exp, backward runs the dq and dk/dv kernels."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHD: torch.Tensor,
+        window: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Run the forward kernel; returns o_BTHD and keeps q, k, v, o and lse for backward."""
+        B, T, HQ, D = q_BTHD.shape
+        H = k_BTHD.shape[2]
+        o_BTHD = torch.empty_like(q_BTHD)
+        lse_BHT = torch.empty(B, HQ, T, device=q_BTHD.device, dtype=torch.float32)
+        grid = (triton.cdiv(T, BLOCK_M), B * HQ)
+        _fwd_kernel[grid](
+            q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BHT,
+            *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *o_BTHD.stride(),
+            T, HQ, HQ // H, D, window, scale,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
+            PRECISION=_precision(q_BTHD.dtype),
+        )  # fmt: skip
+        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BHT)
+        ctx.window = window
+        ctx.scale = scale
+        return o_BTHD
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, do_BTHD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        """Gradients of q, k, v from the saved log-sum-exp; none for window and scale."""
+        q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BHT = ctx.saved_tensors
+        B, T, HQ, D = q_BTHD.shape
+        H = k_BTHD.shape[2]
+        # delta_t = Σ_d o·do, the softmax-backward row term, shared by both kernels
+        delta_BHT = (o_BTHD.float() * do_BTHD.float()).sum(-1).transpose(1, 2).contiguous()
+        dq_BTHD = torch.empty_like(q_BTHD)
+        dk_BTHD = torch.empty_like(k_BTHD)
+        dv_BTHD = torch.empty_like(v_BTHD)
+        _dq_kernel[(triton.cdiv(T, BLOCK_M), B * HQ)](
+            q_BTHD, k_BTHD, v_BTHD, do_BTHD, dq_BTHD, lse_BHT, delta_BHT,
+            *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *do_BTHD.stride(),
+            *dq_BTHD.stride(),
+            T, HQ, HQ // H, D, ctx.window, ctx.scale,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
+            PRECISION=_precision(q_BTHD.dtype),
+        )  # fmt: skip
+        _dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H)](
+            q_BTHD, k_BTHD, v_BTHD, do_BTHD, dk_BTHD, dv_BTHD, lse_BHT, delta_BHT,
+            *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *do_BTHD.stride(),
+            *dk_BTHD.stride(), *dv_BTHD.stride(),
+            T, H, HQ // H, D, ctx.window, ctx.scale,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
+            PRECISION=_precision(q_BTHD.dtype),
+        )  # fmt: skip
+        return dq_BTHD, dk_BTHD, dv_BTHD, None, None
+
+
+def sliding_window_attention_triton(
+    q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, window: int, scale: float
+) -> torch.Tensor:
+    """Sliding-window attention through the Triton kernels; differentiable in q, k and v.
+
+    Inputs are validated by the caller. The window is clipped to T (a longer one sees the same
+    keys) so the key loops stay bounded; returns o_BTHD in q's dtype. Raises ValueError for CPU
+    tensors unless the kernels were imported under TRITON_INTERPRET=1.
+    """
+    if not q_BTHD.is_cuda and not _INTERPRETED:
+        raise ValueError(
+            "sliding_window_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+            f"set before import to run on CPU), got device {q_BTHD.device}"
+        )
+    return _SlidingWindowTriton.apply(q_BTHD, k_BTHD, v_BTHD, min(window, q_BTHD.shape[1]), scale)

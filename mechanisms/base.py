@@ -1,0 +1,376 @@
+"""The mechanism contract every attention mechanism implements.
+
+A mechanism is a ``torch.nn.Module`` built from an :class:`AttentionShape` and a typed params
+dataclass. It owns its projections and RoPE, maps ``x_BTC -> y_BTC`` as causal self-attention,
+decodes new tokens against a cache, reports per-step statistics and auxiliary losses through
+attributes (so the forward return type never changes), and gives an analytic cost model.
+
+Legend: B batch, T time (new tokens), S cached length, C d_model, HQ query heads, H KV heads,
+D head dim, G = HQ // H query heads per KV head.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sparsezoo.kernels.rope import apply_rope, rope_angles
+
+
+class MechanismConfigError(ValueError):
+    """A mechanism knob (or the attention shape) holds a value outside its allowed range."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The attention geometry every mechanism is built from.
+
+    ``head_dim`` defaults to ``d_model // n_heads``. ``max_seq_len`` is the longest sequence the
+    model is trained on (mechanisms may size buffers or defaults from it; decoding further works).
+    """
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise MechanismConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise MechanismConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise MechanismConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise MechanismConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (G)."""
+        return self.n_heads // self.n_kv_heads
+
+
+def knob(
+    default: Any,
+    *,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """Declare a mechanism parameter with its default, help text and allowed range.
+
+    The range metadata drives both validation and the ``sparsezoo mechanisms`` listing, so the
+    documented range and the enforced range can never drift apart.
+    """
+    return field(
+        default=default, metadata={"help": help, "low": low, "high": high, "choices": choices}
+    )
+
+
+@dataclass(frozen=True)
+class KnobInfo:
+    """One parameter of a mechanism as users see it (name, type, default, allowed values, help)."""
+
+    name: str
+    type: str
+    default: Any
+    allowed: str
+    help: str
+
+
+@dataclass
+class MechanismParams:
+    """Base class of every mechanism's params dataclass.
+
+    Subclasses declare fields with :func:`knob`; :meth:`validate` checks types and ranges from the
+    metadata and subclasses extend it with cross-field rules (calling ``super().validate``).
+    """
+
+    def validate(self, shape: AttentionShape) -> None:
+        """Raise MechanismConfigError naming the first knob outside its allowed range."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            expected = hints.get(f.name)
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise MechanismConfigError(f"{f.name} must be an integer, got {value!r}")
+            if expected is float and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise MechanismConfigError(f"{f.name} must be a finite number, got {value!r}")
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise MechanismConfigError(
+                    f"{f.name}={value!r} is not allowed; choose one of {list(meta['choices'])}"
+                )
+            low, high = meta.get("low"), meta.get("high")
+            if low is not None and value < low:
+                raise MechanismConfigError(f"{f.name}={value!r} is below the minimum {low}")
+            if high is not None and value > high:
+                raise MechanismConfigError(f"{f.name}={value!r} is above the maximum {high}")
+
+    @classmethod
+    def describe(cls) -> list[KnobInfo]:
+        """List the knobs with their types, defaults, allowed ranges and help texts."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if meta.get("choices") is not None:
+                allowed = " | ".join(str(c) for c in meta["choices"])
+            elif meta.get("low") is not None or meta.get("high") is not None:
+                lo = meta.get("low")
+                hi = meta.get("high")
+                allowed = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            else:
+                allowed = "any"
+            hint = hints.get(f.name)
+            out.append(
+                KnobInfo(
+                    name=f.name,
+                    type=getattr(hint, "__name__", str(hint)),
+                    default=f.default,
+                    allowed=allowed,
+                    help=meta.get("help", ""),
+                )
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MechanismParams:
+        """Build the params from a mapping, rejecting unknown keys with the list of valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise MechanismConfigError(
+                f"unknown parameter(s) {unknown} for {cls.__name__}; valid: {names or 'none'}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Analytic per-query cost at context t: KV rows read and attention FLOPs (per query head)."""
+
+    keys: float
+    flops: float
+
+
+class KVCache:
+    """Decode cache holding post-RoPE keys and values for every past token.
+
+    ``length`` counts cached tokens; ``rows_read`` is how many KV rows (per KV head) the last
+    decode step read, so sparse decoding can be audited. Mechanisms that need more state
+    (compressed keys, block means, indexer keys) subclass it.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.max_len = max_len
+        self.k_BSHD = torch.zeros(
+            batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self.v_BSHD = torch.zeros_like(self.k_BSHD)
+        self.length = 0
+        self.rows_read = 0
+
+    def append(self, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
+        """Store the keys and values of ``T`` new tokens after the cached ones."""
+        T = k_BTHD.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(
+                f"cache overflow: {self.length} cached + {T} new tokens > max_len={self.max_len}"
+            )
+        self.k_BSHD[:, self.length : self.length + T] = k_BTHD
+        self.v_BSHD[:, self.length : self.length + T] = v_BTHD
+        self.length += T
+
+    def keys(self, start: int = 0) -> torch.Tensor:
+        """Cached keys from ``start`` to the end, [B, S, H, D] (a view, no copy)."""
+        return self.k_BSHD[:, start : self.length]
+
+    def values(self, start: int = 0) -> torch.Tensor:
+        """Cached values from ``start`` to the end, [B, S, H, D] (a view, no copy)."""
+        return self.v_BSHD[:, start : self.length]
+
+
+def decode_mask(
+    n_new: int, start: int, length: int, window: int | None = None
+) -> torch.Tensor | None:
+    """Boolean mask [n_new, length - start] for new queries against cached keys [start, length).
+
+    New query i sits at position ``length - n_new + i`` and sees key j iff j <= its position (and
+    j > position - window when a window is given). Returns None when every key is visible, which
+    lets single-token decode skip masking entirely.
+    """
+    q_pos = torch.arange(length - n_new, length)[:, None]
+    k_pos = torch.arange(start, length)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return None if bool(allowed.all()) else allowed
+
+
+class AttentionMechanism(nn.Module, abc.ABC):
+    """Base class of every attention mechanism.
+
+    Subclasses set ``name``, ``Params`` and ``test_preset`` (knob values that make the mechanism
+    genuinely sparse at the conformance suite's lengths, a few hundred tokens), and implement
+    :meth:`attend` (prefill), :meth:`decode` (new queries against a filled cache) and
+    :meth:`cost`. The base class provides the Llama-style Q/K/V/O projections with RoPE; a
+    mechanism with other projections overrides :meth:`project`. After each forward,
+    ``self.stats`` holds detached scalars (at least ``density``) and ``self.aux_losses`` holds
+    differentiable scalars the training loop adds to the loss.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MechanismParams]] = MechanismParams
+    test_preset: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, shape: AttentionShape, params: MechanismParams | None = None) -> None:
+        super().__init__()
+        params = self.Params() if params is None else params
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} expects {self.Params.__name__}, got {params!r}")
+        params.validate(shape)
+        self.shape = shape
+        self.params = params
+        self.scale = shape.head_dim**-0.5
+        hq, h, d = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.wq = nn.Linear(shape.d_model, hq * d, bias=False)
+        self.wk = nn.Linear(shape.d_model, h * d, bias=False)
+        self.wv = nn.Linear(shape.d_model, h * d, bias=False)
+        self.wo = nn.Linear(hq * d, shape.d_model, bias=False)
+        self.stats: dict[str, torch.Tensor] = {}
+        self.aux_losses: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def dense_limit(cls, seq_len: int) -> dict[str, Any] | None:
+        """Knob values under which the mechanism equals dense attention at ``seq_len``, or None."""
+        return None
+
+    def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
+        """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
+        positions = torch.arange(start, start + x_BTHD.shape[1], device=x_BTHD.device)
+        cos, sin = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+        return apply_rope(x_BTHD, cos, sin)
+
+    def project(
+        self, x_BTC: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project ``x_BTC`` to RoPE'd queries [B,T,HQ,D], RoPE'd keys and values [B,T,H,D]."""
+        B, T, _ = x_BTC.shape
+        s = self.shape
+        q_BTHD = self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim)
+        k_BTHD = self.wk(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
+        v_BTHD = self.wv(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
+        return self.rope(q_BTHD, start), self.rope(k_BTHD, start), v_BTHD
+
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Causal self-attention over ``x_BTC``; with a cache, decode its tokens after the cached.
+
+        Without a cache this is training/prefill. With one, the tokens of ``x_BTC`` are appended
+        to the cache and their outputs are returned (feeding a sequence token by token equals the
+        full forward).
+        """
+        B, T, _ = x_BTC.shape
+        if cache is None:
+            q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, 0)
+            o_BTHD = self.attend(q_BTHD, k_BTHD, v_BTHD)
+        else:
+            q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, cache.length)
+            self.cache_append(cache, k_BTHD, v_BTHD)
+            o_BTHD = self.decode(q_BTHD, cache)
+        return self.wo(o_BTHD.reshape(B, T, -1))
+
+    def new_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """Create an empty decode cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        w = self.wk.weight
+        return KVCache(
+            batch_size,
+            max_len,
+            self.shape.n_kv_heads,
+            self.shape.head_dim,
+            dtype=dtype or w.dtype,
+            device=w.device,
+        )
+
+    def cache_append(self, cache: KVCache, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
+        """Append projected keys/values to the cache; mechanisms with extra state extend this."""
+        cache.append(k_BTHD, v_BTHD)
+
+    @torch.no_grad()
+    def fill_cache(self, x_BTC: torch.Tensor, cache: KVCache) -> None:
+        """Append the tokens of ``x_BTC`` to the cache without computing their outputs."""
+        _, k_BTHD, v_BTHD = self.project(x_BTC, cache.length)
+        self.cache_append(cache, k_BTHD, v_BTHD)
+
+    @abc.abstractmethod
+    def attend(
+        self, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal attention for prefill/training; returns o [B, T, HQ, D] and sets ``stats``."""
+
+    @abc.abstractmethod
+    def decode(self, q_BTHD: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Outputs of the newest ``T`` cached tokens' queries; sets ``cache.rows_read``."""
+
+    @abc.abstractmethod
+    def cost(self, t: int) -> Cost:
+        """Analytic cost of one query at context ``t`` (t keys causally visible)."""
+
+    def attention_flops(self, keys: float) -> float:
+        """FLOPs of one query head attending ``keys`` keys: QK^T and PV, 2 FLOPs per MAC."""
+        return 4.0 * keys * self.shape.head_dim
+
+    def sdpa(
+        self,
+        q_BTHD: torch.Tensor,
+        k_BSHD: torch.Tensor,
+        v_BSHD: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention in the [B, T, H, D] layout with GQA, no K/V repeat."""
+        o = nn.functional.scaled_dot_product_attention(
+            q_BTHD.transpose(1, 2),
+            k_BSHD.transpose(1, 2),
+            v_BSHD.transpose(1, 2),
+            attn_mask=None if mask is None else mask.to(q_BTHD.device),
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.shape.group_size > 1,
+        )
+        return o.transpose(1, 2)
+
+
+def causal_pairs(T: int) -> int:
+    """Number of causal query-key pairs in a length-T sequence, T(T+1)/2."""
+    return T * (T + 1) // 2

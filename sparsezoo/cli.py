@@ -1,0 +1,164 @@
+"""The ``sparsezoo`` command line: train, bench, report, ui, mechanisms.
+
+Every command takes a config file and/or ``key=value`` overrides where it makes sense. Bad input
+ends with a one-line error naming the offending key or value and a non-zero exit status (2 for
+usage and configuration errors, 1 for a run that failed after starting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from sparsezoo.bench import add_bench_arguments, bench_command
+from sparsezoo.config import ConfigError, load_config
+from sparsezoo.console import console
+from sparsezoo.data import CorpusError
+from sparsezoo.mechanisms.base import MechanismConfigError
+from sparsezoo.registry import UnknownMechanismError, get_mechanism, list_mechanisms
+from sparsezoo.report import ReportError, print_report
+from sparsezoo.tracking import TrackingError, check_tracking, resolve_tracking_uri
+
+USER_ERRORS = (
+    ConfigError,
+    CorpusError,
+    TrackingError,
+    ReportError,
+    MechanismConfigError,
+    UnknownMechanismError,
+    FileNotFoundError,
+)
+
+
+def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Separate an optional leading config path from ``key=value`` overrides."""
+    path = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif path is None:
+            path = item
+        else:
+            raise ConfigError(f"unexpected argument {item!r}: give one config file, then key=value")
+    return path, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one model from a config file plus overrides (or resume a run)."""
+    from sparsezoo.train import train
+
+    path, overrides = _split_args(args.items)
+    if args.resume:
+        if path is not None:
+            raise ConfigError("--resume uses the run's saved config; pass only key=value overrides")
+        result = train(resume=args.resume, overrides=overrides)
+    else:
+        result = train(load_config(path, overrides))
+    con = console()
+    con.print(
+        f"[bold]run[/bold] {result.run_id or '(tracking disabled)'}  dir {result.run_dir}"
+    )
+    for key in sorted(result.metrics):
+        con.print(f"  {key:28s} {result.metrics[key]:.4f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the side-by-side table of an experiment's training runs."""
+    print_report(args.experiment, args.tracking_uri, latest=not args.all)
+    return 0
+
+
+def cmd_mechanisms(args: argparse.Namespace) -> int:
+    """List registered mechanisms with their knobs, defaults and allowed ranges."""
+    con = console()
+    for name in list_mechanisms():
+        cls = get_mechanism(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table = Table(title=f"{name} — {doc}", title_justify="left", expand=False)
+        for col in ("knob", "type", "default", "allowed", "help"):
+            table.add_column(col)
+        for k in cls.Params.describe():
+            table.add_row(k.name, k.type, repr(k.default), k.allowed, k.help)
+        if not cls.Params.describe():
+            table.add_row("(none)", "", "", "", "")
+        con.print(table)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI on the configured store (loopback by default) and print its URL."""
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {uri}")
+        return 0
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {url}  (store {uri}; Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sparsezoo`` command."""
+    parser = argparse.ArgumentParser(
+        prog="sparsezoo", description="Comparative sparse-attention experimentation platform."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a config file and key=value overrides")
+    p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue an interrupted run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="time mechanisms against dense attention")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_command)
+
+    p = sub.add_parser("report", help="compare an experiment's runs from MLflow")
+    p.add_argument("experiment", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument(
+        "--all", action="store_true", help="every run, not only the latest per mechanism"
+    )
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("mechanisms", help="list registered mechanisms and their knobs")
+    p.set_defaults(func=cmd_mechanisms)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparsezoo`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # A failure after the run started: the traceback helps debugging; the MLflow run has
+        # already been marked FAILED by the tracking layer.
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Typed experiment configs: OmegaConf structured dataclasses, YAML building blocks, overrides.
+
+A run is described by one :class:`ExperimentConfig`. YAML files may ``include:`` other YAML files
+(paths relative to the including file), which are merged first, in order; the file's own keys
+win, and ``key=value`` overrides from the command line win over everything. Unknown keys and
+values of the wrong type are rejected with the full key path and what is allowed; semantic rules
+(ranges, mechanism names and knobs, layer specs) are checked by :func:`validate_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from sparsezoo.mechanisms.base import AttentionShape, MechanismConfigError
+from sparsezoo.registry import UnknownMechanismError, get_mechanism
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only Llama-style model: sizes, GQA, RoPE, tied embeddings."""
+
+    name: str = "tiny"
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 32
+    max_seq_len: int | None = None  # None: data.seq_len
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class AttentionConfig:
+    """Which mechanism every layer uses, and each mechanism's knobs.
+
+    ``layers`` is a one-line per-layer spec: comma-separated names with optional ``*count``
+    (``"nsa*6,dense*2"``); empty means every layer uses ``mechanism``. ``params`` maps a mechanism
+    name to its knobs (``{sliding_window: {window: 128}}``).
+    """
+
+    mechanism: str = "dense"
+    layers: str = ""
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and sequence length.
+
+    ``corpus`` is ``["stdlib"]`` (the running interpreter's standard-library sources, offline) or
+    a list of text/JSONL files, directories or globs.
+    """
+
+    corpus: list[str] = field(default_factory=lambda: ["stdlib"])
+    jsonl_field: str = "text"
+    max_bytes: int | None = 8_000_000
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    cache_dir: str | None = None  # None: $SPARSEZOO_CACHE or ~/.cache/sparsezoo
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and trainer settings (AdamW, linear warmup then cosine decay)."""
+
+    max_steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: 32-true on CPU, bf16-mixed on GPU
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    val_every: int = 50
+    val_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100
+    progress_bar: bool = True
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are logged: tracking URI (config > MLFLOW_TRACKING_URI > sqlite:///mlflow.db)."""
+
+    uri: str | None = None
+    enabled: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs; the resolved form is saved with every run."""
+
+    experiment: str = "sparsezoo"
+    run_name: str | None = None
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one YAML file with its ``include:`` list merged underneath it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping, got a list")
+    includes = raw.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    parts = [_read_yaml(path.parent / str(inc), (*seen, path)) for inc in includes]
+    return OmegaConf.merge(*parts, raw) if parts else raw
+
+
+def _valid_keys(key_path: str) -> list[str]:
+    """The valid child keys at a dotted ``key_path`` of the ExperimentConfig schema."""
+    cls: Any = ExperimentConfig
+    for part in [p for p in key_path.split(".") if p][:-1]:
+        hints = typing.get_type_hints(cls)
+        cls = hints.get(part)
+        if not dataclasses.is_dataclass(cls):
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _explain(exc: OmegaConfBaseException) -> ConfigError:
+    """Turn an OmegaConf error into a ConfigError naming the key path and what is allowed."""
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        valid = _valid_keys(str(key))
+        return ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"invalid value for '{key}': {msg}")
+    return ConfigError(f"config error at '{key}': {str(exc).splitlines()[0]}")
+
+
+def compose(
+    sources: Sequence[DictConfig | dict[str, Any]], overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Merge config sources over the schema defaults, apply overrides, validate, return typed."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value")
+    try:
+        merged = OmegaConf.merge(schema, *sources, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc) from exc
+    assert isinstance(cfg, ExperimentConfig)
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load an experiment config: embedded defaults < YAML file (with includes) < overrides.
+
+    ``path=None`` uses the embedded defaults alone, so ``sparsezoo train`` runs with no file.
+    """
+    sources = [] if path is None else [_read_yaml(Path(path))]
+    return compose(sources, overrides)
+
+
+def parse_layer_spec(spec: str, default: str, n_layers: int) -> list[str]:
+    """Expand a per-layer spec like ``"nsa*6,dense*2"`` into one mechanism name per layer."""
+    if not spec.strip():
+        return [default] * n_layers
+    names: list[str] = []
+    for item in spec.split(","):
+        name, _, count = item.strip().partition("*")
+        if not name or (count and not count.strip().isdigit()):
+            raise ConfigError(
+                f"attention.layers: bad item {item!r}; use name or name*count, e.g. 'nsa*6,dense*2'"
+            )
+        names += [name.strip()] * (int(count) if count else 1)
+    if len(names) != n_layers:
+        raise ConfigError(
+            f"attention.layers={spec!r} names {len(names)} layers but model.n_layers={n_layers}"
+        )
+    return names
+
+
+def attention_shape(cfg: ExperimentConfig) -> AttentionShape:
+    """The attention geometry every layer of the model is built with."""
+    m = cfg.model
+    return AttentionShape(
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        head_dim=m.head_dim or m.d_model // m.n_heads,
+        max_seq_len=m.max_seq_len or cfg.data.seq_len,
+        rope_theta=m.rope_theta,
+    )
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Check ranges and cross-field rules; raise ConfigError naming the key and allowed values."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads"):
+        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
+    _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0 = from tokenizer)")
+    _check(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        m.n_kv_heads,
+        f"a divisor of model.n_heads={m.n_heads}",
+    )
+    if m.head_dim is None:
+        _check(
+            m.d_model % m.n_heads == 0,
+            "model.d_model",
+            m.d_model,
+            f"a multiple of model.n_heads={m.n_heads} (or set model.head_dim)",
+        )
+    _check(d.seq_len >= 1, "data.seq_len", d.seq_len, ">= 1")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < x < 1")
+    _check(len(d.corpus) > 0, "data.corpus", d.corpus, "'stdlib' or a list of files/globs")
+    _check(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, "> 0 or null")
+    _check(256 < d.vocab_size <= 65535, "data.vocab_size", d.vocab_size, "257..65535")
+    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "0..1")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 disables)")
+    _check(t.precision in PRECISIONS, "train.precision", t.precision, ", ".join(PRECISIONS))
+    for key in ("val_every", "val_batches", "log_every", "checkpoint_every", "devices"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
+    try:
+        shape = attention_shape(cfg)
+    except MechanismConfigError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    names = parse_layer_spec(cfg.attention.layers, cfg.attention.mechanism, m.n_layers)
+    for name in {*names, *cfg.attention.params}:
+        try:
+            cls = get_mechanism(name)
+        except UnknownMechanismError as exc:
+            raise ConfigError(f"attention: {exc}") from exc
+        try:
+            cls.Params.from_dict(dict(cfg.attention.params.get(name, {}))).validate(shape)
+        except (MechanismConfigError, TypeError) as exc:
+            raise ConfigError(f"attention.params.{name}: {exc}") from exc
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (saved with every run, loadable by :func:`load_config`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, str]:
+    """The resolved config as flat ``a.b.c -> str(value)`` pairs (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, ListConfig):
+            out[prefix[:-1]] = ",".join(str(x) for x in node)
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.structured(cfg), "")
+    return out

@@ -1,0 +1,173 @@
+"""The sparsezoo model family: a Llama-style decoder whose attention comes from the registry.
+
+RMSNorm, RoPE (inside each mechanism), SwiGLU MLP, GQA, optional tied embeddings. Each layer's
+attention mechanism is picked by name (``attention.layers`` makes hybrids one line), so dense,
+sliding-window, NSA, MoBA and DSA models differ only in that choice.
+
+Legend: B batch, T time, C d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsezoo.config import ExperimentConfig, attention_shape, parse_layer_spec
+from sparsezoo.mechanisms.base import AttentionMechanism, KVCache
+from sparsezoo.registry import get_mechanism
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean centering, no bias), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize the last dimension to unit RMS and scale it."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the gated MLP."""
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, attn: AttentionMechanism, dim: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the block; with a cache the attention decodes after the cached tokens."""
+        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cache=cache)
+        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+
+
+def mlp_hidden_size(d_model: int, hidden: int | None) -> int:
+    """SwiGLU width: explicit, else 8/3 * d_model rounded up to a multiple of 32 (Llama rule)."""
+    if hidden:
+        return hidden
+    return 32 * math.ceil(8 * d_model / 3 / 32)
+
+
+class SparseLM(nn.Module):
+    """Decoder-only language model with a per-layer choice of attention mechanism.
+
+    Build it with :meth:`from_config`. ``forward(input_ids)`` returns logits; after a forward,
+    :meth:`attention_stats` averages the mechanisms' stats over layers (``attn/density``,
+    ``attn/<mechanism>/<stat>``) and :meth:`aux_loss` sums their auxiliary losses.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__()
+        m = cfg.model
+        if m.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (>= 1) before building the model")
+        shape = attention_shape(cfg)
+        names = parse_layer_spec(cfg.attention.layers, cfg.attention.mechanism, m.n_layers)
+        hidden = mlp_hidden_size(m.d_model, m.mlp_hidden)
+        blocks = []
+        for name in names:
+            cls = get_mechanism(name)
+            params = cls.Params.from_dict(dict(cfg.attention.params.get(name, {})))
+            blocks.append(Block(cls(shape, params), m.d_model, hidden, m.norm_eps))
+        self.layer_mechanisms = names
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._init_weights(m.init_std, m.n_layers)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> SparseLM:
+        """Build the model described by a resolved experiment config."""
+        return cls(cfg)
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        # Residual output projections are scaled down with depth (GPT-2 rule) so the residual
+        # stream's variance stays flat as layers are added.
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scale = (
+                1 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "down.weight")) else 1
+            )
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(
+        self, input_ids_BT: torch.Tensor, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for ``input_ids``; with per-layer caches, decode after the cached."""
+        x_BTC = self.embed(input_ids_BT)
+        for i, block in enumerate(self.blocks):
+            x_BTC = block(x_BTC, None if caches is None else caches[i])
+        return self.lm_head(self.norm(x_BTC))
+
+    def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """One empty decode cache per layer."""
+        return [b.attn.new_cache(batch_size, max_len) for b in self.blocks]
+
+    def mechanisms(self) -> list[AttentionMechanism]:
+        """The attention module of every layer, in order."""
+        return [b.attn for b in self.blocks]
+
+    def attention_stats(self) -> dict[str, float]:
+        """Stats of the last forward averaged over layers, under stable metric keys.
+
+        ``attn/density`` averages every layer's density (dense layers count as 1); other stats
+        are averaged over the layers of the mechanism that reports them.
+        """
+        return _layer_average(
+            ("attn/density" if stat == "density" else f"attn/{attn.name}/{stat}", float(value))
+            for attn in self.mechanisms()
+            for stat, value in attn.stats.items()
+        )
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of all layers' auxiliary losses from the last forward (None if there are none)."""
+        losses = [v for attn in self.mechanisms() for v in attn.aux_losses.values()]
+        return torch.stack(losses).sum() if losses else None
+
+    def aux_loss_terms(self) -> dict[str, float]:
+        """Auxiliary losses of the last forward, layer-averaged, keyed ``attn/<mech>/<name>``."""
+        return _layer_average(
+            (f"attn/{attn.name}/{name}", float(value.detach()))
+            for attn in self.mechanisms()
+            for name, value in attn.aux_losses.items()
+        )
+
+
+def _layer_average(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Average values sharing a key (one value per layer that reports it)."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for key, value in pairs:
+        sums[key] += value
+        counts[key] += 1
+    return {k: sums[k] / counts[k] for k in sums}

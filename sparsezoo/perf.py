@@ -1,0 +1,133 @@
+"""Performance measurement helpers: peak memory of a code block and synchronized wall-clock timing.
+
+Memory on CUDA devices comes from the caching allocator's exact counters. On CPU there is no
+allocator counter for the whole process (torch, numpy and Python all allocate), so
+:class:`PeakMemory` samples the resident set size (RSS) from a background thread: CPU numbers are
+sampled RSS deltas, not allocator bytes, and can both miss a peak shorter than the sampling
+interval and under-count memory the allocator reuses from pages it already held.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+MB = 1024 * 1024
+_STATM = Path("/proc/self/statm")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident set size of this process since it started, in MB (``ru_maxrss``).
+
+    This is a whole-run high-water mark (it never goes down), suitable for run-level metrics such
+    as ``perf/peak_mem_mb``, not for measuring one block of code.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return peak / MB if sys.platform == "darwin" else peak / 1024
+
+
+def _current_rss_bytes() -> int | None:
+    """Current RSS from ``/proc/self/statm`` (second field, in pages), None where unavailable."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory used by the code inside it, in MB (``peak_mb``).
+
+    On a CUDA device it resets the allocator's peak counter at entry and reports
+    ``max_memory_allocated`` minus the memory allocated at entry (exact, allocator bytes). On CPU
+    it reports the peak process RSS seen during the block minus the RSS at entry, sampled from a
+    daemon thread every ``interval_s`` seconds plus at entry and exit; where ``/proc`` is missing
+    it falls back to the growth of the process high-water mark (``ru_maxrss``), which is only
+    non-zero when the block exceeds every earlier peak of the process. CPU numbers are therefore
+    sampled RSS deltas: comparable between mechanisms measured the same way, not allocator-exact.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.001) -> None:
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_mb: float = 0.0
+        self._start_bytes = 0
+        self._peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fallback_start_mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        self.peak_mb = 0.0
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
+            return self
+        rss = _current_rss_bytes()
+        if rss is None:
+            self._fallback_start_mb = process_peak_rss_mb()
+            return self
+        self._start_bytes = self._peak_bytes = rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._observe()
+
+    def _observe(self) -> None:
+        rss = _current_rss_bytes()
+        if rss is not None and rss > self._peak_bytes:
+            self._peak_bytes = rss
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._start_bytes
+            self.peak_mb = max(0.0, peak / MB)
+        elif self._thread is None:
+            self.peak_mb = max(0.0, process_peak_rss_mb() - self._fallback_start_mb)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            # A final sample (after the join, so no race on the peak) catches memory still held
+            # at exit that fell between two samples.
+            self._observe()
+            self.peak_mb = (self._peak_bytes - self._start_bytes) / MB
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall-clock milliseconds of one call of ``fn``, synchronizing CUDA before and after.
+
+    Kernel launches on CUDA are asynchronous, so without the synchronizations the timer would
+    measure launch overhead instead of the work; on CPU ``time.perf_counter`` alone is exact.
+    """
+    device = torch.device(device)
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1000.0

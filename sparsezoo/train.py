@@ -1,0 +1,376 @@
+"""Training: the LightningModule, Trainer assembly, and the run lifecycle around them.
+
+One call of :func:`train` prepares data (tokenizer and token caches by content hash), creates or
+reopens the MLflow run, trains with Lightning (AdamW, warmup + cosine, grad clipping, periodic
+validation, checkpoints) and ends the run FINISHED, FAILED or KILLED. ``resume`` continues an
+interrupted run from its last checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
+
+from sparsezoo import tracking
+from sparsezoo.config import ExperimentConfig, flatten, load_config, parse_layer_spec, to_yaml
+from sparsezoo.data import DataBundle, TokenWindows, default_cache_dir, prepare_data
+from sparsezoo.model import SparseLM
+from sparsezoo.perf import process_peak_rss_mb
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+
+
+class LMModule(L.LightningModule):
+    """Next-token language modelling on a :class:`SparseLM`, with mechanisms' auxiliary losses.
+
+    Logs ``train/loss`` (the LM loss alone, comparable across mechanisms), ``train/total_loss``
+    when auxiliary losses exist, ``val/loss``, ``val/ppl`` and the attention stats.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = SparseLM.from_config(cfg)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of token ids."""
+        return self.model(input_ids_BT)
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits_BTV = self.model(batch["input_ids"])
+        return F.cross_entropy(
+            logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """LM loss plus the mechanisms' auxiliary losses; logs loss and attention stats."""
+        lm_loss = self._lm_loss(batch)
+        aux = self.model.aux_loss()
+        loss = lm_loss if aux is None else lm_loss + aux
+        self.log("train/loss", lm_loss, prog_bar=True)
+        if aux is not None:
+            self.log("train/total_loss", loss)
+        if self.global_step % self.cfg.train.log_every == 0:
+            stats = {**self.model.attention_stats(), **self.model.aux_loss_terms()}
+            self.log_dict(stats)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the validation loss accumulator."""
+        self._val_losses: list[torch.Tensor] = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate the LM loss of one batch of the fixed validation windows."""
+        self._val_losses.append(self._lm_loss(batch).detach())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the mean validation loss and its perplexity (averaged across processes)."""
+        val_loss = torch.stack(self._val_losses).mean()
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(val_loss.float().clamp(max=50.0)), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on norms and biases) with linear warmup then cosine to min_lr."""
+        t = self.cfg.train
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lr_schedule(self.cfg))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_schedule(cfg: ExperimentConfig) -> Any:
+    """Multiplier of the base lr at each step: linear warmup, then cosine down to min_lr_ratio."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.max_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class PerfMonitor(Callback):
+    """Logs ``perf/step_ms``, ``perf/tokens_per_s`` and ``perf/peak_mem_mb`` every log_every steps.
+
+    Step time is wall-clock from batch start to batch end (forward, backward, optimizer step),
+    averaged over the steps since the last log; the first step of a fit is excluded because it
+    includes one-off warm-up costs. Peak memory is the device's peak allocation on CUDA and the
+    process's peak resident set size on CPU.
+    """
+
+    def __init__(self, log_every: int, tokens_per_step: int) -> None:
+        self.log_every = log_every
+        self.tokens_per_step = tokens_per_step
+        self._start = 0.0
+        self._times: list[float] = []
+        self._first = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """Start the step timer."""
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        """Stop the timer and log averages every ``log_every`` steps."""
+        elapsed = time.perf_counter() - self._start
+        if self._first:
+            self._first = False
+            return
+        self._times.append(elapsed)
+        if trainer.global_step % self.log_every and trainer.global_step != trainer.max_steps:
+            return
+        step_s = sum(self._times) / len(self._times)
+        self._times.clear()
+        world = trainer.world_size
+        pl_module.log_dict(
+            {
+                "perf/step_ms": 1000.0 * step_s,
+                "perf/tokens_per_s": self.tokens_per_step * world / step_s,
+                "perf/peak_mem_mb": peak_memory_mb(pl_module.device),
+            }
+        )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA peak allocation, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return process_peak_rss_mb()
+
+
+class _OffsetWindows(torch.utils.data.Dataset):
+    """Training windows ``start .. start + n`` of an endless seeded stream.
+
+    Resuming at step s starts the stream at s * batch_size, so a resumed run sees exactly the
+    batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, windows: TokenWindows, start: int, n: int) -> None:
+        self.windows, self.start, self.n = windows, start, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.windows[self.start + i]
+
+
+class LMDataModule(L.LightningDataModule):
+    """Seeded token windows over the train and validation token caches."""
+
+    def __init__(self, cfg: ExperimentConfig, data: DataBundle) -> None:
+        super().__init__()
+        self.cfg, self.data = cfg, data
+
+    def train_dataloader(self) -> DataLoader:
+        """Windows for the remaining steps (after a resume, continuing where the run stopped)."""
+        t = self.cfg.train
+        windows = TokenWindows(
+            self.data.train_path, self.cfg.data.seq_len, t.max_steps * t.batch_size, self.cfg.seed
+        )
+        done = self.trainer.global_step * t.batch_size if self.trainer else 0
+        remaining = max(t.batch_size, t.max_steps * t.batch_size - done)
+        return DataLoader(_OffsetWindows(windows, done, remaining), batch_size=t.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        """The same validation windows at every evaluation, so val losses are comparable."""
+        t = self.cfg.train
+        windows = TokenWindows(
+            self.data.val_path,
+            self.cfg.data.seq_len,
+            t.val_batches * t.batch_size,
+            self.cfg.seed + 1,
+        )
+        return DataLoader(windows, batch_size=t.batch_size)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    run_id: str | None
+    run_dir: Path
+    metrics: dict[str, float]
+    checkpoint: Path | None
+
+
+def mechanism_tag(cfg: ExperimentConfig) -> str:
+    """The value of the ``sparsezoo.mechanism`` tag: the mechanism, or the hybrid's layer spec."""
+    names = parse_layer_spec(cfg.attention.layers, cfg.attention.mechanism, cfg.model.n_layers)
+    return names[0] if len(set(names)) == 1 else cfg.attention.layers
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """A readable unique run name: mechanism, model size and a timestamp."""
+    return (
+        f"{mechanism_tag(cfg).replace(',', '+')}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+
+
+def resolve_precision(cfg: ExperimentConfig) -> str:
+    """``auto`` means fp32 on CPU and bf16-mixed when a GPU will be used."""
+    t = cfg.train
+    if t.precision != "auto":
+        return t.precision
+    gpu = t.accelerator in ("gpu", "cuda") or (
+        t.accelerator == "auto" and torch.cuda.is_available()
+    )
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def load_run_dir(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[ExperimentConfig, Path, Path, dict[str, Any]]:
+    """Locate a run to resume from a run directory or a checkpoint file inside it.
+
+    Returns the run's saved config (with ``overrides`` applied), its directory, the checkpoint to
+    resume from and the run record (MLflow run id and tracking URI).
+    """
+    p = Path(path)
+    run_dir = p.parent.parent if p.is_file() else p
+    ckpt = p if p.is_file() else run_dir / "checkpoints" / "last.ckpt"
+    record_path = run_dir / RUN_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(
+            f"--resume {path}: no {RUN_FILE} in {run_dir} (not a run directory)"
+        )
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {path}: no checkpoint at {ckpt}")
+    cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    return cfg, run_dir, ckpt, json.loads(record_path.read_text())
+
+
+def train(
+    cfg: ExperimentConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train one model as configured and log it to MLflow; see the module docstring.
+
+    With ``resume`` (a run directory or checkpoint), the run's own saved config is reloaded
+    (``overrides`` may extend it, e.g. more steps) and training continues from the checkpoint
+    into the same MLflow run. Extra Lightning ``callbacks`` are added to the trainer.
+    """
+    record: dict[str, Any] = {}
+    ckpt: Path | None = None
+    if resume is not None:
+        cfg, run_dir, ckpt, record = load_run_dir(resume, overrides)
+    elif cfg is None:
+        cfg = load_config(None, overrides)
+    if cfg.run_name is None:
+        cfg.run_name = default_run_name(cfg)
+    if resume is None:
+        run_dir = Path(cfg.output_dir) / cfg.experiment / cfg.run_name
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    uri = tracking.resolve_tracking_uri(record.get("tracking_uri") or cfg.tracking.uri)
+    if cfg.tracking.enabled:
+        tracking.check_tracking(uri)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = prepare_data(
+        list(cfg.data.corpus),
+        vocab_size=cfg.data.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+        max_bytes=cfg.data.max_bytes,
+        jsonl_field=cfg.data.jsonl_field,
+    )
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = data.vocab_size
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+
+    client = MlflowClient(uri) if cfg.tracking.enabled else None
+    run_id = record.get("run_id")
+    if client is not None and run_id is None:
+        run_id = tracking.create_run(
+            client,
+            cfg.experiment,
+            cfg.run_name,
+            {"sparsezoo.mechanism": mechanism_tag(cfg), "sparsezoo.kind": "train"},
+        )
+        tracking.log_params(client, run_id, flatten(cfg))
+        client.log_artifact(run_id, str(run_dir / CONFIG_FILE))
+        client.log_artifact(run_id, str(data.tokenizer_path))
+    elif client is not None:
+        client.update_run(run_id, status="RUNNING")
+    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+
+    def fit() -> TrainResult:
+        module = LMModule(cfg)
+        checkpoint = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            every_n_train_steps=t.checkpoint_every,
+            save_last=True,
+            save_top_k=0,
+        )
+        logger = (
+            MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
+            if client is not None
+            else False
+        )
+        trainer = L.Trainer(
+            max_steps=t.max_steps,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=resolve_precision(cfg),
+            gradient_clip_val=t.grad_clip or None,
+            val_check_interval=t.val_every,
+            check_val_every_n_epoch=None,
+            limit_val_batches=t.val_batches,
+            num_sanity_val_steps=0,
+            log_every_n_steps=t.log_every,
+            logger=logger,
+            callbacks=[
+                checkpoint,
+                PerfMonitor(t.log_every, t.batch_size * cfg.data.seq_len),
+                *callbacks,
+            ],
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            default_root_dir=run_dir,
+        )
+        datamodule = LMDataModule(cfg, data)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        if t.max_steps % t.val_every:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return TrainResult(run_id, run_dir, metrics, last if last.exists() else None)
+
+    if client is None:
+        return fit()
+    with tracking.run_status(client, run_id):
+        return fit()

@@ -1,0 +1,272 @@
+"""Tests of ``sparsezoo bench``: result structure, cost-model ratios, decode reads, outputs,
+MLflow logging and input errors. Shapes are tiny; no assertion depends on measured speed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+
+import pytest
+import torch
+
+from sparsezoo.bench import (
+    BenchConfig,
+    BenchConfigError,
+    BenchResult,
+    add_bench_arguments,
+    bench_command,
+    bench_metrics,
+    config_from_args,
+    flatten_config,
+    parse_lengths,
+    parse_param,
+    run_bench,
+    write_outputs,
+)
+from sparsezoo.registry import list_mechanisms
+from sparsezoo.tracking import MlflowClient
+
+WINDOW = 32
+LENGTHS = [64, 128]
+MODES = ["fwd", "fwdbwd", "decode"]
+TINY = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "repeats": 2, "warmup": 1, "threads": 1}
+TINY_ARGS = [
+    *("--lengths", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"),
+    *("--repeats", "2", "--threads", "1"),
+]
+
+
+def tiny_config(**overrides: object) -> BenchConfig:
+    values = {
+        "mechanisms": ["sliding_window"],
+        "modes": list(MODES),
+        "lengths": list(LENGTHS),
+        "params": {"sliding_window": {"window": WINDOW}},
+        **TINY,
+        **overrides,
+    }
+    return BenchConfig(**values)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sparsezoo bench")
+    add_bench_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def result() -> BenchResult:
+    return run_bench(tiny_config(), progress=False)
+
+
+def test_every_mechanism_mode_and_length_has_a_row(result: BenchResult) -> None:
+    keys = [(r.mode, r.seq_len, r.mechanism) for r in result.rows]
+    expected = itertools.product(MODES, LENGTHS, ["dense", "sliding_window"])
+    assert sorted(keys) == sorted(expected)
+    for r in result.rows:
+        assert len(r.times_ms) == TINY["repeats"]
+        assert all(t > 0 for t in r.times_ms)
+        assert r.median_ms == statistics.median(r.times_ms)
+        assert r.peak_mem_mb >= 0
+
+
+def test_resolved_config_records_baseline_shape_and_device(result: BenchResult) -> None:
+    cfg = result.config
+    assert cfg.mechanisms == ["dense", "sliding_window"]
+    assert cfg.d_model == 4 * 16
+    assert cfg.device == "cpu"
+
+
+def test_dense_is_the_baseline(result: BenchResult) -> None:
+    for mode, T in itertools.product(MODES, LENGTHS):
+        dense = result.row(mode, T, "dense")
+        assert (dense.speedup, dense.theoretical_speedup, dense.share) == (1.0, 1.0, 1.0)
+        window = result.row(mode, T, "sliding_window")
+        assert window.speedup == pytest.approx(dense.median_ms / window.median_ms)
+        assert window.share == pytest.approx(window.speedup / window.theoretical_speedup)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_prefill_theoretical_speedup_matches_hand_computation(
+    result: BenchResult, mode: str
+) -> None:
+    # Dense reads t keys at context t, the window min(t, 32): sums over t = 1..T.
+    # T=64: 64*65/2 = 2080 against 32*33/2 + 32*32 = 1552.
+    assert result.row(mode, 64, "sliding_window").theoretical_speedup == pytest.approx(2080 / 1552)
+    # T=128: 128*129/2 = 8256 against 528 + 96*32 = 3600.
+    assert result.row(mode, 128, "sliding_window").theoretical_speedup == pytest.approx(8256 / 3600)
+
+
+def test_decode_theoretical_speedup_is_keys_at_the_new_token(result: BenchResult) -> None:
+    for T in LENGTHS:
+        assert result.row("decode", T, "sliding_window").theoretical_speedup == pytest.approx(
+            (T + 1) / WINDOW
+        )
+
+
+def test_decode_rows_read_match_each_mechanism(result: BenchResult) -> None:
+    for T in LENGTHS:
+        assert result.row("decode", T, "dense").rows_read == T + 1
+        assert result.row("decode", T, "sliding_window").rows_read == min(WINDOW, T + 1)
+        assert result.row("fwd", T, "dense").rows_read is None
+
+
+def test_decode_rows_read_with_window_longer_than_the_context() -> None:
+    res = run_bench(
+        tiny_config(modes=["decode"], params={"sliding_window": {"window": 100}}), progress=False
+    )
+    assert res.row("decode", 64, "sliding_window").rows_read == 65
+    assert res.row("decode", 128, "sliding_window").rows_read == 100
+
+
+def test_run_bench_restores_threads_and_random_state() -> None:
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    run_bench(
+        BenchConfig(modes=["fwd"], lengths=[8], n_heads=2, n_kv_heads=1, head_dim=8, repeats=1),
+        progress=False,
+    )
+    run_bench(tiny_config(modes=["fwd"], lengths=[8], threads=threads + 1), progress=False)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_write_outputs_json_and_png(result: BenchResult, tmp_path) -> None:
+    json_path, png_path = write_outputs(result, tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["config"]["mechanisms"] == ["dense", "sliding_window"]
+    assert data["config"]["params"] == {"sliding_window": {"window": WINDOW}}
+    assert len(data["rows"]) == len(result.rows)
+    row = data["rows"][0]
+    assert row == dataclasses.asdict(result.rows[0])
+    assert len(row["times_ms"]) == TINY["repeats"]
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.png"]
+
+
+def test_metric_keys_and_flat_params(result: BenchResult) -> None:
+    metrics = bench_metrics(result)
+    assert metrics["bench/fwd/dense/T64/speedup"] == 1.0
+    assert metrics["bench/decode/sliding_window/T128/rows_read"] == WINDOW
+    assert "bench/fwd/sliding_window/T128/rows_read" not in metrics
+    for mode, T, name in itertools.product(MODES, LENGTHS, ["dense", "sliding_window"]):
+        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb"):
+            assert f"bench/{mode}/{name}/T{T}/{metric}" in metrics
+    flat = flatten_config(result.config)
+    assert flat["lengths"] == "64,128"
+    assert flat["params.sliding_window.window"] == str(WINDOW)
+
+
+def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    # MLflow puts a SQLite store's artifacts under ./mlruns: keep them in tmp_path.
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = parse(
+        [
+            *TINY_ARGS,
+            *("--mechanisms", "sliding_window", "--modes", "fwd,decode"),
+            *("--param", f"sliding_window.window={WINDOW}", "--out", str(tmp_path / "out")),
+            *("--tracking-uri", uri, "--experiment", "bench-test"),
+        ]
+    )
+    assert bench_command(args) == 0
+    out = capsys.readouterr().out
+    assert "sliding_window" in out and "theoretical" in out
+    assert (tmp_path / "out" / "bench.json").is_file()
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("bench-test")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`sparsezoo.kind` = 'bench'"
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["params.sliding_window.window"] == str(WINDOW)
+    assert run.data.params["modes"] == "fwd,decode"
+    for mode, T, name in itertools.product(["fwd", "decode"], LENGTHS, ["dense", "sliding_window"]):
+        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb"):
+            assert f"bench/{mode}/{name}/T{T}/{metric}" in run.data.metrics
+    assert run.data.metrics["bench/decode/dense/T64/rows_read"] == 65
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"bench.json", "bench.png"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "value"),
+    [
+        (["--modes", "fwd,prefill"], "--modes", "prefill"),
+        (["--mechanisms", "sliding_window,nope"], "--mechanisms", "nope"),
+        (["--lengths", "64,4x"], "--lengths", "4x"),
+        (["--lengths", "0"], "--lengths", "0"),
+        (["--param", "sliding_window.window"], "--param", "sliding_window.window"),
+        (["--param", "window=3"], "--param", "window=3"),
+        (["--param", "sliding_window.windw=3"], "--param", "windw"),
+        (["--param", "sliding_window.window=0"], "--param", "window=0"),
+        (["--param", "dense.window=3"], "--param", "dense"),
+        (["--param", "moba.block=3"], "--param", "moba"),
+        (["--repeats", "0"], "--repeats", "0"),
+        (["--kv-heads", "3"], "--heads/--kv-heads", "3"),
+        (["--tracking-uri", "file:./mlruns"], "--tracking-uri", "file:./mlruns"),
+    ],
+)
+def test_bad_input_fails_before_writing(argv, flag, value, tmp_path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    base = [*TINY_ARGS, "--mechanisms", "sliding_window", "--out", str(out_dir)]
+    mlflow_args = [] if "--tracking-uri" in argv else ["--no-mlflow"]
+    assert bench_command(parse([*base, *mlflow_args, *argv])) == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err
+    assert not out_dir.exists()
+
+
+def test_out_must_be_a_directory(tmp_path, capsys) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert bench_command(parse([*TINY_ARGS, "--no-mlflow", "--out", str(target)])) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_config_from_args_defaults_to_every_registered_mechanism() -> None:
+    cfg = config_from_args(parse(TINY_ARGS))
+    assert cfg.mechanisms == list_mechanisms()
+    assert cfg.modes == MODES
+    assert cfg.mechanism_names()[0] == "dense"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "value"),
+    [
+        ({"modes": ["prefill"]}, "modes", "prefill"),
+        ({"modes": []}, "modes", "mode"),
+        ({"lengths": []}, "lengths", "length"),
+        ({"lengths": [64, -1]}, "lengths", "-1"),
+        ({"mechanisms": ["nope"]}, "mechanisms", "registered:"),
+        ({"dtype": "float16"}, "dtype", "float16"),
+        ({"device": "tpu"}, "device", "tpu"),
+        ({"warmup": -1}, "warmup", "-1"),
+        ({"params": {"sliding_window": {"window": "big"}}}, "params", "big"),
+    ],
+)
+def test_validate_names_the_field(overrides, field, value) -> None:
+    with pytest.raises(BenchConfigError) as info:
+        tiny_config(**overrides).validate()
+    assert info.value.field == field
+    assert value in str(info.value)
+
+
+def test_parse_lengths_accepts_k_suffix() -> None:
+    assert parse_lengths("4096, 8k,16K") == [4096, 8192, 16384]
+    for bad in ("4x", "k", "-4", "1.5k"):
+        with pytest.raises(BenchConfigError, match="lengths"):
+            parse_lengths(bad)
+
+
+def test_parse_param_types_values() -> None:
+    assert parse_param("sliding_window.window=512") == ("sliding_window", "window", 512)
+    assert parse_param("moba.ratio=0.5") == ("moba", "ratio", 0.5)
+    assert parse_param("sliding_window.backend=torch") == ("sliding_window", "backend", "torch")
+    assert parse_param("nsa.flag=True") == ("nsa", "flag", True)
+    assert parse_param("nsa.name='a b'") == ("nsa", "name", "a b")

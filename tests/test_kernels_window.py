@@ -1,0 +1,189 @@
+"""Tests of sparsezoo.kernels.window: fast paths against the naive oracle, the window definition.
+
+Legend: B batch, T time, HQ query heads, H KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparsezoo.kernels.window import sliding_window_attention, window_density
+
+FAST_BACKENDS = ["torch"]
+
+
+def make_qkv(
+    B: int, T: int, HQ: int, H: int, D: int, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q_BTHD, k_BTHD, v_BTHD leaf tensors that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    q_BTHD = torch.randn(B, T, HQ, D, generator=gen, dtype=dtype).requires_grad_()
+    k_BTHD = torch.randn(B, T, H, D, generator=gen, dtype=dtype).requires_grad_()
+    v_BTHD = torch.randn(B, T, H, D, generator=gen, dtype=dtype).requires_grad_()
+    return q_BTHD, k_BTHD, v_BTHD
+
+
+def output_and_grads(
+    backend: str,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    window: int,
+    scale: float | None = None,
+) -> list[torch.Tensor]:
+    """Output and the q, k, v gradients of a fixed random projection of it, for one backend."""
+    o_BTHD = sliding_window_attention(*qkv, window, scale=scale, backend=backend)
+    grad_BTHD = torch.randn(o_BTHD.shape, generator=torch.Generator().manual_seed(1))
+    return [o_BTHD, *torch.autograd.grad(o_BTHD, qkv, grad_BTHD)]
+
+
+# (B, T, HQ, H, D, window, scale): odd lengths, window 1, = T, > T, not dividing T, GQA and MHA,
+# and long sequences spanning hundreds of windows and tens of query chunks
+CASES = [
+    (2, 1, 4, 2, 8, 3, None),
+    (2, 7, 4, 1, 8, 3, None),
+    (2, 129, 4, 2, 8, 1, None),
+    (1, 129, 4, 4, 16, 129, None),
+    (2, 333, 4, 1, 8, 500, None),
+    (2, 333, 4, 2, 8, 50, 0.3),
+    (2, 333, 2, 2, 16, 64, None),
+    (1, 300, 4, 2, 8, 299, None),
+    (1, 3000, 2, 1, 4, 8, None),
+    (1, 2000, 4, 2, 4, 300, None),
+]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize(("B", "T", "HQ", "H", "D", "window", "scale"), CASES)
+def test_fast_matches_naive(
+    backend: str, B: int, T: int, HQ: int, H: int, D: int, window: int, scale: float | None
+) -> None:
+    """Outputs and all input gradients of a fast backend equal the naive oracle's in fp32."""
+    qkv = make_qkv(B, T, HQ, H, D)
+    expected = output_and_grads("naive", qkv, window, scale)
+    actual = output_and_grads(backend, qkv, window, scale)
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["naive", *FAST_BACKENDS])
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_window_boundary(backend: str, window: int) -> None:
+    """Query t weighs keys t-window+1 .. t equally (q = 0) and key t-window not at all.
+
+    V is one-hot per position (D = T), so output row t is exactly the attention weights of query
+    t over the keys; with zero queries those are uniform over the attended keys.
+    """
+    T = 150
+    q_BTHD = torch.zeros(1, T, 2, T)
+    v_BTHD = torch.eye(T)[None, :, None, :]
+    k_BTHD = torch.randn(1, T, 1, T)
+    w_TT = sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, window, backend=backend)[0, :, 1]
+    for t in range(T):
+        first = max(0, t - window + 1)
+        assert w_TT[t, first] == pytest.approx(1 / (t + 1 - first), rel=1e-5)
+        assert w_TT[t, t] == pytest.approx(1 / (t + 1 - first), rel=1e-5)
+        if t - window >= 0:
+            assert w_TT[t, t - window] == 0
+        assert torch.all(w_TT[t, t + 1 :] == 0)
+    torch.testing.assert_close(w_TT.sum(-1), torch.ones(T))
+
+
+@pytest.mark.parametrize("backend", ["naive", *FAST_BACKENDS])
+@pytest.mark.parametrize("window", [50, 51, 1000])
+def test_window_covering_sequence_is_dense_causal(backend: str, window: int) -> None:
+    """With window >= T the op is dense causal attention (SDPA with is_causal and GQA)."""
+    q_BTHD, k_BTHD, v_BTHD = make_qkv(2, 50, 4, 2, 8)
+    expected_BTHD = F.scaled_dot_product_attention(
+        q_BTHD.transpose(1, 2),
+        k_BTHD.transpose(1, 2),
+        v_BTHD.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    actual_BTHD = sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, window, backend=backend)
+    torch.testing.assert_close(actual_BTHD, expected_BTHD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "auto", *FAST_BACKENDS])
+def test_bf16_forward_close_to_fp32(backend: str) -> None:
+    """bf16 inputs give a finite bf16 output within bf16 rounding of the fp32 oracle."""
+    qkv = make_qkv(2, 300, 4, 2, 16)
+    expected_BTHD = sliding_window_attention(*qkv, 40, backend="naive")
+    q_BTHD, k_BTHD, v_BTHD = (x.detach().bfloat16() for x in qkv)
+    actual_BTHD = sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, 40, backend=backend)
+    assert actual_BTHD.dtype == torch.bfloat16
+    assert torch.isfinite(actual_BTHD).all()
+    torch.testing.assert_close(actual_BTHD.float(), expected_BTHD, rtol=0, atol=3e-2)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Run the op unchanged and remember the size of its largest output tensor."""
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.numel = max(self.numel, x.numel())
+        return out
+
+
+def test_torch_path_never_builds_time_squared_tensors() -> None:
+    """Forward and backward of the torch path stay O(T·window): no [T, T] mask or scores."""
+    T, window = 4096, 16
+    qkv = make_qkv(1, T, 2, 1, 8)
+    with LargestTensor() as largest:
+        output_and_grads("torch", qkv, window)
+    assert largest.numel < T * T // 16
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
+    """Invalid window, shapes, heads and backends raise ValueError with the culprit named."""
+    q_BTHD, k_BTHD, v_BTHD = make_qkv(1, 10, 4, 2, 8)
+    for window in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, window)
+    with pytest.raises(ValueError, match="k and v"):
+        sliding_window_attention(q_BTHD, k_BTHD, v_BTHD[:, :9], 4)
+    with pytest.raises(ValueError, match="time"):
+        sliding_window_attention(q_BTHD[:, :9], k_BTHD, v_BTHD, 4)
+    with pytest.raises(ValueError, match="head dim"):
+        sliding_window_attention(q_BTHD[..., :4], k_BTHD, v_BTHD, 4)
+    with pytest.raises(ValueError, match="4-d"):
+        sliding_window_attention(q_BTHD[0], k_BTHD, v_BTHD, 4)
+    with pytest.raises(ValueError, match="HQ=3"):
+        sliding_window_attention(q_BTHD[:, :, :3], k_BTHD, v_BTHD, 4)
+    with pytest.raises(ValueError, match="dtypes"):
+        sliding_window_attention(q_BTHD.double(), k_BTHD, v_BTHD, 4)
+    with pytest.raises(ValueError, match="backend='flash'"):
+        sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, 4, backend="flash")
+    with pytest.raises(ValueError, match="available: naive, torch"):
+        sliding_window_attention(q_BTHD, k_BTHD, v_BTHD, 4, backend="triton")
+
+
+def test_window_density_hand_computed() -> None:
+    """Density is attended causal pairs over all causal pairs, on hand-counted cases."""
+    assert window_density(1, 1) == 1.0
+    assert window_density(4, 1) == pytest.approx(4 / 10)
+    assert window_density(4, 2) == pytest.approx((1 + 2 + 2 + 2) / 10)
+    assert window_density(5, 3) == pytest.approx((1 + 2 + 3 + 3 + 3) / 15)
+    assert window_density(5, 5) == 1.0
+    assert window_density(5, 99) == 1.0
+    for bad in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError, match=r"T must|window must"):
+            window_density(*bad)

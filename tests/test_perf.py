@@ -1,0 +1,70 @@
+"""Tests of the performance helpers: peak memory of a block (CPU RSS sampling, CUDA) and timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsezoo import perf
+from sparsezoo.perf import PeakMemory, process_peak_rss_mb, time_ms
+
+N_200MB = 50_000_000  # float32 elements in 200 MB
+
+
+def test_cpu_peak_sees_allocation_freed_inside_block() -> None:
+    # The tensor is gone before exit, so only the sampling thread can have seen it.
+    with PeakMemory("cpu") as peak:
+        x = torch.ones(N_200MB)
+        del x
+    assert peak.peak_mb >= 150
+
+
+def test_cpu_peak_sees_allocation_held_at_exit() -> None:
+    with PeakMemory("cpu") as peak:
+        x = torch.ones(N_200MB)
+    del x
+    assert peak.peak_mb >= 150
+
+
+def test_cpu_peak_of_empty_block_is_small() -> None:
+    with PeakMemory("cpu") as peak:
+        pass
+    assert 0 <= peak.peak_mb < 20
+
+
+def test_cpu_fallback_without_proc_uses_high_water_mark(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(perf, "_STATM", tmp_path / "missing")
+    with PeakMemory("cpu") as peak:
+        pass
+    assert peak.peak_mb == 0.0
+    # Exceed every earlier peak of this process, so the high-water mark has to rise.
+    n = int((process_peak_rss_mb() + 100) * perf.MB / 4)
+    with PeakMemory("cpu") as peak:
+        x = torch.ones(n)
+    del x
+    assert peak.peak_mb >= 50
+
+
+def test_process_peak_rss_is_at_least_current_rss() -> None:
+    current = perf._current_rss_bytes()
+    assert current is not None
+    assert process_peak_rss_mb() >= current / perf.MB - 1
+
+
+def test_time_ms_calls_once_and_is_non_negative() -> None:
+    calls = []
+    elapsed = time_ms(lambda: calls.append(1), "cpu")
+    assert calls == [1]
+    assert elapsed >= 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_counts_allocator_bytes() -> None:
+    device = torch.device("cuda")
+    keep = torch.ones(N_200MB, device=device)  # memory held at entry must not count
+    with PeakMemory(device) as peak:
+        x = torch.ones(N_200MB // 2, device=device)
+        del x
+    del keep
+    # The caching allocator rounds large blocks up to 2 MB multiples.
+    assert peak.peak_mb == pytest.approx(N_200MB // 2 * 4 / perf.MB, abs=2)
