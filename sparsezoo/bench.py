@@ -249,6 +249,7 @@ class _Case:
         self.x_BTC = x_BTC
         self.token_B1C = token_B1C
         self.cache: KVCache | None = None
+        self.filled: KVCache | None = None
         # Inference modes run in eval mode, training in train mode, as a model would.
         module.train(mode == "fwdbwd")
         if mode == "fwdbwd":
@@ -293,7 +294,7 @@ class _Case:
     def release(self) -> None:
         """Drop gradients and caches so the next mode starts from the same memory."""
         self.module.zero_grad(set_to_none=True)
-        self.cache = None
+        self.cache = self.filled = None
 
 
 def _prefill_keys(module: AttentionMechanism, max_len: int) -> list[float]:

@@ -8,6 +8,7 @@ usage and configuration errors, 1 for a run that failed after starting).
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 import traceback
@@ -61,9 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         result = train(load_config(path, overrides))
     con = console()
-    con.print(
-        f"[bold]run[/bold] {result.run_id or '(tracking disabled)'}  dir {result.run_dir}"
-    )
+    con.print(f"[bold]run[/bold] {result.run_id or '(tracking disabled)'}  dir {result.run_dir}")
     for key in sorted(result.metrics):
         con.print(f"  {key:28s} {result.metrics[key]:.4f}")
     return 0
@@ -109,6 +108,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _setup_logging() -> None:
+    """Show sparsezoo's progress messages on stderr without touching other libraries' logging."""
+    logger = logging.getLogger("sparsezoo")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[sparsezoo] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sparsezoo`` command."""
     parser = argparse.ArgumentParser(
@@ -147,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsezoo`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         return int(args.func(args))
     except USER_ERRORS as exc:

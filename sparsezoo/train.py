@@ -9,6 +9,7 @@ interrupted run from its last checkpoint into the same MLflow run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from sparsezoo.config import ExperimentConfig, flatten, load_config, parse_layer
 from sparsezoo.data import DataBundle, TokenWindows, default_cache_dir, prepare_data
 from sparsezoo.model import SparseLM
 from sparsezoo.perf import process_peak_rss_mb
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -296,6 +299,8 @@ def train(
     if cfg.tracking.enabled:
         tracking.check_tracking(uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("preparing data: corpus %s, vocab %d", list(cfg.data.corpus), cfg.data.vocab_size)
+    started = time.perf_counter()
     data = prepare_data(
         list(cfg.data.corpus),
         vocab_size=cfg.data.vocab_size,
@@ -304,6 +309,13 @@ def train(
         cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
         max_bytes=cfg.data.max_bytes,
         jsonl_field=cfg.data.jsonl_field,
+    )
+    log.info(
+        "data ready in %.1fs: %d train / %d val tokens, vocabulary %d",
+        time.perf_counter() - started,
+        data.n_train_tokens,
+        data.n_val_tokens,
+        data.vocab_size,
     )
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size

@@ -20,15 +20,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Measured on 2 CPU cores (benchmarks/window_cpu.py): small chunks waste little compute on the
-# masked triangle of each tile, but every chunk's key tile re-reads window - 1 keys and backward
-# writes a tile-sized K/V gradient before folding it, so memory grows as (C + window - 1) / C.
-_MIN_CHUNK = 64
+# Tuned with fp32 runs against dense SDPA on 2 CPU cores (T 8k-16k, windows 128-2048). A tile
+# holds C + window - 1 keys for C queries, so smaller chunks compute fewer masked-out scores, but
+# K and V are held (C + window - 1) / C times over (gathered when B > 1, and as tile-shaped
+# gradients that SDPA's backward zero-fills before unfold folds them). Chunks of window / 8 were
+# marginally faster forward, window / 4 marginally faster forward+backward at half the memory.
+_MIN_CHUNK = 32
 _WINDOW_FRACTION = 4
 
 
 def _chunk_size(window: int) -> int:
-    """Queries per chunk: a quarter of the window, at least 64 so per-chunk matmuls stay large."""
+    """Queries per chunk: a quarter of the window, at least 32 so small windows keep big matmuls."""
     return max(_MIN_CHUNK, window // _WINDOW_FRACTION)
 
 
@@ -51,9 +53,10 @@ def sliding_window_attention_torch(
     """Sliding-window attention through SDPA on chunked queries; differentiable in q, k and v.
 
     Inputs are validated by the caller. The first ``window`` queries are causal attention; the
-    rest are processed in chunks whose key tiles are strided views of K/V, with the query group
-    folded into the query rows so that each KV head is read once per chunk rather than repeated
-    per query head. Returns o_BTHD in q's dtype (SDPA accumulates bf16 in fp32).
+    rest are processed in chunks whose key tiles are strided views of K/V (gathered once when
+    B > 1), with the query group folded into the query rows so that each KV head is read once
+    per chunk rather than repeated per query head. Returns o_BTHD in q's dtype (SDPA
+    accumulates bf16 in fp32).
     """
     B, T, HQ, D = q_BTHD.shape
     H = k_BTHD.shape[2]

@@ -1,0 +1,65 @@
+"""The model family: hybrids from one line, GQA, tied embeddings, decoding, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsezoo import SparseLM, load_config
+from sparsezoo.model import mlp_hidden_size
+
+BASE = ["model.vocab_size=97", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2"]
+
+
+def _model(*overrides: str) -> SparseLM:
+    torch.manual_seed(0)
+    return SparseLM.from_config(load_config(None, [*BASE, *overrides])).eval()
+
+
+def test_hybrid_layers_from_one_line() -> None:
+    m = _model(
+        "model.n_layers=4",
+        "attention.layers=sliding_window*3,dense",
+        "attention.params.sliding_window.window=4",
+    )
+    assert [a.name for a in m.mechanisms()] == ["sliding_window"] * 3 + ["dense"]
+    assert all(a.params.window == 4 for a in m.mechanisms()[:3])
+    logits = m(torch.randint(0, 97, (2, 40)))
+    assert logits.shape == (2, 40, 97)
+    stats = m.attention_stats()
+    # three windowed layers at density sum(min(4, t+1))/sum(t+1) and one dense layer
+    window_density = sum(min(4, t + 1) for t in range(40)) / sum(t + 1 for t in range(40))
+    assert stats["attn/density"] == pytest.approx((3 * window_density + 1) / 4)
+    assert m.aux_loss() is None
+
+
+def test_tied_and_untied_embeddings() -> None:
+    tied = _model()
+    assert tied.lm_head.weight is tied.embed.weight
+    untied = _model("model.tie_embeddings=false")
+    assert untied.lm_head.weight is not untied.embed.weight
+
+
+def test_model_decoding_equals_full_forward() -> None:
+    m = _model(
+        "model.n_layers=2",
+        "attention.layers=sliding_window,dense",
+        "attention.params.sliding_window.window=5",
+    )
+    ids = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        full = m(ids)
+        caches = m.new_caches(2, 23)
+        steps = [m(ids[:, t : t + 1], caches=caches) for t in range(23)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
+    assert [c.rows_read for c in caches] == [5, 23]
+
+
+def test_mlp_width_rule() -> None:
+    assert mlp_hidden_size(128, None) == 352  # 8/3 * 128 = 341.3 -> next multiple of 32
+    assert mlp_hidden_size(128, 100) == 100
+
+
+def test_vocab_size_must_be_known() -> None:
+    with pytest.raises(ValueError, match=r"model\.vocab_size"):
+        SparseLM.from_config(load_config(None, ["model.vocab_size=0"]))
