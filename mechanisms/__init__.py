@@ -12,6 +12,7 @@ from .base import (
     KVCache,
     MechanismConfigError,
     MechanismParams,
+    QKVAttention,
     knob,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "KnobInfo",
     "MechanismConfigError",
     "MechanismParams",
+    "QKVAttention",
     "knob",
 ]

@@ -236,15 +236,17 @@ def decode_mask(
 
 
 class AttentionMechanism(nn.Module, abc.ABC):
-    """Base class of every attention mechanism.
+    """The contract every attention mechanism implements.
 
     Subclasses set ``name``, ``Params`` and ``test_preset`` (knob values that make the mechanism
-    genuinely sparse at the conformance suite's lengths, a few hundred tokens), and implement
-    :meth:`attend` (prefill), :meth:`decode` (new queries against a filled cache) and
-    :meth:`cost`. The base class provides the Llama-style Q/K/V/O projections with RoPE; a
-    mechanism with other projections overrides :meth:`project`. After each forward,
-    ``self.stats`` holds detached scalars (at least ``density``) and ``self.aux_losses`` holds
-    differentiable scalars the training loop adds to the loss.
+    genuinely sparse at the conformance suite's lengths, a few hundred tokens) and implement
+    :meth:`forward` (causal self-attention ``x_BTC -> y_BTC``; with a cache, decoding),
+    :meth:`new_cache`, :meth:`fill_cache` and :meth:`cost`. After each forward, ``self.stats``
+    holds detached scalars (at least ``density``) and ``self.aux_losses`` holds differentiable
+    scalars the training loop adds to the loss. Most mechanisms derive from
+    :class:`QKVAttention`, which supplies Llama-style projections, RoPE and a raw K/V cache;
+    mechanisms with their own projections (NSA's per-branch keys and gate) implement the
+    contract directly.
     """
 
     name: ClassVar[str] = ""
@@ -260,11 +262,6 @@ class AttentionMechanism(nn.Module, abc.ABC):
         self.shape = shape
         self.params = params
         self.scale = shape.head_dim**-0.5
-        hq, h, d = shape.n_heads, shape.n_kv_heads, shape.head_dim
-        self.wq = nn.Linear(shape.d_model, hq * d, bias=False)
-        self.wk = nn.Linear(shape.d_model, h * d, bias=False)
-        self.wv = nn.Linear(shape.d_model, h * d, bias=False)
-        self.wo = nn.Linear(hq * d, shape.d_model, bias=False)
         self.stats: dict[str, torch.Tensor] = {}
         self.aux_losses: dict[str, torch.Tensor] = {}
 
@@ -273,11 +270,81 @@ class AttentionMechanism(nn.Module, abc.ABC):
         """Knob values under which the mechanism equals dense attention at ``seq_len``, or None."""
         return None
 
+    @abc.abstractmethod
+    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Causal self-attention over ``x_BTC``; with a cache, decode its tokens after the cached.
+
+        Without a cache this is training/prefill. With one, the tokens of ``x_BTC`` are appended
+        to the cache and their outputs are returned (feeding a sequence token by token equals the
+        full forward).
+        """
+
+    @abc.abstractmethod
+    def new_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """Create an empty decode cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+
+    @abc.abstractmethod
+    def fill_cache(self, x_BTC: torch.Tensor, cache: KVCache) -> None:
+        """Append the tokens of ``x_BTC`` to the cache without computing their outputs."""
+
+    @abc.abstractmethod
+    def cost(self, t: int) -> Cost:
+        """Analytic cost of one query at context ``t`` (t keys causally visible)."""
+
     def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
         positions = torch.arange(start, start + x_BTHD.shape[1], device=x_BTHD.device)
-        cos, sin = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+        return self.rope_at(x_BTHD, positions)
+
+    def rope_at(self, x_BTHD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE to ``x_BTHD`` whose tokens sit at the given absolute positions."""
+        cos, sin = rope_angles(positions_T, self.shape.head_dim, self.shape.rope_theta)
         return apply_rope(x_BTHD, cos, sin)
+
+    def attention_flops(self, keys: float) -> float:
+        """FLOPs of one query head attending ``keys`` keys: QK^T and PV, 2 FLOPs per MAC."""
+        return 4.0 * keys * self.shape.head_dim
+
+    def sdpa(
+        self,
+        q_BTHD: torch.Tensor,
+        k_BSHD: torch.Tensor,
+        v_BSHD: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Scaled dot-product attention in the [B, T, H, D] layout with GQA, no K/V repeat."""
+        o = nn.functional.scaled_dot_product_attention(
+            q_BTHD.transpose(1, 2),
+            k_BSHD.transpose(1, 2),
+            v_BSHD.transpose(1, 2),
+            attn_mask=None if mask is None else mask.to(q_BTHD.device),
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.shape.group_size > 1,
+        )
+        return o.transpose(1, 2)
+
+
+class QKVAttention(AttentionMechanism):
+    """A mechanism over one set of Llama-style projections: Q/K/V/O with RoPE and a raw K/V cache.
+
+    Subclasses implement :meth:`attend` (prefill: RoPE'd q [B,T,HQ,D], k and v [B,T,H,D] ->
+    o [B,T,HQ,D]), :meth:`decode` (the newest queries against a filled cache, setting
+    ``cache.rows_read``) and :meth:`cost`; a mechanism with extra cache state extends
+    :meth:`new_cache` and :meth:`cache_append`.
+    """
+
+    def __init__(self, shape: AttentionShape, params: MechanismParams | None = None) -> None:
+        super().__init__(shape, params)
+        hq, h, d = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.wq = nn.Linear(shape.d_model, hq * d, bias=False)
+        self.wk = nn.Linear(shape.d_model, h * d, bias=False)
+        self.wv = nn.Linear(shape.d_model, h * d, bias=False)
+        self.wo = nn.Linear(hq * d, shape.d_model, bias=False)
 
     def project(
         self, x_BTC: torch.Tensor, start: int
@@ -291,12 +358,7 @@ class AttentionMechanism(nn.Module, abc.ABC):
         return self.rope(q_BTHD, start), self.rope(k_BTHD, start), v_BTHD
 
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Causal self-attention over ``x_BTC``; with a cache, decode its tokens after the cached.
-
-        Without a cache this is training/prefill. With one, the tokens of ``x_BTC`` are appended
-        to the cache and their outputs are returned (feeding a sequence token by token equals the
-        full forward).
-        """
+        """Project, attend (or append to the cache and decode), and project the output back."""
         B, T, _ = x_BTC.shape
         if cache is None:
             q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, 0)
@@ -310,7 +372,7 @@ class AttentionMechanism(nn.Module, abc.ABC):
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """Create an empty decode cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        """A raw K/V cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         w = self.wk.weight
         return KVCache(
             batch_size,
@@ -340,35 +402,6 @@ class AttentionMechanism(nn.Module, abc.ABC):
     @abc.abstractmethod
     def decode(self, q_BTHD: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Outputs of the newest ``T`` cached tokens' queries; sets ``cache.rows_read``."""
-
-    @abc.abstractmethod
-    def cost(self, t: int) -> Cost:
-        """Analytic cost of one query at context ``t`` (t keys causally visible)."""
-
-    def attention_flops(self, keys: float) -> float:
-        """FLOPs of one query head attending ``keys`` keys: QK^T and PV, 2 FLOPs per MAC."""
-        return 4.0 * keys * self.shape.head_dim
-
-    def sdpa(
-        self,
-        q_BTHD: torch.Tensor,
-        k_BSHD: torch.Tensor,
-        v_BSHD: torch.Tensor,
-        *,
-        mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Scaled dot-product attention in the [B, T, H, D] layout with GQA, no K/V repeat."""
-        o = nn.functional.scaled_dot_product_attention(
-            q_BTHD.transpose(1, 2),
-            k_BSHD.transpose(1, 2),
-            v_BSHD.transpose(1, 2),
-            attn_mask=None if mask is None else mask.to(q_BTHD.device),
-            is_causal=is_causal,
-            scale=self.scale,
-            enable_gqa=self.shape.group_size > 1,
-        )
-        return o.transpose(1, 2)
 
 
 def causal_pairs(T: int) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import AttentionMechanism, Cost, KVCache, MechanismParams, decode_mask
+from .base import Cost, KVCache, MechanismParams, QKVAttention, decode_mask
 
 
 @dataclass
@@ -19,7 +19,7 @@ class DenseParams(MechanismParams):
     """Dense attention has no knobs."""
 
 
-class DenseAttention(AttentionMechanism):
+class DenseAttention(QKVAttention):
     """Full causal softmax attention (GQA-aware, SDPA)."""
 
     name = "dense"

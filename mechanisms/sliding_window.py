@@ -14,7 +14,7 @@ import torch
 
 from sparsezoo.kernels.window import sliding_window_attention, window_density
 
-from .base import AttentionMechanism, Cost, KVCache, MechanismParams, decode_mask, knob
+from .base import Cost, KVCache, MechanismParams, QKVAttention, decode_mask, knob
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SlidingWindowParams(MechanismParams):
     backend: str = knob("auto", help="kernel backend", choices=("auto", "torch", "naive", "triton"))
 
 
-class SlidingWindowAttention(AttentionMechanism):
+class SlidingWindowAttention(QKVAttention):
     """Causal local attention over a fixed window of the most recent keys."""
 
     name = "sliding_window"
