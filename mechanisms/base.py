@@ -252,6 +252,9 @@ class AttentionMechanism(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type[MechanismParams]] = MechanismParams
     test_preset: ClassVar[dict[str, Any]] = {}
+    # attention branches that each read keys for a query: a query at context t reads at most
+    # branches * t keys (NSA's selected and window branches may read the same position)
+    branches: ClassVar[int] = 1
 
     def __init__(self, shape: AttentionShape, params: MechanismParams | None = None) -> None:
         super().__init__()

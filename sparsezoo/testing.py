@@ -232,10 +232,12 @@ def _feed(
         if cache.length != pos:
             raise _CheckFailed(f"{what}: cache.length={cache.length} after feeding {pos} tokens")
         rows = cache.rows_read
-        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= cache.length:
+        # rows may exceed cache.length: a mechanism with several K/V sets (NSA's independent
+        # branches) reads rows of each set
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise _CheckFailed(
                 f"{what}: cache.rows_read={rows!r} after feeding tokens [{pos - n}, {pos}) "
-                f"is not an int in [1, cache.length={cache.length}]"
+                "is not a positive int"
             )
     _assert_close(
         f"{what} vs full forward",
@@ -279,12 +281,17 @@ def _check_batch_independence(s: _Subject) -> None:
 
 def _check_gradients(s: _Subject) -> None:
     """A random projection of the output plus the aux losses gives finite, non-zero gradients
-    on every trainable parameter and on the input."""
+    on every trainable parameter and on the input, at T = max(T, SPARSE_T).
+
+    Short sequences may legitimately leave block-level parameters unused (NSA's compressor sees
+    no complete block below l tokens), so gradients are checked at a length where every
+    mechanism component is active.
+    """
     if s.T < 2:
         raise _NotApplicable("needs T >= 2: with one key the attention weights get no gradient")
     gen = s.generator()
     attn = s.build().train()
-    x = _randn(gen, 2, s.T).requires_grad_()
+    x = _randn(gen, 2, max(s.T, SPARSE_T)).requires_grad_()
     y = attn(x)
     probe = torch.randn(y.shape, generator=gen)
     # aux losses are part of the training loss and may be the only path to some parameters
@@ -391,14 +398,16 @@ def _check_stats(s: _Subject) -> None:
 
 
 def _check_cost(s: _Subject) -> None:
-    """``cost(t)`` is a Cost with 0 < keys <= t and finite flops > 0 for t in {1, 17, T}."""
+    """``cost(t)`` is a Cost with 0 < keys <= branches * t and finite flops > 0 for t in
+    {1, 17, T}; ``branches`` is the mechanism's count of branches that each read keys."""
     attn = s.build()
     for t in sorted({1, 17, s.T}):
         cost = attn.cost(t)
         if not isinstance(cost, Cost):
             raise _CheckFailed(f"cost({t}) returned {cost!r}, not a Cost")
-        if not 0 < cost.keys <= t:
-            raise _CheckFailed(f"cost({t}).keys={cost.keys!r} is outside (0, {t}]")
+        bound = attn.branches * t
+        if not 0 < cost.keys <= bound:
+            raise _CheckFailed(f"cost({t}).keys={cost.keys!r} is outside (0, {bound}]")
         if not (cost.flops > 0 and math.isfinite(cost.flops)):
             raise _CheckFailed(f"cost({t}).flops={cost.flops!r} is not a finite positive number")
 

@@ -1,0 +1,306 @@
+"""NSA block selection: which l'-token blocks each query's KV group attends (paper Eq. 8-11).
+
+Selection reuses the compression branch's probabilities p_cmp = exp(scale·q·kcmp - lse) over
+the visible compressed tokens, maps them onto selection blocks by overlap (Eq. 9, 0-based: block
+j collects compressed token i with weight |[i·d, i·d + l) ∩ [j·l', (j + 1)·l')| / d), sums the
+probabilities over the G query heads of a KV group (Eq. 10) and keeps the top n blocks (Eq. 11).
+Block 0 and the query's own and previous blocks are forced in and count toward n; block j is
+legal for query t iff j·l' <= t. Ties go to the lower block index. Output indices per
+(b, t, KV head) are sorted ascending, padded with -1 at the end when fewer than n blocks are
+legal. Indices carry no gradient: everything runs under no_grad. Backends: ``naive`` (full fp32
+tensors, the oracle) and ``torch`` (query chunks, the fast CPU path). ``topn_blocks`` applies the
+same forced/legal/top-n rules to importances computed elsewhere (e.g. while decoding).
+Legend: B batch, T time, N compressed tokens, S selection blocks ceil(T / l'), HQ query heads,
+H KV heads, G group size HQ // H, D head dim, E = D + 1, C queries per chunk, R = G·C score rows
+per chunk, X = B·H, P = l'/d compressed tokens per selection block, A = l/d - 1 tokens of block
+j - 1 that also overlap block j, K = P + A tokens overlapping one block, n = n_select (the last
+dim of the returned idx_BTHS).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import resolve_backend
+from .compression import validate_blocks, validate_qkv, visible_mask
+
+__all__ = ["overlap_weights", "select_blocks", "topn_blocks"]
+
+_OP = "select_blocks"
+_AVAILABLE = ("naive", "torch")
+# Elements of the largest per-chunk fp32 probability tile [B, HQ, C, N] of the torch path
+# (8 MiB; T = 32k never holds [B, T, HQ, N]). The tile is written, exponentiated and summed in
+# turn, so it should stay cache-resident: at T = 16k on one thread it took 0.47 s of CPU against
+# 0.76 s with 64 MiB tiles, while 2 MiB tiles lost again to per-chunk overhead.
+_TILE_ELEMENTS = 1 << 21
+# exp of arguments below about -87 (results under fp32's smallest normal, 1.2e-38) leaves torch's
+# vectorized CPU path and runs 20-40x slower; sharply peaked attention has many such entries.
+# The floor adds at most e^-87 = 1.7e-38 per token and head, so it can only reorder blocks whose
+# importances agree to that absolute level (in practice: blocks that all underflow to ~0).
+_EXP_FLOOR = -87.0
+
+
+def overlap_weights(
+    block_size: int, stride: int, select_size: int, n_cmp: int, n_sel: int
+) -> torch.Tensor:
+    """Eq. 9 as overlap: w_NS[i, j] = |[i·d, i·d + l) ∩ [j·l', (j + 1)·l')| / d, fp32 [N, S].
+
+    Row i is compressed token i, column j selection block j, both 0-based. With l=32, d=16,
+    l'=64, column j holds [1, 2, 2, 2, 1] on compressed indices 4j-1 .. 4j+3 (the paper's
+    1-based formula transcribed literally is shifted by three tokens); with l' = l = d it is
+    the identity. Raises ValueError naming the knob unless block_size, stride and select_size
+    are ints >= 1 and n_cmp, n_sel ints >= 0.
+    """
+    knobs = {"block_size": block_size, "stride": stride, "select_size": select_size}
+    counts = {"n_cmp": n_cmp, "n_sel": n_sel}
+    for name, value in (*knobs.items(), *counts.items()):
+        low = 1 if name in knobs else 0
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"overlap_weights: {name} must be an int >= {low}, got {value!r}")
+    start_N1 = torch.arange(n_cmp)[:, None] * stride
+    block_1S = torch.arange(n_sel)[None, :] * select_size
+    low_NS = torch.maximum(start_N1, block_1S)
+    high_NS = torch.minimum(start_N1 + block_size, block_1S + select_size)
+    return (high_NS - low_NS).clamp(min=0).float() / stride
+
+
+def _validate(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    block_size: int,
+    stride: int,
+    select_size: int,
+    n_select: int,
+) -> None:
+    """Raise ValueError naming the knob or argument when the inputs do not fit select_blocks."""
+    validate_blocks(_OP, block_size, stride)
+    for name, value, low in (("select_size", select_size, 1), ("n_select", n_select, 3)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            reason = " (block 0 and the two local blocks are forced in)" if low == 3 else ""
+            raise ValueError(f"{_OP}: {name} must be an int >= {low}{reason}, got {value!r}")
+    if select_size % stride or select_size < block_size:
+        raise ValueError(
+            f"{_OP}: select_size={select_size} must be a multiple of stride={stride} and "
+            f">= block_size={block_size}"
+        )
+    validate_qkv(_OP, q_BTHD, kcmp_BNHD, block_size, stride)
+    if lse_BTH.shape != q_BTHD.shape[:3]:
+        raise ValueError(
+            f"{_OP}: lse_BTH must have shape [B, T, HQ] = {list(q_BTHD.shape[:3])}, "
+            f"got {list(lse_BTH.shape)}"
+        )
+    if lse_BTH.device != q_BTHD.device:
+        raise ValueError(f"{_OP}: lse_BTH is on {lse_BTH.device}, q_BTHD on {q_BTHD.device}")
+
+
+def _mark_blocks(
+    importance_XS: torch.Tensor, t_X1: torch.Tensor, select_size: int, first_block: int = 0
+) -> torch.Tensor:
+    """Set forced blocks to +inf and illegal (future) blocks to -inf, in place; returns the input.
+
+    Row x is the query at position t_X1[x], column j is block j. Only block 0 and the columns
+    from ``first_block`` on are examined: the caller guarantees that every block in between is
+    legal and not a local block for all its rows.
+    """
+    importance_XS[..., 0] = float("inf")
+    tail_XS = importance_XS[..., first_block:]
+    j_1S = torch.arange(first_block, importance_XS.shape[-1], device=importance_XS.device)[None]
+    own_X1 = t_X1 // select_size
+    tail_XS.masked_fill_(j_1S > own_X1, float("-inf"))
+    tail_XS.masked_fill_((j_1S == own_X1) | (j_1S == own_X1 - 1), float("inf"))
+    return importance_XS
+
+
+def _top_blocks(scores_XS: torch.Tensor, n_select: int) -> torch.Tensor:
+    """Top-n block ids per row, lower index first on ties, sorted ascending, -1 padded at the end.
+
+    A stable descending sort keeps equal scores in index order, so the first n are the top n
+    with the tie rule; -inf picks are illegal blocks and become padding.
+    """
+    S = scores_XS.shape[-1]
+    sorted_XS, order_XS = torch.sort(scores_XS, dim=-1, descending=True, stable=True)
+    picked_Xn = order_XS[..., :n_select].masked_fill(sorted_XS[..., :n_select] == float("-inf"), S)
+    # padding ids are S, so an ascending sort puts them last before they become -1
+    picked_Xn = picked_Xn.sort(dim=-1).values
+    picked_Xn = picked_Xn.masked_fill(picked_Xn == S, -1)
+    return F.pad(picked_Xn, (0, n_select - picked_Xn.shape[-1]), value=-1)
+
+
+def _select_naive(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    block_size: int,
+    stride: int,
+    select_size: int,
+    n_select: int,
+    scale: float,
+) -> torch.Tensor:
+    """Oracle: full [B, H, G, T, N] fp32 probabilities, group sum, overlap matmul, top-n."""
+    B, T, HQ, D = q_BTHD.shape
+    N, H = kcmp_BNHD.shape[1], kcmp_BNHD.shape[2]
+    G = HQ // H
+    S = -(-T // select_size)
+    q_BTHGD = q_BTHD.float().reshape(B, T, H, G, D)
+    scores_BHGTN = torch.einsum("bthgd,bnhd->bhgtn", q_BTHGD, kcmp_BNHD.float()) * scale
+    lse_BHGT1 = lse_BTH.float().reshape(B, T, H, G).permute(0, 2, 3, 1)[..., None]
+    t_T1 = torch.arange(T, device=q_BTHD.device)[:, None]
+    keep_BHGTN = visible_mask(t_T1, N, block_size, stride) & (lse_BHGT1 > float("-inf"))
+    probs_BHGTN = torch.where(keep_BHGTN, torch.exp(scores_BHGTN - lse_BHGT1), 0.0)
+    w_NS = overlap_weights(block_size, stride, select_size, N, S).to(q_BTHD.device)
+    importance_BHTS = probs_BHGTN.sum(dim=2) @ w_NS
+    idx_BHTn = _top_blocks(_mark_blocks(importance_BHTS, t_T1, select_size), n_select)
+    return idx_BHTn.transpose(1, 2)
+
+
+def _overlap_band(block_size: int, stride: int, select_size: int) -> torch.Tensor:
+    """Weights [K] of the compressed tokens l/d - 1 before block j's start through its end.
+
+    Every selection block sees the same pattern, so it is read off block 1 of overlap_weights,
+    whose first overlapping token l'/d - l/d + 1 is never negative since l <= l'.
+    """
+    per_block = select_size // stride
+    w_NS = overlap_weights(block_size, stride, select_size, 2 * per_block, 2)
+    return w_NS[per_block - block_size // stride + 1 :, 1]
+
+
+def _select_torch(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    block_size: int,
+    stride: int,
+    select_size: int,
+    n_select: int,
+    scale: float,
+) -> torch.Tensor:
+    """Fast path: query chunks, each reading only the compressed prefix and blocks it can reach.
+
+    Per chunk one batched matmul gives scale·q·k - lse for all G heads of a group and exp runs
+    in place. No visibility mask is needed: a token hidden from query t starts at or after
+    t - l + 2 > t - l', so it only overlaps blocks t // l' - 1 and later, whose scores
+    ``_mark_blocks`` overwrites with +inf (forced) or -inf (illegal), including any inf or NaN
+    mass there; every block that is ranked sees visible tokens only (the naive oracle masks
+    literally, and the tests compare). The overlap map is banded (block j overlaps tokens
+    j·l'/d - l/d + 1 .. (j + 1)·l'/d - 1), so the importance is two short weighted sums per
+    block rather than a matmul with the mostly-zero [N, S] map.
+    """
+    B, T, HQ, D = q_BTHD.shape
+    N, H = kcmp_BNHD.shape[1], kcmp_BNHD.shape[2]
+    G = HQ // H
+    device = q_BTHD.device
+    per_block = select_size // stride
+    lead = block_size // stride - 1
+    band_K = _overlap_band(block_size, stride, select_size).to(device)
+    S = -(-T // select_size)
+    # scale·q·k - lse as one matmul: q gains a column holding -lse, k a matching row of ones;
+    # that column is -inf, not +inf, where lse = -inf, so such a row gets no mass beyond the
+    # floor below, the same for every block. k is
+    # zero-padded to S·l'/d tokens so that a chunk's masses reshape into whole blocks; the
+    # padding tokens are hidden from every query, like any other future token.
+    k_XEN = torch.cat(
+        [kcmp_BNHD.float().permute(0, 2, 3, 1), kcmp_BNHD.new_ones(B, H, 1, N, dtype=torch.float)],
+        dim=2,
+    )
+    k_XEN = F.pad(k_XEN, (0, S * per_block - N)).reshape(B * H, D + 1, S * per_block)
+    neg_lse_BTH = (-lse_BTH.float()).masked_fill(lse_BTH == float("-inf"), float("-inf"))
+    q_BTHE = torch.cat([q_BTHD.float() * scale, neg_lse_BTH[..., None]], dim=-1)
+    idx_BTHn = torch.full((B, T, H, n_select), -1, dtype=torch.int64, device=device)
+    C = max(1, _TILE_ELEMENTS // (B * HQ * max(N, 1)))
+    for t0 in range(0, T, C):
+        t1 = min(T, t0 + C)
+        rows = t1 - t0
+        t_C1 = torch.arange(t0, t1, device=device)[:, None]
+        S_c = (t1 - 1) // select_size + 1
+        # tokens of the blocks the chunk's queries may select (k is zero-padded up to them)
+        N_c = S_c * per_block
+        q_XRE = q_BTHE[:, t0:t1].reshape(B, rows, H, G, D + 1).permute(0, 2, 3, 1, 4)
+        logits_XRN = torch.bmm(q_XRE.reshape(B * H, G * rows, D + 1), k_XEN[:, :, :N_c])
+        probs_XRN = logits_XRN.clamp_(min=_EXP_FLOOR).exp_()
+        mass_XCN = probs_XRN.view(B * H, G, rows, N_c).sum(dim=1)
+        # block j weighs its own l'/d tokens and the last l/d - 1 tokens of block j - 1
+        mass_XCSP = mass_XCN.view(B * H, rows, S_c, per_block)
+        # (broadcast multiply and sum: a matmul with a length-P vector runs far slower on CPU)
+        importance_XCS = (mass_XCSP * band_K[lead:]).sum(dim=-1)
+        if lead:
+            tail_XCSA = mass_XCSP[..., :-1, per_block - lead :]
+            importance_XCS[..., 1:] += (tail_XCSA * band_K[:lead]).sum(dim=-1)
+        # blocks before the chunk's first query's previous block are legal and not local
+        first_block = max(0, t0 // select_size - 1)
+        scores_XCS = _mark_blocks(importance_XCS, t_C1, select_size, first_block)
+        idx_BTHn[:, t0:t1] = _top_blocks(scores_XCS, n_select).view(B, H, rows, -1).transpose(1, 2)
+    return idx_BTHn
+
+
+def select_blocks(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    *,
+    block_size: int,
+    stride: int,
+    select_size: int,
+    n_select: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selected block ids idx_BTHS, int64 [B, T, H, n_select], one block set per KV group.
+
+    For query t and KV head h: p_cmp = exp(scale·q·kcmp - lse) over the compressed tokens
+    visible to t (0 elsewhere, and everywhere when lse is -inf), summed over the G query heads
+    of the group, mapped onto selection blocks with ``overlap_weights``; blocks 0, t // l' and
+    t // l' - 1 (if >= 0) are always selected and count toward n_select, blocks with j·l' > t
+    never are, and ties go to the lower block index. Each row lists the chosen ids in ascending
+    order, followed by -1 for the slots left when fewer than n_select blocks are legal. lse_BTH
+    [B, T, HQ] is ``compressed_attention``'s lse for the same q and kcmp. No gradient, no graph.
+    ``scale`` defaults to D**-0.5; ``backend`` is ``naive`` (full fp32 tensors), ``torch`` or
+    ``auto`` (torch). Raises ValueError naming the knob unless block_size % stride == 0,
+    select_size % stride == 0, block_size <= select_size and n_select >= 3, or naming the
+    argument for shapes that disagree or a wrong number of compressed tokens.
+    """
+    _validate(q_BTHD, kcmp_BNHD, lse_BTH, block_size, stride, select_size, n_select)
+    chosen = resolve_backend(_OP, backend, _AVAILABLE, q_BTHD)
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q_BTHD, kcmp_BNHD, lse_BTH, block_size, stride, select_size, n_select, scale)
+    with torch.no_grad():
+        return _select_naive(*args) if chosen == "naive" else _select_torch(*args)
+
+
+def topn_blocks(
+    importance_BTHS: torch.Tensor, t_T: torch.Tensor, select_size: int, n_select: int
+) -> torch.Tensor:
+    """Block ids [B, T, H, n_select] (int64) from block importances, with NSA's selection rules.
+
+    ``importance_BTHS`` is [B, T, H, S] (group-summed probabilities mapped onto S selection
+    blocks, as in ``select_blocks``) for queries at absolute positions ``t_T`` ([T], e.g. the
+    new tokens of a decode step); S must cover every query's own block. The rules are those of
+    ``select_blocks``, from the same code: blocks 0, t // l' and t // l' - 1 are forced and count
+    toward n_select, blocks with j·l' > t are never chosen, ties go to the lower index, ids are
+    ascending with -1 padding at the end. Runs without gradient and leaves its input unchanged.
+    Raises ValueError naming the argument for a bad select_size or n_select (>= 3), shapes that
+    disagree, or S too small for the largest position.
+    """
+    op = "topn_blocks"
+    for name, value, low in (("select_size", select_size, 1), ("n_select", n_select, 3)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
+    if importance_BTHS.dim() != 4 or t_T.shape != importance_BTHS.shape[1:2]:
+        raise ValueError(
+            f"{op}: importance_BTHS must be [B, T, H, S] and t_T [T], got "
+            f"{list(importance_BTHS.shape)} and {list(t_T.shape)}"
+        )
+    S = importance_BTHS.shape[-1]
+    last = int(t_T.max()) if t_T.numel() else 0
+    if last >= S * select_size:
+        raise ValueError(
+            f"{op}: importance_BTHS has S={S} blocks, too few for position {last} "
+            f"with select_size={select_size}"
+        )
+    with torch.no_grad():
+        scores_BTHS = importance_BTHS.detach().float().clone()
+        t_T11 = t_T.to(scores_BTHS.device)[:, None, None]
+        return _top_blocks(_mark_blocks(scores_BTHS, t_T11, select_size), n_select)

@@ -1,0 +1,684 @@
+"""Selected-block attention, NSA's selection branch (``sparsezoo.kernels.nsa.selection``).
+
+Query t of KV head h attends the union of the key blocks listed in ``block_indices_BTHS[b, t, h]``
+(block j holds keys [j·block_size, (j+1)·block_size)), shared by all G query heads of the group,
+under a token-level causal mask: keys after t are never attended, so the query's own block is
+partial and a block that starts after t contributes nothing. One softmax runs over the union.
+Backends: ``naive`` (explicit [T, T] mask, the fp32 oracle) and ``torch`` (the fast CPU path: the
+selection is inverted into per-block query lists, so every block costs a few large matmuls).
+Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0; q_BTHD holds HQ heads), G
+group size HQ // H, D head dim, S selection slots per (query, KV head), N selection blocks
+ceil(T / block_size), L keys in one block (block_size, fewer in a short last block), E routing
+experts B·H·N (one per batch, KV head and block), W workers, K sort keys (worker, expert),
+P legal (query, slot) selections, Q query rows B·T, F features of a query row G·D, C chunks, M
+queries of a chunk, R rows of a chunk M·G (the group folded into the rows), O own-block queries
+of a chunk, X any trailing dims, 1 a broadcast dim, 2 the pair (lse, delta).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..backend import resolve_backend
+
+__all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
+
+_OP = "selected_attention"
+_AVAILABLE = ("naive", "torch")
+
+# Query rows (queries × group) per matmul chunk of the torch path. Block 0 is chosen by every
+# query, so without a cap one expert's score matrix would be [B·T·G, L] (134 MB at 32k tokens,
+# G = 16). Measured at 8k tokens, G = 16, block 64: 2048 to 8192 rows run within noise of each
+# other; 2048 keeps a chunk's [R, L] scores and gathered rows (512 KB each) in the 2 MB L2.
+_CHUNK_ROWS = 2048
+# The forward's per-row softmax reference sits _HEADROOM nats below an upper bound of the row's
+# scores, so no term exceeds e^40 ≈ 2e17 (sums of millions of terms stay far from the fp32 limit
+# e^88). A row whose sum ends below e^-_UNDERFLOW (its best term under ~e^-64 for up to a
+# million keys) is recomputed exactly, so that no term that matters can underflow (e^-103).
+_HEADROOM = 40.0
+_UNDERFLOW = 50.0
+# Worker threads of the torch path (see _run_workers): a worker needs this many selections to
+# pay for its thread, and more than a few workers contend for the Python interpreter lock.
+_MIN_PAIRS_PER_WORKER = 4096
+_MAX_WORKERS = 8
+
+
+def _validate(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Raise ValueError naming the offending argument when the inputs do not fit the op.
+
+    Besides shapes and dtypes this reads the index values (one min, one max and one sort along
+    the slots, a few ms at 32k tokens): ids must lie in [-1, N) and be distinct within a row.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise ValueError(f"{_OP}: block_size must be an int >= 1, got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"{_OP}: block_size must be an int >= 1, got {block_size!r}")
+    if q_BTHD.dim() != 4 or k_BTHD.dim() != 4 or v_BTHD.dim() != 4:
+        raise ValueError(
+            f"{_OP}: q, k, v must be 4-d [B, T, H, D], got q {tuple(q_BTHD.shape)}, "
+            f"k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
+        )
+    if k_BTHD.shape != v_BTHD.shape:
+        raise ValueError(
+            f"{_OP}: k and v shapes differ: k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
+        )
+    B, T, HQ, D = q_BTHD.shape
+    Bk, Tk, H, Dk = k_BTHD.shape
+    if (Bk, Tk, Dk) != (B, T, D):
+        raise ValueError(
+            f"{_OP}: q and k must agree on batch, time and head dim, got q {tuple(q_BTHD.shape)}, "
+            f"k {tuple(k_BTHD.shape)}"
+        )
+    if T < 1 or D < 1 or H < 1 or HQ % H:
+        raise ValueError(
+            f"{_OP}: query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA), "
+            f"with T >= 1 and D >= 1"
+        )
+    if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype) or not q_BTHD.is_floating_point():
+        raise ValueError(
+            f"{_OP}: q, k, v dtypes must be one floating dtype, got "
+            f"{q_BTHD.dtype}, {k_BTHD.dtype}, {v_BTHD.dtype}"
+        )
+    if not (q_BTHD.device == k_BTHD.device == v_BTHD.device == block_indices_BTHS.device):
+        raise ValueError(
+            f"{_OP}: q, k, v, block_indices devices differ: {q_BTHD.device}, {k_BTHD.device}, "
+            f"{v_BTHD.device}, {block_indices_BTHS.device}"
+        )
+    if block_indices_BTHS.dtype != torch.int64:
+        raise ValueError(
+            f"{_OP}: block_indices must be int64, got dtype {block_indices_BTHS.dtype}"
+        )
+    if block_indices_BTHS.dim() != 4 or block_indices_BTHS.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"{_OP}: block_indices must be [B, T, H, S] = [{B}, {T}, {H}, S], "
+            f"got {tuple(block_indices_BTHS.shape)}"
+        )
+    if block_indices_BTHS.shape[3] < 1:
+        raise ValueError(f"{_OP}: block_indices needs S >= 1 slots, got shape (..., 0)")
+    N = -(-T // block_size)
+    low, high = block_indices_BTHS.min().item(), block_indices_BTHS.max().item()
+    if low < -1 or high >= N:
+        raise ValueError(
+            f"{_OP}: block_indices values must be -1 (unused) or block ids in [0, {N}) for "
+            f"T={T}, block_size={block_size}; got min {low}, max {high}"
+        )
+    # duplicates would count a block's keys twice in the softmax; sorted, they are neighbours
+    sorted_BTHS = block_indices_BTHS.sort(dim=-1).values
+    if ((sorted_BTHS[..., 1:] == sorted_BTHS[..., :-1]) & (sorted_BTHS[..., 1:] >= 0)).any():
+        raise ValueError(f"{_OP}: block_indices repeats a block id within a row (not allowed)")
+
+
+def selected_attention_naive(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Selected-block attention written out step by step in fp32 (the oracle); returns q's dtype.
+
+    Inputs are validated by the caller. The selected blocks of every (b, t, h) become a [T] key
+    mask (a block id per key, looked up in the row's selected set), intersected with the causal
+    mask; scores over all T keys are masked and normalised by one softmax. A row with no visible
+    key outputs 0 and gets zero gradients. Memory is O(B·HQ·T²): only for tests and small inputs.
+    """
+    B, T, HQ = q_BTHD.shape[:3]
+    H = k_BTHD.shape[2]
+    G = HQ // H
+    N = -(-T // block_size)
+    device = q_BTHD.device
+    # selected_BTHN[b, t, h, j]: block j is in row (b, t, h); the extra column N swallows the -1s
+    slot_BTHS = torch.where(block_indices_BTHS < 0, N, block_indices_BTHS)
+    selected_BTHN = torch.zeros(B, T, H, N + 1, dtype=torch.bool, device=device)
+    selected_BTHN = selected_BTHN.scatter(-1, slot_BTHS, True)[..., :N]
+    block_of_key_T = torch.arange(T, device=device) // block_size
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    mask_BTHT = selected_BTHN[..., block_of_key_T] & causal_TT[None, :, None, :]
+    mask_BHTT = mask_BTHT.permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
+
+    q = q_BTHD.float()
+    k = k_BTHD.float().repeat_interleave(G, dim=2)
+    v = v_BTHD.float().repeat_interleave(G, dim=2)
+    scores_BHTT = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores_BHTT = scores_BHTT.masked_fill(~mask_BHTT, float("-inf"))
+    # softmax of an all -inf row is NaN (also in backward): give it finite scores, then zero it
+    empty_BHT1 = ~mask_BHTT.any(dim=-1, keepdim=True)
+    probs_BHTT = torch.softmax(scores_BHTT.masked_fill(empty_BHT1, 0.0), dim=-1)
+    probs_BHTT = probs_BHTT.masked_fill(empty_BHT1, 0.0)
+    o_BTHD = torch.einsum("bhts,bshd->bthd", probs_BHTT, v)
+    return o_BTHD.to(q_BTHD.dtype)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Up to ``_CHUNK_ROWS`` query rows of one expert, one matmul each for scores and output.
+
+    ``rows_M`` are the chunk's query rows b·T + t (increasing) in the [B·T, G·D] per-head
+    layout. When they form one contiguous range, ``first`` is its start and gathers and
+    scatters become slices (block 0 is chosen by every query, so its chunks are ranges), else
+    ``first`` is -1. ``own_pos_O`` holds t - j·block_size of the chunk's leading queries that
+    lie inside the expert's block j, which need the token-level causal mask (often empty).
+    """
+
+    rows_M: torch.Tensor
+    first: int
+    own_pos_O: torch.Tensor
+
+    def take(self, x_QX: torch.Tensor) -> torch.Tensor:
+        """The chunk's rows of ``x_QX`` (a view for a contiguous range, else a gathered copy)."""
+        if self.first >= 0:
+            return x_QX[self.first : self.first + self.rows_M.shape[0]]
+        return x_QX.index_select(0, self.rows_M)
+
+    def add_to(self, x_QX: torch.Tensor, src_MX: torch.Tensor) -> None:
+        """Add ``src_MX`` into the chunk's rows of ``x_QX`` in place (the rows are distinct)."""
+        if self.first >= 0:
+            x_QX[self.first : self.first + self.rows_M.shape[0]] += src_MX
+        else:
+            x_QX.index_add_(0, self.rows_M, src_MX)
+
+    def copy_to(self, x_QX: torch.Tensor, src_MX: torch.Tensor) -> None:
+        """Overwrite the chunk's rows of ``x_QX`` with ``src_MX``."""
+        if self.first >= 0:
+            x_QX[self.first : self.first + self.rows_M.shape[0]] = src_MX
+        else:
+            x_QX.index_copy_(0, self.rows_M, src_MX)
+
+
+@dataclass(frozen=True)
+class _Expert:
+    """One worker's share of the queries that selected block j of KV head ``h`` in batch ``b``.
+
+    The block's keys are ``key_start:key_end``; ``chunks`` cover the query list in increasing
+    t, so only the first chunk can hold own-block queries.
+    """
+
+    b: int
+    h: int
+    key_start: int
+    key_end: int
+    chunks: tuple[_Chunk, ...]
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The inverted selection: each worker's experts, and which query rows see any key.
+
+    ``has_keys_HQ`` [H, B·T] is True where the row has at least one legal selected block.
+    """
+
+    experts_W: tuple[tuple[_Expert, ...], ...]
+    has_keys_HQ: torch.Tensor
+
+
+def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: int) -> _Routing:
+    """Invert the selection into per-(b, h, j) query lists (CSR), per worker, cut into chunks.
+
+    Worker w owns the query rows b·T + t of one contiguous range, the ranges balanced by
+    their number of legal selections, so workers write disjoint output rows. One stable sort
+    of the flat selections by (worker, expert id (b·H + h)·N + j) keeps each expert's queries
+    in increasing t, so its own-block queries (j·block_size <= t < (j+1)·block_size, the
+    smallest legal t) come first. Unused slots and blocks that start after the query sort past
+    the end and are cut off: they contribute nothing. Costs one sort and two bincounts of
+    B·T·H·S ids plus a Python loop over the chunks; no dense [T, N] mask is built.
+    """
+    B, T, H, S = block_indices_BTHS.shape
+    N = -(-T // block_size)
+    E = B * H * N
+    device = block_indices_BTHS.device
+    t_1T11 = torch.arange(T, device=device).view(1, T, 1, 1)
+    legal_BTHS = (block_indices_BTHS >= 0) & (block_indices_BTHS * block_size <= t_1T11)
+    cum_pairs_Q = legal_BTHS.sum(dim=(2, 3)).flatten().cumsum(0)
+    P = int(cum_pairs_Q[-1])
+    # worker of a row: how many of the balanced split points P·w / workers precede its pairs
+    splits_W = torch.arange(1, workers, device=device) * P // workers
+    worker_BT = torch.searchsorted(splits_W, cum_pairs_Q, right=False).view(B, T)
+    expert_BTHS = (
+        (torch.arange(B, device=device).view(B, 1, 1, 1) * H
+         + torch.arange(H, device=device).view(1, 1, H, 1)) * N
+        + block_indices_BTHS
+    )  # fmt: skip
+    key_BTHS = torch.where(legal_BTHS, worker_BT[..., None, None] * E + expert_BTHS, workers * E)
+    key_P, order_P = key_BTHS.flatten().sort(stable=True)
+    key_P, order_P = key_P[:P], order_P[:P]
+    # flat position ((b·T + t)·H + h)·S + s, so the query row b·T + t is position // (H·S)
+    rows_P = order_P // (H * S)
+    own_pos_P = rows_P % T - (key_P % N) * block_size
+    counts_K = torch.bincount(key_P, minlength=workers * E).tolist()
+    own_K = torch.bincount(key_P[own_pos_P < block_size], minlength=workers * E).tolist()
+
+    chunk_queries = max(1, _CHUNK_ROWS // G)
+    bounds = []  # (key, lo, hi, own queries in lo:hi) per chunk, lo:hi indexing the routed list
+    start = 0
+    for key, (count, own) in enumerate(zip(counts_K, own_K, strict=True)):
+        for lo in range(start, start + count, chunk_queries):
+            hi = min(lo + chunk_queries, start + count)
+            bounds.append((key, lo, hi, max(0, min(hi, start + own) - lo)))
+        start += count
+    has_keys_HQ = legal_BTHS.any(dim=-1).flatten(0, 1).T
+    if not bounds:
+        return _Routing(((),) * workers, has_keys_HQ)
+    lo_C = torch.tensor([lo for _, lo, _, _ in bounds], device=device)
+    hi_C = torch.tensor([hi for _, _, hi, _ in bounds], device=device)
+    first_C = rows_P[lo_C]
+    # rows increase within an expert, so a chunk is one range iff last - first = size - 1
+    first_C = torch.where(rows_P[hi_C - 1] - first_C == hi_C - 1 - lo_C, first_C, -1).tolist()
+    sizes = [hi - lo for _, lo, hi, _ in bounds]
+    rows_C, own_pos_C = rows_P.split(sizes), own_pos_P.split(sizes)
+
+    chunks_K: dict[int, list[_Chunk]] = {}
+    for (key, _, _, own), rows_M, own_pos_M, first in zip(
+        bounds, rows_C, own_pos_C, first_C, strict=True
+    ):
+        chunks_K.setdefault(key, []).append(_Chunk(rows_M, first, own_pos_M[:own]))
+    experts_W: list[list[_Expert]] = [[] for _ in range(workers)]
+    for key, chunks in chunks_K.items():
+        w, e = divmod(key, E)
+        bh, j = divmod(e, N)
+        experts_W[w].append(
+            _Expert(bh // H, bh % H, j * block_size, min((j + 1) * block_size, T), tuple(chunks))
+        )
+    return _Routing(tuple(tuple(experts) for experts in experts_W), has_keys_HQ)
+
+
+def _workers(block_indices_BTHS: torch.Tensor) -> int:
+    """Worker threads for the torch path: torch's intra-op thread count, capped by the work.
+
+    Each worker needs at least _MIN_PAIRS_PER_WORKER selections to pay for its thread, and at
+    most _MAX_WORKERS run because the Python loop shares one interpreter lock.
+    """
+    pairs = int((block_indices_BTHS >= 0).sum())
+    return max(1, min(torch.get_num_threads(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
+
+
+def _run_workers(jobs: list[Callable[[], None]]) -> None:
+    """Run the jobs concurrently, one thread each (the caller's thread runs the first).
+
+    The chunk loop issues thousands of small ops; OpenMP-parallel small ops pay a barrier
+    each, and on a loaded machine a barrier waits for a descheduled thread (measured 4x slower
+    than one thread). So every worker runs single-threaded ops and the parallelism comes from
+    the workers (torch releases the GIL inside ops). torch's thread count is set to 1 for the
+    duration, which fresh threads inherit, and restored afterwards; calling the op from
+    several threads at once is therefore not supported.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if len(jobs) == 1:
+            _no_grad_call(jobs[0])
+            return
+        with ThreadPoolExecutor(max_workers=len(jobs) - 1) as pool:
+            futures = [pool.submit(_no_grad_call, job) for job in jobs[1:]]
+            _no_grad_call(jobs[0])
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _no_grad_call(job: Callable[[], None]) -> None:
+    """Call ``job`` with autograd off: grad mode is per thread and on in fresh threads."""
+    with torch.no_grad():
+        job()
+
+
+def _future_mask(block_size: int, device: torch.device) -> torch.Tensor:
+    """[block_size, block_size] mask of the keys after each position of a block: column > row."""
+    return torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
+
+
+def _by_head(x_BTHD: torch.Tensor, H: int) -> torch.Tensor:
+    """View or copy [B, T, H·G, D] as [H, B·T, G·D]: one KV head's query rows are contiguous."""
+    B, T, HQ, D = x_BTHD.shape
+    # with H = 1 the transpose only moves a size-1 dim and contiguous() copies nothing
+    return x_BTHD.reshape(B * T, H, HQ // H * D).transpose(0, 1).contiguous()
+
+
+def _from_heads(x_HQF: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor:
+    """Inverse of ``_by_head``: [H, B·T, G·D] back to [B, T, H·G, D]."""
+    return x_HQF.transpose(0, 1).reshape(B, T, -1, D)
+
+
+def _chunk_scores(
+    c: _Chunk, q_QF: torch.Tensor, kscaled_T_DL: torch.Tensor, future_NL: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's gathered query rows and scaled scores against its block: (q_RD, scores_RL).
+
+    One [R, D] @ [D, L] matmul; the chunk's own-block queries get -inf on the keys after them,
+    looked up in ``future_NL`` (row i marks the keys of a block after block position i).
+    """
+    M = c.rows_M.shape[0]
+    D, L = kscaled_T_DL.shape
+    q_RD = c.take(q_QF).view(-1, D)
+    scores_RL = torch.mm(q_RD, kscaled_T_DL)
+    own = c.own_pos_O.shape[0]
+    if own:
+        future_OL = future_NL.index_select(0, c.own_pos_O)[:, :L]
+        scores_RL.view(M, -1, L)[:own].masked_fill_(future_OL[:, None, :], float("-inf"))
+    return q_RD, scores_RL
+
+
+def _block_keys(ex: _Expert, x_BTHD: torch.Tensor) -> torch.Tensor:
+    """The [L, D] rows of ``x_BTHD`` that belong to the expert's block (a view)."""
+    return x_BTHD[ex.b, ex.key_start : ex.key_end, ex.h]
+
+
+def _accumulate_experts(
+    experts: tuple[_Expert, ...],
+    q_HQF: torch.Tensor,
+    kscaled_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    ref_HQG: torch.Tensor,
+    acc_HQF: torch.Tensor,
+    sum_HQG: torch.Tensor,
+    future_NL: torch.Tensor,
+) -> None:
+    """One worker's forward pass: add sum(exp(s - ref)) and sum(exp(s - ref) v) into its rows.
+
+    The per-row reference ref is fixed for the whole pass, so a chunk is just gather, matmul,
+    exp, matmul, scatter-add (a query appears at most once per expert: no collisions). When
+    every ref is 0 the subtraction is skipped.
+    """
+    G = ref_HQG.shape[2]
+    shifted = bool(ref_HQG.any())
+    for ex in experts:
+        # a contiguous Kᵀ (a 16 KB copy per expert) makes the chunk matmuls ~8% faster
+        kscaled_T_DL = _block_keys(ex, kscaled_BTHD).T.contiguous()
+        v_LD = _block_keys(ex, v_BTHD)
+        q_QF, acc_QF, ref_QG, sum_QG = q_HQF[ex.h], acc_HQF[ex.h], ref_HQG[ex.h], sum_HQG[ex.h]
+        for c in ex.chunks:
+            M = c.rows_M.shape[0]
+            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
+            probs_MGL = scores_RL.view(M, G, -1)
+            if shifted:
+                probs_MGL.sub_(c.take(ref_QG).unsqueeze(-1))
+            probs_MGL.exp_()
+            c.add_to(sum_QG, probs_MGL.sum(dim=-1))
+            c.add_to(acc_QF, torch.mm(scores_RL, v_LD).view(M, -1))
+
+
+def _row_max_experts(
+    experts: tuple[_Expert, ...],
+    q_HQF: torch.Tensor,
+    kscaled_BTHD: torch.Tensor,
+    max_HQG: torch.Tensor,
+    future_NL: torch.Tensor,
+) -> None:
+    """One worker's exact row maxima of the scores over its selected keys, into ``max_HQG``."""
+    G = max_HQG.shape[2]
+    for ex in experts:
+        kscaled_T_DL = _block_keys(ex, kscaled_BTHD).T.contiguous()
+        q_QF, max_QG = q_HQF[ex.h], max_HQG[ex.h]
+        for c in ex.chunks:
+            M = c.rows_M.shape[0]
+            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
+            block_max_MG = scores_RL.view(M, G, -1).amax(dim=-1)
+            c.copy_to(max_QG, torch.maximum(c.take(max_QG), block_max_MG))
+
+
+def _score_bound(
+    q_HQF: torch.Tensor,
+    kscaled_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Upper bound [H, B·T, G] of every score a row can see: |q| · max |scale·k| over its blocks.
+
+    By Cauchy-Schwarz q·k <= |q|·|k|; key norms are maximised per block, then over the row's
+    legal selected blocks (0 for rows without any).
+    """
+    H, Q, _ = q_HQF.shape
+    B, T, _, S = block_indices_BTHS.shape
+    N = -(-T // block_size)
+    D = kscaled_BTHD.shape[3]
+    knorm_BTH = F.pad(kscaled_BTHD.norm(dim=-1), (0, 0, 0, N * block_size - T))
+    kmax_BHN = knorm_BTH.view(B, N, block_size, H).amax(dim=2).transpose(1, 2)
+    idx_BHTS = block_indices_BTHS.transpose(1, 2)
+    t_11T1 = torch.arange(T, device=q_HQF.device).view(1, 1, T, 1)
+    legal_BHTS = (idx_BHTS >= 0) & (idx_BHTS * block_size <= t_11T1)
+    kmax_BHTS = kmax_BHN.gather(2, idx_BHTS.clamp_min(0).reshape(B, H, T * S)).view(B, H, T, S)
+    kbound_HBT = torch.where(legal_BHTS, kmax_BHTS, 0.0).amax(dim=-1).transpose(0, 1)
+    qnorm_HQG = q_HQF.view(H, Q, -1, D).norm(dim=-1)
+    return qnorm_HQG * kbound_HBT.reshape(H, Q, 1)
+
+
+def _forward(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    routing: _Routing,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the selected blocks, workers in parallel: returns fp32 (o_HQF, lse_HQG).
+
+    Rows accumulate exp(s - ref) against a fixed per-row reference ref = max(0, bound -
+    _HEADROOM), where ``_score_bound`` >= every score of the row, so terms stay below
+    exp(_HEADROOM) and never overflow, without the per-block maxima and rescaling of an online
+    softmax (measured ~18% of the forward). The bound can be loose: a row whose sum ends below
+    exp(-_UNDERFLOW) may have lost precision to underflow, so such rows (none unless all its
+    scores sit ~90 nats under the bound) are recomputed against their exact maximum, found by
+    an extra pass over their blocks. Workers own disjoint query rows and share the
+    accumulators without races. Rows that selected nothing keep sum 0, output 0, lse -inf.
+    """
+    B, T, HQ, D = q_BTHD.shape
+    H = k_BTHD.shape[2]
+    q_HQF = _by_head(q_BTHD.float(), H)
+    kscaled_BTHD = k_BTHD.float() * scale
+    v_BTHD = v_BTHD.float()
+    future_NL = _future_mask(block_size, q_HQF.device)
+    bound_HQG = _score_bound(q_HQF, kscaled_BTHD, block_indices_BTHS, block_size)
+    ref_HQG = (bound_HQG - _HEADROOM).clamp_min_(0.0)
+    del bound_HQG
+    acc_HQF = torch.zeros_like(q_HQF)
+    sum_HQG = torch.zeros_like(ref_HQG)
+    inputs = (q_HQF, kscaled_BTHD, v_BTHD, ref_HQG, acc_HQF, sum_HQG, future_NL)
+    _run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
+
+    redo_HQ = routing.has_keys_HQ & (sum_HQG < math.exp(-_UNDERFLOW)).any(dim=-1)
+    if redo_HQ.any():
+        redo_BTH1 = redo_HQ.view(H, B, T).permute(1, 2, 0).unsqueeze(-1)
+        redo = _route(torch.where(redo_BTH1, block_indices_BTHS, -1), block_size, HQ // H, 1)
+        ref_HQG[redo_HQ] = float("-inf")
+        _run_workers(
+            [
+                functools.partial(
+                    _row_max_experts, redo.experts_W[0], q_HQF, kscaled_BTHD, ref_HQG, future_NL
+                )
+            ]
+        )
+        acc_HQF[redo_HQ] = 0.0
+        sum_HQG[redo_HQ] = 0.0
+        _run_workers([functools.partial(_accumulate_experts, redo.experts_W[0], *inputs)])
+    # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
+    norm_HQG1 = sum_HQG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    o_HQF = acc_HQF.view(H, B * T, HQ // H, D).div_(norm_HQG1).view(H, B * T, -1)
+    return o_HQF, ref_HQG + sum_HQG.log()
+
+
+def _backward_experts(
+    experts: tuple[_Expert, ...],
+    q_HQF: torch.Tensor,
+    do_HQF: torch.Tensor,
+    kscaled_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    lse_delta_HQG2: torch.Tensor,
+    dq_HQF: torch.Tensor,
+    dk_BTHD: torch.Tensor,
+    dv_BTHD: torch.Tensor,
+    future_NL: torch.Tensor,
+) -> None:
+    """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers.
+
+    Per chunk the probabilities are recomputed from the saved row lse, P = exp(S - lse), and
+    with delta = rowsum(dO ⊙ O): dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·K_j) (added
+    into the chunk's query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
+    """
+    G = lse_delta_HQG2.shape[2]
+    for ex in experts:
+        kscaled_LD, v_LD = _block_keys(ex, kscaled_BTHD), _block_keys(ex, v_BTHD)
+        dk_LD, dv_LD = _block_keys(ex, dk_BTHD), _block_keys(ex, dv_BTHD)
+        kscaled_T_DL, v_T_DL = kscaled_LD.T.contiguous(), v_LD.T.contiguous()
+        q_QF, do_QF, dq_QF = q_HQF[ex.h], do_HQF[ex.h], dq_HQF[ex.h]
+        lse_delta_QG2 = lse_delta_HQG2[ex.h]
+        for c in ex.chunks:
+            M = c.rows_M.shape[0]
+            q_RD, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
+            do_RD = c.take(do_QF).view(M * G, -1)
+            lse_delta_MG2 = c.take(lse_delta_QG2)
+            # scores become probabilities in place: P = exp(S - lse) of the merged softmax
+            probs_MGL = probs_RL.view(M, G, -1).sub_(lse_delta_MG2[..., :1]).exp_()
+            dv_LD.addmm_(probs_RL.T, do_RD)
+            dscores_RL = torch.mm(do_RD, v_T_DL)
+            dscores_RL.view(M, G, -1).sub_(lse_delta_MG2[..., 1:]).mul_(probs_MGL)
+            c.add_to(dq_QF, torch.mm(dscores_RL, kscaled_LD).view(M, -1))
+            dk_LD.addmm_(dscores_RL.T, q_RD)
+
+
+def _backward(
+    do_BTHD: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    o_HQF: torch.Tensor,
+    lse_HQG: torch.Tensor,
+    routing: _Routing,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradients through the merged softmax, workers in parallel: fp32 (dq, dk, dv).
+
+    Workers own disjoint query rows, so dq is shared; dk and dv rows are shared between
+    workers (a block is chosen by queries of several workers), so each worker accumulates
+    into its own dk/dv buffers, summed in worker order afterwards: no atomics, deterministic.
+    """
+    B, T, HQ, D = q_BTHD.shape
+    H = k_BTHD.shape[2]
+    q_HQF = _by_head(q_BTHD.float(), H)
+    do_HQF = _by_head(do_BTHD.float(), H)
+    kscaled_BTHD = k_BTHD.float() * scale
+    v_BTHD = v_BTHD.float()
+    delta_HQG = (do_HQF * o_HQF).view(H, B * T, HQ // H, D).sum(dim=-1)
+    # lse and delta side by side: one small gather per chunk fetches both
+    lse_delta_HQG2 = torch.stack([lse_HQG, delta_HQG], dim=-1)
+    del delta_HQG
+    dq_HQF = torch.zeros_like(q_HQF)
+    dk_WBTHD = kscaled_BTHD.new_zeros(len(routing.experts_W), *kscaled_BTHD.shape)
+    dv_WBTHD = torch.zeros_like(dk_WBTHD)
+    future_NL = _future_mask(block_size, q_HQF.device)
+    shared = (q_HQF, do_HQF, kscaled_BTHD, v_BTHD, lse_delta_HQG2, dq_HQF)
+    _run_workers(
+        [
+            functools.partial(_backward_experts, experts, *shared, dk_BTHD, dv_BTHD, future_NL)
+            for experts, dk_BTHD, dv_BTHD in zip(routing.experts_W, dk_WBTHD, dv_WBTHD, strict=True)
+        ]
+    )
+    return _from_heads(dq_HQF, B, T, D), dk_WBTHD.sum(dim=0).mul_(scale), dv_WBTHD.sum(dim=0)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    """Autograd wrapper of the torch path: routes once, saves the row lse, recomputes scores."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHD: torch.Tensor,
+        block_indices_BTHS: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Route the selection into per-block query lists and run the blocked online softmax."""
+        G = q_BTHD.shape[2] // k_BTHD.shape[2]
+        routing = _route(block_indices_BTHS, block_size, G, _workers(block_indices_BTHS))
+        o_HQF, lse_HQG = _forward(
+            q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, routing, block_size, scale
+        )
+        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG)
+        ctx.routing, ctx.block_size, ctx.scale = routing, block_size, scale
+        B, T, _, D = q_BTHD.shape
+        return _from_heads(o_HQF, B, T, D).to(q_BTHD.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, do_BTHD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
+        """Gradients for q, k, v in their dtypes; indices, block size and scale get none."""
+        q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG = ctx.saved_tensors
+        dq, dk, dv = _backward(
+            do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG, ctx.routing, ctx.block_size, ctx.scale
+        )
+        return dq.to(q_BTHD.dtype), dk.to(k_BTHD.dtype), dv.to(v_BTHD.dtype), None, None, None
+
+
+def selected_attention_torch(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Selected-block attention by MoE-style regrouping of queries per key block; differentiable.
+
+    Inputs are validated by the caller. The selection is inverted into one query list per
+    (batch, KV head, block) "expert"; each expert scores its gathered queries (the G heads of a
+    group folded into the rows) against its block's keys with one matmul per chunk, so work is
+    ~S·block_size keys per query in large matmuls. Forward is an online softmax across blocks;
+    backward recomputes probabilities from the saved row lse (the FlashAttention recipe). fp32
+    accumulation; returns o_BTHD in q's dtype.
+    """
+    return _SelectedAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
+
+
+def selected_attention(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of each query over its selected key blocks, causal per token; returns o_BTHD.
+
+    q_BTHD is [B, T, HQ, D], k_BTHD and v_BTHD are [B, T, H, D] with HQ a multiple of H; query
+    head h reads KV head h // (HQ // H). block_indices_BTHS is int64 [B, T, H, S]: the blocks
+    (block j = keys [j·block_size, (j+1)·block_size)) that query t attends through KV head h,
+    shared by the whole query group, -1 for an unused slot. Valid ids must be distinct within a
+    row (duplicates are rejected). Keys after t are never attended, also inside a selected
+    block, so a block starting after t contributes nothing; a row with no visible key outputs 0
+    with zero (finite) gradients. One softmax spans all selected keys. ``scale`` defaults to
+    D**-0.5; fp32 and bf16 are supported (fp32 accumulation) and the output has q's dtype.
+    Differentiable in q, k, v. ``backend`` is ``naive``, ``torch`` or ``auto`` (torch). Raises
+    ValueError naming the argument for bad shapes, dtypes, devices, block_size, index values or
+    backend.
+    """
+    _validate(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size)
+    block_size = int(block_size)
+    chosen = resolve_backend(_OP, backend, _AVAILABLE, q_BTHD)
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    if chosen == "naive":
+        return selected_attention_naive(
+            q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale
+        )
+    return selected_attention_torch(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)

@@ -1,0 +1,132 @@
+"""NSA mechanism: validation, cost model and Table 4 decode reads, stats, K/V modes, learning."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+import sparsezoo
+from sparsezoo.config import load_config
+from sparsezoo.mechanisms import MechanismConfigError
+from sparsezoo.mechanisms.nsa import NSACache
+from sparsezoo.testing import check_mechanism
+from sparsezoo.train import train
+
+PAPER = {"block_size": 32, "stride": 16, "select_size": 64, "n_select": 16, "window": 512}
+
+
+def _nsa(d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 1, **params: object):
+    torch.manual_seed(0)
+    return sparsezoo.build_attention(
+        "nsa", d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, **params
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"block_size": 24, "stride": 16}, "block_size=24 must be a multiple of stride=16"),
+        ({"select_size": 72}, "select_size=72 must be a multiple of stride=16"),
+        ({"block_size": 64, "select_size": 32}, "block_size=64 must be <= select_size=32"),
+        ({"n_select": 2}, "n_select=2 is below the minimum 3"),
+        ({"window": 0}, "window=0 is below the minimum 1"),
+        ({"kv_mode": "tied"}, "kv_mode='tied' is not allowed"),
+    ],
+)
+def test_validation_names_the_knob(params: dict, message: str) -> None:
+    with pytest.raises(MechanismConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _nsa(**params)
+
+
+def test_cost_model_is_table_4() -> None:
+    attn = _nsa(**PAPER)
+    # floor((s - l)/d) + 1 compressed + n*l' selected + w window keys at context s
+    for s in (8192, 16384, 32768, 65536):
+        expected = (s - 32) // 16 + 1 + 16 * 64 + 512
+        assert attn.cost(s).keys == expected
+    dense_over_nsa = [s / attn.cost(s).keys for s in (8192, 16384, 32768, 65536)]
+    assert [round(r, 1) for r in dense_over_nsa] == [4.0, 6.4, 9.1, 11.6]
+    assert attn.cost(1).keys == 2  # its own key in the selected block and in the window
+
+
+@pytest.mark.parametrize("s", [2048, 4096])
+def test_decode_reads_match_table_4_formula(s: int) -> None:
+    attn = _nsa(**PAPER)
+    cache = attn.new_cache(1, s)
+    assert isinstance(cache, NSACache)
+    with torch.no_grad():
+        attn.fill_cache(torch.randn(1, s - 1, 64), cache)
+        attn(torch.randn(1, 1, 64), cache=cache)
+    assert cache.length == s
+    # compressed tokens arrive every d steps, never recomputed: exactly floor((s-l)/d)+1 of them
+    assert cache.n_cmp == (s - 32) // 16 + 1
+    assert cache.rows_read == (s - 32) // 16 + 1 + 16 * 64 + 512
+
+
+def test_stats_gates_forced_share_and_density() -> None:
+    attn = _nsa(block_size=16, stride=8, select_size=16, n_select=4, window=16)
+    with torch.no_grad():
+        attn(torch.randn(2, 400, 64))
+    st = attn.stats
+    assert set(st) >= {"density", "forced_frac", "gate_cmp", "gate_slc", "gate_win"}
+    assert 0 < float(st["density"]) < 0.6
+    # 3 of 4 slots are forced once a query has more than 3 legal blocks
+    assert 0.74 < float(st["forced_frac"]) <= 1.0
+    for branch in ("cmp", "slc", "win"):
+        assert float(st[f"gate_{branch}"]) == pytest.approx(0.5, abs=0.01)  # gates start near 0.5
+
+
+def test_shared_kv_mode_conforms_and_has_fewer_parameters() -> None:
+    preset = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}
+    check_mechanism("nsa", {**preset, "kv_mode": "shared"}, T=301)
+    n_shared = sum(p.numel() for p in _nsa(kv_mode="shared").parameters())
+    n_indep = sum(p.numel() for p in _nsa(kv_mode="independent").parameters())
+    assert n_indep - n_shared == 4 * 64 * 16  # two extra (K, V) pairs of one 16-dim KV head
+
+
+@pytest.mark.slow
+def test_tiny_nsa_learns_on_stdlib_and_logs_stats(tmp_path: Path, data_cache: Path) -> None:
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",
+        [
+            "attention.mechanism=nsa",
+            "attention.params.nsa.block_size=16",
+            "attention.params.nsa.stride=8",
+            "attention.params.nsa.select_size=16",
+            "attention.params.nsa.n_select=4",
+            "attention.params.nsa.window=32",
+            "data.max_bytes=1500000",
+            "data.vocab_size=1024",
+            "data.seq_len=256",
+            f"data.cache_dir={data_cache}",
+            "train.max_steps=150",
+            "train.batch_size=8",
+            "train.val_every=75",
+            "train.progress_bar=false",
+            f"output_dir={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
+    result = train(cfg)
+    # unigram baseline: the entropy of the training tokens' empirical distribution
+    from sparsezoo.data import prepare_data
+
+    data = prepare_data(
+        ["stdlib"], vocab_size=1024, val_fraction=0.05, seed=0, cache_dir=data_cache,
+        max_bytes=1_500_000,
+    )  # fmt: skip
+    counts = np.bincount(np.memmap(data.train_path, dtype=np.uint16, mode="r"), minlength=1024)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics["val/loss"], unigram)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["demo"]).iloc[0]
+    assert run["tags.sparsezoo.mechanism"] == "nsa"
+    for key in ("attn/nsa/gate_cmp", "attn/nsa/gate_slc", "attn/nsa/gate_win", "attn/nsa/forced_frac"):
+        assert math.isfinite(run[f"metrics.{key}"])
+    assert run["metrics.attn/density"] < 0.8  # t/8 + 64 + 32 keys of t, averaged over T=256
