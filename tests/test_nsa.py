@@ -127,6 +127,11 @@ def test_tiny_nsa_learns_on_stdlib_and_logs_stats(tmp_path: Path, data_cache: Pa
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["demo"]).iloc[0]
     assert run["tags.sparsezoo.mechanism"] == "nsa"
-    for key in ("attn/nsa/gate_cmp", "attn/nsa/gate_slc", "attn/nsa/gate_win", "attn/nsa/forced_frac"):
+    for key in (
+        "attn/nsa/gate_cmp",
+        "attn/nsa/gate_slc",
+        "attn/nsa/gate_win",
+        "attn/nsa/forced_frac",
+    ):
         assert math.isfinite(run[f"metrics.{key}"])
     assert run["metrics.attn/density"] < 0.8  # t/8 + 64 + 32 keys of t, averaged over T=256
