@@ -63,13 +63,14 @@ def dense_causal(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tenso
     ).transpose(1, 2)
 
 
-def timed(fn: Callable[[], torch.Tensor], backward: bool) -> tuple[float, float]:
-    """Seconds and peak RSS growth (MB) of one call of ``fn`` (plus the backward of its sum)."""
+def timed(fn: Callable[[], torch.Tensor], grad_BTHD: torch.Tensor | None) -> tuple[float, float]:
+    """Seconds and peak RSS growth (MB) of one call of ``fn``, plus its backward from the
+    output gradient ``grad_BTHD`` when given (a real tensor, as in training)."""
     with PeakMemory() as mem:
         start = time.perf_counter()
         out = fn()
-        if backward:
-            out.sum().backward()
+        if grad_BTHD is not None:
+            out.backward(grad_BTHD)
         seconds = time.perf_counter() - start
         del out
     return seconds, mem.peak_mb
@@ -83,6 +84,7 @@ def compare(
     k_BTHD = torch.randn(1, T, H, D, requires_grad=backward)
     v_BTHD = torch.randn(1, T, H, D, requires_grad=backward)
     idx_BTHS = nsa_like_indices(1, T, H, S, block_size)
+    grad_BTHD = torch.randn(1, T, HQ, D) if backward else None
     fns = {
         "dense": lambda: dense_causal(q_BTHD, k_BTHD, v_BTHD),
         "selected": lambda: selected_attention(
@@ -93,7 +95,7 @@ def compare(
     with torch.set_grad_enabled(backward):
         for _ in range(repeats):
             for name, fn in fns.items():
-                runs[name].append(timed(fn, backward))
+                runs[name].append(timed(fn, grad_BTHD))
                 q_BTHD.grad = k_BTHD.grad = v_BTHD.grad = None
     return {
         name: (statistics.median(s for s, _ in r), max(mb for _, mb in r))

@@ -181,11 +181,12 @@ class _Chunk:
     first: int
     own_pos_O: torch.Tensor
 
-    def take(self, x_QX: torch.Tensor) -> torch.Tensor:
-        """The chunk's rows of ``x_QX`` (a view for a contiguous range, else a gathered copy)."""
+    def take(self, x_QX: torch.Tensor, out_MX: torch.Tensor | None = None) -> torch.Tensor:
+        """The chunk's rows of ``x_QX``: a view for a contiguous range, else gathered (into
+        ``out_MX`` when given)."""
         if self.first >= 0:
             return x_QX[self.first : self.first + self.rows_M.shape[0]]
-        return x_QX.index_select(0, self.rows_M)
+        return torch.index_select(x_QX, 0, self.rows_M, out=out_MX)
 
     def add_to(self, x_QX: torch.Tensor, src_MX: torch.Tensor) -> None:
         """Add ``src_MX`` into the chunk's rows of ``x_QX`` in place (the rows are distinct)."""
@@ -200,6 +201,26 @@ class _Chunk:
             x_QX[self.first : self.first + self.rows_M.shape[0]] = src_MX
         else:
             x_QX.index_copy_(0, self.rows_M, src_MX)
+
+
+class _Workspace:
+    """One worker's scratch buffers, reused by every chunk, so the chunk loop allocates little.
+
+    Fresh multi-MB temporaries per chunk made glibc keep freed memory in each worker thread's
+    malloc arena: measured at 16k tokens, reusing buffers cut the forward+backward RSS growth
+    by ~20% of the size of q.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """A contiguous [*shape] tensor of ``like``'s dtype and device, reusing buffer ``name``."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[name] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
 
 
 @dataclass(frozen=True)
@@ -359,17 +380,22 @@ def _from_heads(x_HQF: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor:
 
 
 def _chunk_scores(
-    c: _Chunk, q_QF: torch.Tensor, kscaled_T_DL: torch.Tensor, future_NL: torch.Tensor
+    c: _Chunk,
+    q_QF: torch.Tensor,
+    kscaled_T_DL: torch.Tensor,
+    future_NL: torch.Tensor,
+    ws: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's gathered query rows and scaled scores against its block: (q_RD, scores_RL).
+    """A chunk's query rows and scaled scores against its block: (q_RD, scores_RL), the
+    latter (and gathered rows) in workspace buffers valid until the next chunk.
 
     One [R, D] @ [D, L] matmul; the chunk's own-block queries get -inf on the keys after them,
     looked up in ``future_NL`` (row i marks the keys of a block after block position i).
     """
     M = c.rows_M.shape[0]
     D, L = kscaled_T_DL.shape
-    q_RD = c.take(q_QF).view(-1, D)
-    scores_RL = torch.mm(q_RD, kscaled_T_DL)
+    q_RD = c.take(q_QF, ws.get("q", q_QF, M, q_QF.shape[1])).view(-1, D)
+    scores_RL = torch.mm(q_RD, kscaled_T_DL, out=ws.get("scores", q_QF, q_RD.shape[0], L))
     own = c.own_pos_O.shape[0]
     if own:
         future_OL = future_NL.index_select(0, c.own_pos_O)[:, :L]
@@ -410,19 +436,21 @@ def _accumulate_experts(
     """
     G = ref_HQG.shape[2]
     shifted = bool(ref_HQG.any())
+    ws = _Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         v_LD = _block_keys(ex, v_BTHD)
         q_QF, acc_QF, ref_QG, sum_QG = q_HQF[ex.h], acc_HQF[ex.h], ref_HQG[ex.h], sum_HQG[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
-            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
-            probs_MGL = scores_RL.view(M, G, -1)
+            _, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
+            probs_MGL = probs_RL.view(M, G, -1)
             if shifted:
                 probs_MGL.sub_(c.take(ref_QG).unsqueeze(-1))
             probs_MGL.exp_()
             c.add_to(sum_QG, probs_MGL.sum(dim=-1))
-            c.add_to(acc_QF, torch.mm(scores_RL, v_LD).view(M, -1))
+            out_RD = torch.mm(probs_RL, v_LD, out=ws.get("out", v_LD, M * G, v_LD.shape[1]))
+            c.add_to(acc_QF, out_RD.view(M, -1))
 
 
 def _row_max_experts(
@@ -435,12 +463,13 @@ def _row_max_experts(
 ) -> None:
     """One worker's exact row maxima of the scores over its selected keys, into ``max_HQG``."""
     G = max_HQG.shape[2]
+    ws = _Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         q_QF, max_QG = q_HQF[ex.h], max_HQG[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
-            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
+            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
             block_max_MG = scores_RL.view(M, G, -1).amax(dim=-1)
             c.copy_to(max_QG, torch.maximum(c.take(max_QG), block_max_MG))
 
@@ -543,6 +572,7 @@ def _backward_experts(
     into the chunk's query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
     """
     G = lse_delta_HQG2.shape[2]
+    ws = _Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         kscaled_LD, v_LD = kscaled_T_DL.T, _block_keys(ex, v_BTHD)
@@ -552,15 +582,17 @@ def _backward_experts(
         lse_delta_QG2 = lse_delta_HQG2[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
-            q_RD, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL)
-            do_RD = c.take(do_QF).view(M * G, -1)
+            R = M * G
+            q_RD, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
+            do_RD = c.take(do_QF, ws.get("do", do_QF, M, do_QF.shape[1])).view(R, -1)
             lse_delta_MG2 = c.take(lse_delta_QG2)
             # scores become probabilities in place: P = exp(S - lse) of the merged softmax
             probs_MGL = probs_RL.view(M, G, -1).sub_(lse_delta_MG2[..., :1]).exp_()
             dv_LD.addmm_(probs_RL.T, do_RD)
-            dscores_RL = torch.mm(do_RD, v_T_DL)
+            dscores_RL = torch.mm(do_RD, v_T_DL, out=ws.get("dscores", do_RD, R, v_T_DL.shape[1]))
             dscores_RL.view(M, G, -1).sub_(lse_delta_MG2[..., 1:]).mul_(probs_MGL)
-            c.add_to(dq_QF, torch.mm(dscores_RL, kscaled_LD).view(M, -1))
+            dq_RD = torch.mm(dscores_RL, kscaled_LD, out=ws.get("dq", do_RD, *do_RD.shape))
+            c.add_to(dq_QF, dq_RD.view(M, -1))
             dk_LD.addmm_(dscores_RL.T, q_RD)
 
 
@@ -662,9 +694,12 @@ def selected_attention_torch(
     Inputs are validated by the caller. The selection is inverted into one query list per
     (batch, KV head, block) "expert"; each expert scores its gathered queries (the G heads of a
     group folded into the rows) against its block's keys with one matmul per chunk, so work is
-    ~S·block_size keys per query in large matmuls. Forward is an online softmax across blocks;
-    backward recomputes probabilities from the saved row lse (the FlashAttention recipe). fp32
-    accumulation; returns o_BTHD in q's dtype.
+    ~S·block_size keys per query in large matmuls. The forward sums every block against a
+    fixed per-row reference derived from a score bound (rows that underflow are redone against
+    their exact maxima); the backward recomputes probabilities from the saved row lse (the
+    FlashAttention recipe). Work is split over ``torch.get_num_threads()`` worker threads that
+    own disjoint query rows (see ``_run_workers``). fp32 accumulation; returns o_BTHD in q's
+    dtype.
     """
     return _SelectedAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
 
@@ -688,9 +723,10 @@ def selected_attention(
     block, so a block starting after t contributes nothing; a row with no visible key outputs 0
     with zero (finite) gradients. One softmax spans all selected keys. ``scale`` defaults to
     D**-0.5; fp32 and bf16 are supported (fp32 accumulation) and the output has q's dtype.
-    Differentiable in q, k, v. ``backend`` is ``naive``, ``torch`` or ``auto`` (torch). Raises
-    ValueError naming the argument for bad shapes, dtypes, devices, block_size, index values or
-    backend.
+    Differentiable in q, k, v. ``backend`` is ``naive``, ``torch`` or ``auto`` (torch); the
+    torch backend uses ``torch.get_num_threads()`` worker threads and must not be called from
+    several threads at once. Raises ValueError naming the argument for bad shapes, dtypes,
+    devices, block_size, index values or backend.
     """
     _validate(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size)
     block_size = int(block_size)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ..triton_common import dot_precision, pad16, require_cuda, tile_ptrs
 
 # The usual flash-attention tile for D <= 128; not autotuned (no GPU was at hand when written).
 # Tests shrink them to make short sequences span many blocks.
@@ -32,12 +33,6 @@ BLOCK_N = 64
 def _visible(t, i, T, N, block_size, stride):
     """Mask for broadcast query positions t and compressed tokens i: block i ends at or before t."""
     return (i * stride + block_size - 1 <= t) & (t < T) & (i < N)
-
-
-@triton.jit
-def _tile(ptr, b, h, offs_t, offs_d, s_b, s_t, s_h, s_d):
-    """Pointers [rows, P] to rows offs_t of (batch b, head h) in a [B, T, H, D] tensor (int64)."""
-    return ptr + b * s_b + h * s_h + offs_t.to(tl.int64)[:, None] * s_t + offs_d[None, :] * s_d
 
 
 @triton.jit
@@ -74,7 +69,7 @@ def _fwd_kernel(
     d_ok = offs_d < D
     row_ok = offs_m < T
     q_MP = tl.load(
-        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+        tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -86,10 +81,10 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < N) & d_ok[None, :]
         k_CP = tl.load(
-            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=kv_ok, other=0.0
+            tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=kv_ok, other=0.0
         )
         v_CP = tl.load(
-            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
+            tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
         )
         s_MC = tl.dot(q_MP, tl.trans(k_CP), input_precision=PRECISION) * scale
         visible_MC = _visible(offs_m[:, None], offs_n[None, :], T, N, block_size, stride)
@@ -107,7 +102,7 @@ def _fwd_kernel(
     # a query that sees no token keeps acc 0, l 0 and max -inf: output 0 and lse -inf
     l_M = tl.where(l_M == 0.0, 1.0, l_M)
     tl.store(
-        _tile(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
+        tile_ptrs(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
         (acc_MP / l_M[:, None]).to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -139,10 +134,10 @@ def _dq_kernel(
     row_ok = offs_m < T
     rows_ok = row_ok[:, None] & d_ok[None, :]
     q_MP = tl.load(
-        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d), mask=rows_ok, other=0.0
+        tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d), mask=rows_ok, other=0.0
     )
     do_MP = tl.load(
-        _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+        tile_ptrs(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
         mask=rows_ok,
         other=0.0,
     )
@@ -155,10 +150,10 @@ def _dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < N) & d_ok[None, :]
         k_CP = tl.load(
-            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=kv_ok, other=0.0
+            tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=kv_ok, other=0.0
         )
         v_CP = tl.load(
-            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
+            tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
         )
         s_MC = tl.dot(q_MP, tl.trans(k_CP), input_precision=PRECISION) * scale
         visible_MC = _visible(offs_m[:, None], offs_n[None, :], T, N, block_size, stride)
@@ -168,7 +163,7 @@ def _dq_kernel(
         ds_MC = p_MC * (dp_MC - delta_M[:, None])
         dq_MP += tl.dot(ds_MC.to(k_CP.dtype), k_CP, input_precision=PRECISION)
     tl.store(
-        _tile(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
+        tile_ptrs(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
         (dq_MP * scale).to(dq_ptr.dtype.element_ty),
         mask=rows_ok,
     )
@@ -203,10 +198,10 @@ def _dkdv_kernel(
     tok_ok = offs_n < N
     toks_ok = tok_ok[:, None] & d_ok[None, :]
     k_CP = tl.load(
-        _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=toks_ok, other=0.0
+        tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=toks_ok, other=0.0
     )
     v_CP = tl.load(
-        _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=toks_ok, other=0.0
+        tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=toks_ok, other=0.0
     )
     dk_CP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_CP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -219,12 +214,12 @@ def _dkdv_kernel(
             row_ok = offs_m < T
             rows_ok = row_ok[:, None] & d_ok[None, :]
             q_MP = tl.load(
-                _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+                tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
                 mask=rows_ok,
                 other=0.0,
             )
             do_MP = tl.load(
-                _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+                tile_ptrs(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
                 mask=rows_ok,
                 other=0.0,
             )
@@ -240,33 +235,15 @@ def _dkdv_kernel(
             ds_CM = p_CM * (dp_CM - delta_M[None, :])
             dk_CP += tl.dot(ds_CM.to(q_MP.dtype), q_MP, input_precision=PRECISION)
     tl.store(
-        _tile(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
+        tile_ptrs(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
         (dk_CP * scale).to(dk_ptr.dtype.element_ty),
         mask=toks_ok,
     )
     tl.store(
-        _tile(dv_ptr, b, hk, offs_n, offs_d, sdv_b, sdv_t, sdv_h, sdv_d),
+        tile_ptrs(dv_ptr, b, hk, offs_n, offs_d, sdv_b, sdv_t, sdv_h, sdv_d),
         dv_CP.to(dv_ptr.dtype.element_ty),
         mask=toks_ok,
     )
-
-
-# the kernels run in numpy on the CPU when TRITON_INTERPRET=1 was set before this import
-_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
-
-
-def _block_d(D: int) -> int:
-    """Head-dim tile: the next power of two, at least 16 (the smallest tl.dot inner size)."""
-    return max(16, triton.next_power_of_2(D))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products (as torch matmul by default), else tf32.
-
-    Triton's default rounds fp32 operands to tf32 on NVIDIA GPUs, which would make the fp32 op
-    disagree with the naive oracle at ~1e-3; bf16 operands are unaffected by the setting.
-    """
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class _CompressedAttentionTriton(torch.autograd.Function):
@@ -291,8 +268,8 @@ class _CompressedAttentionTriton(torch.autograd.Function):
             q_BTHD, kcmp_BNHD, vcmp_BNHD, o_BTHD, lse_BTH,
             *q_BTHD.stride(), *kcmp_BNHD.stride(), *vcmp_BNHD.stride(), *o_BTHD.stride(),
             T, N, HQ, HQ // H, D, block_size, stride, scale,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            PRECISION=_precision(q_BTHD.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pad16(D),
+            PRECISION=dot_precision(q_BTHD.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q_BTHD, kcmp_BNHD, vcmp_BNHD, o_BTHD, lse_BTH)
         ctx.mark_non_differentiable(lse_BTH)
@@ -318,8 +295,8 @@ class _CompressedAttentionTriton(torch.autograd.Function):
         tiles = {
             "BLOCK_M": BLOCK_M,
             "BLOCK_N": BLOCK_N,
-            "BLOCK_D": _block_d(D),
-            "PRECISION": _precision(q_BTHD.dtype),
+            "BLOCK_D": pad16(D),
+            "PRECISION": dot_precision(q_BTHD.dtype),
         }
         _dq_kernel[(triton.cdiv(T, BLOCK_M), B * HQ)](
             q_BTHD, kcmp_BNHD, vcmp_BNHD, do_BTHD, dq_BTHD, lse_BTH, delta_BTH,
@@ -355,9 +332,5 @@ def compressed_attention_triton(
     and bf16 are supported with fp32 accumulation. Raises ValueError for CPU tensors unless the
     kernels were imported under TRITON_INTERPRET=1.
     """
-    if not q_BTHD.is_cuda and not _INTERPRETED:
-        raise ValueError(
-            "compressed_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-            f"before import to run on CPU), got device {q_BTHD.device}"
-        )
+    require_cuda("compressed_attention", q_BTHD)
     return _CompressedAttentionTriton.apply(q_BTHD, kcmp_BNHD, vcmp_BNHD, block_size, stride, scale)

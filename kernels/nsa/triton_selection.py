@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ..triton_common import dot_precision, pad16, require_cuda
 
 # Most blocks are chosen by about S · block_size queries, but block 0 (forced by NSA) by all T.
 # A dK/dV program walks at most this many queries of one block, so a popular block is spread
@@ -296,24 +297,6 @@ def _reduce_kernel(
     )
 
 
-# the kernels run in numpy on the CPU when TRITON_INTERPRET=1 was set before this import
-_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
-
-
-def _pad16(n: int) -> int:
-    """Tile size for n rows or columns: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products (as torch matmul by default), else tf32.
-
-    Triton's default rounds fp32 operands to tf32 on NVIDIA GPUs, which would make the fp32 op
-    disagree with the naive oracle at ~1e-3; bf16 operands are unaffected by the setting.
-    """
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _inverted_index(
     idx_BTHS: torch.Tensor, block_size: int, NB: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,8 +376,8 @@ class _SelectedAttentionTriton(torch.autograd.Function):
             *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *o_BTHD.stride(),
             *idx_BTHS.stride(),
             T, H, HQ // H, D, S, block_size, scale,
-            BLOCK_G=_pad16(HQ // H), BLOCK_K=_pad16(block_size), BLOCK_D=_pad16(D),
-            PRECISION=_precision(q_BTHD.dtype),
+            BLOCK_G=pad16(HQ // H), BLOCK_K=pad16(block_size), BLOCK_D=pad16(D),
+            PRECISION=dot_precision(q_BTHD.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, idx_BTHS)
         ctx.block_size = block_size
@@ -419,10 +402,10 @@ class _SelectedAttentionTriton(torch.autograd.Function):
         dk_BTHD = torch.empty_like(k_BTHD)
         dv_BTHD = torch.empty_like(v_BTHD)
         tiles = {
-            "BLOCK_G": _pad16(HQ // H),
-            "BLOCK_K": _pad16(block_size),
-            "BLOCK_D": _pad16(D),
-            "PRECISION": _precision(q_BTHD.dtype),
+            "BLOCK_G": pad16(HQ // H),
+            "BLOCK_K": pad16(block_size),
+            "BLOCK_D": pad16(D),
+            "PRECISION": dot_precision(q_BTHD.dtype),
         }
         _dq_kernel[(T, B * H)](
             q_BTHD, k_BTHD, v_BTHD, do_BTHD, dq_BTHD, lse_BTH, delta_BTH, idx_BTHS,
@@ -469,9 +452,5 @@ def selected_attention_triton(
     bf16 are supported with fp32 accumulation and o_BTHD has q's dtype. Raises ValueError for
     CPU tensors unless the kernels were imported under TRITON_INTERPRET=1.
     """
-    if not q_BTHD.is_cuda and not _INTERPRETED:
-        raise ValueError(
-            "selected_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
-            f"before import to run on CPU), got device {q_BTHD.device}"
-        )
+    require_cuda("selected_attention", q_BTHD)
     return _SelectedAttentionTriton.apply(q_BTHD, k_BTHD, v_BTHD, idx_BTHS, block_size, scale)

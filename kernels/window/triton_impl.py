@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ..triton_common import dot_precision, pad16, require_cuda, tile_ptrs
 
 # The usual flash-attention tile for D <= 128; not autotuned (no GPU was at hand when written).
 # Tests shrink them to make short sequences span many blocks.
@@ -29,12 +30,6 @@ BLOCK_N = 64
 def _visible(t, s, T, window):
     """Window mask for broadcast query positions t and key positions s: t - window < s <= t."""
     return (s <= t) & (s > t - window) & (t < T) & (s < T)
-
-
-@triton.jit
-def _tile(ptr, b, h, offs_t, offs_d, s_b, s_t, s_h, s_d):
-    """Pointers [rows, P] to rows offs_t of (batch b, head h) in a [B, T, H, D] tensor (int64)."""
-    return ptr + b * s_b + h * s_h + offs_t.to(tl.int64)[:, None] * s_t + offs_d[None, :] * s_d
 
 
 @triton.jit
@@ -59,7 +54,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_MP = tl.load(
-        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+        tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
         mask=(offs_m[:, None] < T) & d_ok[None, :],
         other=0.0,
     )
@@ -73,12 +68,12 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < T) & d_ok[None, :]
         k_NP = tl.load(
-            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
+            tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
             mask=kv_ok,
             other=0.0,
         )
         v_NP = tl.load(
-            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
+            tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
             mask=kv_ok,
             other=0.0,
         )
@@ -99,7 +94,7 @@ def _fwd_kernel(
     o_MP = acc_MP / l_M[:, None]
     row_ok = offs_m < T
     tl.store(
-        _tile(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
+        tile_ptrs(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
         o_MP.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -131,10 +126,10 @@ def _dq_kernel(
     row_ok = offs_m < T
     rows_ok = row_ok[:, None] & d_ok[None, :]
     q_MP = tl.load(
-        _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d), mask=rows_ok, other=0.0
+        tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d), mask=rows_ok, other=0.0
     )
     do_MP = tl.load(
-        _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+        tile_ptrs(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
         mask=rows_ok,
         other=0.0,
     )
@@ -147,12 +142,12 @@ def _dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < T) & d_ok[None, :]
         k_NP = tl.load(
-            _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
+            tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d),
             mask=kv_ok,
             other=0.0,
         )
         v_NP = tl.load(
-            _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
+            tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d),
             mask=kv_ok,
             other=0.0,
         )
@@ -163,7 +158,7 @@ def _dq_kernel(
         ds_MN = p_MN * (dp_MN - delta_M[:, None])
         dq_MP += tl.dot(ds_MN.to(k_NP.dtype), k_NP, input_precision=PRECISION)
     tl.store(
-        _tile(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
+        tile_ptrs(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
         (dq_MP * scale).to(dq_ptr.dtype.element_ty),
         mask=rows_ok,
     )
@@ -198,10 +193,10 @@ def _dkdv_kernel(
     key_ok = offs_n < T
     keys_ok = key_ok[:, None] & d_ok[None, :]
     k_NP = tl.load(
-        _tile(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=keys_ok, other=0.0
+        tile_ptrs(k_ptr, b, hk, offs_n, offs_d, sk_b, sk_t, sk_h, sk_d), mask=keys_ok, other=0.0
     )
     v_NP = tl.load(
-        _tile(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=keys_ok, other=0.0
+        tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=keys_ok, other=0.0
     )
     dk_NP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_NP = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -217,12 +212,12 @@ def _dkdv_kernel(
             row_ok = offs_m < T
             rows_ok = row_ok[:, None] & d_ok[None, :]
             q_MP = tl.load(
-                _tile(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
+                tile_ptrs(q_ptr, b, hq, offs_m, offs_d, sq_b, sq_t, sq_h, sq_d),
                 mask=rows_ok,
                 other=0.0,
             )
             do_MP = tl.load(
-                _tile(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
+                tile_ptrs(do_ptr, b, hq, offs_m, offs_d, sdo_b, sdo_t, sdo_h, sdo_d),
                 mask=rows_ok,
                 other=0.0,
             )
@@ -237,33 +232,15 @@ def _dkdv_kernel(
             ds_NM = p_NM * (dp_NM - delta_M[None, :])
             dk_NP += tl.dot(ds_NM.to(q_MP.dtype), q_MP, input_precision=PRECISION)
     tl.store(
-        _tile(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
+        tile_ptrs(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
         (dk_NP * scale).to(dk_ptr.dtype.element_ty),
         mask=keys_ok,
     )
     tl.store(
-        _tile(dv_ptr, b, hk, offs_n, offs_d, sdv_b, sdv_t, sdv_h, sdv_d),
+        tile_ptrs(dv_ptr, b, hk, offs_n, offs_d, sdv_b, sdv_t, sdv_h, sdv_d),
         dv_NP.to(dv_ptr.dtype.element_ty),
         mask=keys_ok,
     )
-
-
-# the kernels run in numpy on the CPU when TRITON_INTERPRET=1 was set before this import
-_INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
-
-
-def _block_d(D: int) -> int:
-    """Head-dim tile: the next power of two, at least 16 (the smallest tl.dot inner size)."""
-    return max(16, triton.next_power_of_2(D))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products (as torch matmul by default), else tf32.
-
-    Triton's default rounds fp32 operands to tf32 on NVIDIA GPUs, which would make the fp32 op
-    disagree with every other backend at ~1e-3; bf16 operands are unaffected by the setting.
-    """
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class _SlidingWindowTriton(torch.autograd.Function):
@@ -288,8 +265,8 @@ class _SlidingWindowTriton(torch.autograd.Function):
             q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BHT,
             *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *o_BTHD.stride(),
             T, HQ, HQ // H, D, window, scale,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            PRECISION=_precision(q_BTHD.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pad16(D),
+            PRECISION=dot_precision(q_BTHD.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BHT)
         ctx.window = window
@@ -314,16 +291,16 @@ class _SlidingWindowTriton(torch.autograd.Function):
             *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *do_BTHD.stride(),
             *dq_BTHD.stride(),
             T, HQ, HQ // H, D, ctx.window, ctx.scale,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            PRECISION=_precision(q_BTHD.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pad16(D),
+            PRECISION=dot_precision(q_BTHD.dtype),
         )  # fmt: skip
         _dkdv_kernel[(triton.cdiv(T, BLOCK_N), B * H)](
             q_BTHD, k_BTHD, v_BTHD, do_BTHD, dk_BTHD, dv_BTHD, lse_BHT, delta_BHT,
             *q_BTHD.stride(), *k_BTHD.stride(), *v_BTHD.stride(), *do_BTHD.stride(),
             *dk_BTHD.stride(), *dv_BTHD.stride(),
             T, H, HQ // H, D, ctx.window, ctx.scale,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D),
-            PRECISION=_precision(q_BTHD.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=pad16(D),
+            PRECISION=dot_precision(q_BTHD.dtype),
         )  # fmt: skip
         return dq_BTHD, dk_BTHD, dv_BTHD, None, None
 
@@ -337,9 +314,5 @@ def sliding_window_attention_triton(
     keys) so the key loops stay bounded; returns o_BTHD in q's dtype. Raises ValueError for CPU
     tensors unless the kernels were imported under TRITON_INTERPRET=1.
     """
-    if not q_BTHD.is_cuda and not _INTERPRETED:
-        raise ValueError(
-            "sliding_window_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-            f"set before import to run on CPU), got device {q_BTHD.device}"
-        )
+    require_cuda("sliding_window_attention", q_BTHD)
     return _SlidingWindowTriton.apply(q_BTHD, k_BTHD, v_BTHD, min(window, q_BTHD.shape[1]), scale)
