@@ -4,8 +4,9 @@ Query t of KV head h attends the union of the key blocks listed in ``block_indic
 (block j holds keys [j·block_size, (j+1)·block_size)), shared by all G query heads of the group,
 under a token-level causal mask: keys after t are never attended, so the query's own block is
 partial and a block that starts after t contributes nothing. One softmax runs over the union.
-Backends: ``naive`` (explicit [T, T] mask, the fp32 oracle) and ``torch`` (the fast CPU path: the
-selection is inverted into per-block query lists, so every block costs a few large matmuls).
+Backends: ``naive`` (explicit [T, T] mask, the fp32 oracle), ``torch`` (the fast CPU path: the
+selection is inverted into per-block query lists, so every block costs a few large matmuls) and
+``triton`` (group-centric GPU kernels in ``triton_selection.py``).
 Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0; q_BTHD holds HQ heads), G
 group size HQ // H, D head dim, S selection slots per (query, KV head), N selection blocks
 ceil(T / block_size), L keys in one block (block_size, fewer in a short last block), E routing
@@ -33,7 +34,7 @@ from ..backend import resolve_backend
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
 
 _OP = "selected_attention"
-_AVAILABLE = ("naive", "torch")
+_AVAILABLE = ("naive", "torch", "triton")
 
 # Query rows (queries × group) per matmul chunk of the torch path. Block 0 is chosen by every
 # query, so without a cap one expert's score matrix would be [B·T·G, L] (134 MB at 32k tokens,
@@ -736,4 +737,11 @@ def selected_attention(
         return selected_attention_naive(
             q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale
         )
-    return selected_attention_torch(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
+    if chosen == "torch":
+        return selected_attention_torch(
+            q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale
+        )
+    # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+    from .triton_selection import selected_attention_triton
+
+    return selected_attention_triton(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
