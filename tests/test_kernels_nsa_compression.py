@@ -6,13 +6,10 @@ L block length l, I = l·D phi input width, F phi hidden width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.nsa import compression
 from sparsezoo.kernels.nsa.compression import compress_kv, compressed_attention
@@ -200,28 +197,6 @@ def test_bf16_forward_close_to_fp32() -> None:
     assert o_BTHD.dtype == torch.bfloat16 and lse_BTH.dtype == torch.float32
     torch.testing.assert_close(o_BTHD.float(), o_ref_BTHD, rtol=0, atol=3e-2)
     torch.testing.assert_close(lse_BTH, lse_ref_BTH, rtol=0, atol=5e-2)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        """Run the op unchanged and remember the size of its largest output tensor."""
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
 
 
 def test_torch_path_builds_no_score_matrix() -> None:

@@ -6,12 +6,9 @@ G group size HQ // H, D head dim, n selected blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.nsa import select
 from sparsezoo.kernels.nsa.compression import compressed_attention
@@ -298,28 +295,6 @@ def test_no_graph_and_lse_minus_inf_gives_no_mass(backend: str) -> None:
     assert not idx_BTHS.requires_grad and idx_BTHS.grad_fn is None
     # all free blocks tie at 0, so the tie rule picks 1 and 2 next to the forced 0, 17, 18
     assert idx_BTHS[0, 150, 0].tolist() == [0, 1, 2, 17, 18]
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        """Run the op unchanged and remember the size of its largest output tensor."""
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
 
 
 def test_torch_path_holds_one_chunk_of_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.nsa import selection
 from sparsezoo.kernels.nsa.selection import selected_attention
@@ -290,28 +290,6 @@ def test_bf16_close_to_fp32(backend: str) -> None:
     for x, g in zip(bf16, grads, strict=True):
         assert g.dtype == torch.bfloat16 and g.shape == x.shape
         assert torch.isfinite(g).all()
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        """Run the op unchanged and remember the size of its largest output tensor."""
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
 
 
 def test_torch_path_never_materializes_selected_keys(threads: Callable[[int], None]) -> None:

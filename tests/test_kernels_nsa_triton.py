@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.kernels.nsa.compression import compressed_attention, num_compressed
@@ -250,28 +250,6 @@ def test_make_indices_covers_the_edge_cases() -> None:
     assert ((idx_BTHS == own_T11).any(-1) | (idx_BTHS == -1).all(-1)).float().mean() > 0.5
     sorted_BTHS = idx_BTHS.sort(-1).values
     assert not ((sorted_BTHS[..., 1:] == sorted_BTHS[..., :-1]) & (sorted_BTHS[..., 1:] >= 0)).any()
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        """Run the op unchanged and remember the size of its largest output tensor."""
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
 
 
 @needs_triton

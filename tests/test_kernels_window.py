@@ -9,14 +9,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.kernels.window import sliding_window_attention, window_density
@@ -125,28 +123,6 @@ def test_bf16_forward_close_to_fp32(backend: str) -> None:
     assert actual_BTHD.dtype == torch.bfloat16
     assert torch.isfinite(actual_BTHD).all()
     torch.testing.assert_close(actual_BTHD.float(), expected_BTHD, rtol=0, atol=3e-2)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        """Run the op unchanged and remember the size of its largest output tensor."""
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.numel())
-        return out
 
 
 def test_torch_path_never_builds_time_squared_tensors() -> None:
