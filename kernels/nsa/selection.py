@@ -724,10 +724,11 @@ def selected_attention(
     block, so a block starting after t contributes nothing; a row with no visible key outputs 0
     with zero (finite) gradients. One softmax spans all selected keys. ``scale`` defaults to
     D**-0.5; fp32 and bf16 are supported (fp32 accumulation) and the output has q's dtype.
-    Differentiable in q, k, v. ``backend`` is ``naive``, ``torch`` or ``auto`` (torch); the
-    torch backend uses ``torch.get_num_threads()`` worker threads and must not be called from
-    several threads at once. Raises ValueError naming the argument for bad shapes, dtypes,
-    devices, block_size, index values or backend.
+    Differentiable in q, k, v. ``backend`` is ``naive``, ``torch``, ``triton`` or ``auto``
+    (triton on CUDA, torch elsewhere); the torch backend uses ``torch.get_num_threads()``
+    worker threads and must not be called from several threads at once. The index values are
+    checked on every call (a host sync on CUDA). Raises ValueError naming the argument for bad
+    shapes, dtypes, devices, block_size, index values or backend.
     """
     _validate(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size)
     block_size = int(block_size)
