@@ -41,3 +41,34 @@ def resolve_backend(op: str, backend: str, available: tuple[str, ...], x: torch.
     if backend == "triton" and not triton_available():
         raise ValueError(f"{op}: backend='triton' requested but triton is not installed")
     return backend
+
+
+def check_attention_shapes(
+    op: str, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor
+) -> None:
+    """Raise ValueError naming the argument unless q [B,T,HQ,D] and k, v [B,T,H,D] fit (GQA).
+
+    Shared by the attention ops whose queries and keys cover the same T tokens; dtype and
+    device rules stay with each op because they differ (e.g. integer index tensors).
+    """
+    if q_BTHD.dim() != 4 or k_BTHD.dim() != 4 or v_BTHD.dim() != 4:
+        raise ValueError(
+            f"{op}: q, k, v must be 4-d [B, T, H, D], got q {tuple(q_BTHD.shape)}, "
+            f"k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
+        )
+    if k_BTHD.shape != v_BTHD.shape:
+        raise ValueError(
+            f"{op}: k and v shapes differ: k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
+        )
+    B, T, HQ, D = q_BTHD.shape
+    Bk, Tk, H, Dk = k_BTHD.shape
+    if (Bk, Tk, Dk) != (B, T, D):
+        raise ValueError(
+            f"{op}: q and k must agree on batch, time and head dim, got q {tuple(q_BTHD.shape)}, "
+            f"k {tuple(k_BTHD.shape)}"
+        )
+    if T < 1 or D < 1 or H < 1 or HQ % H:
+        raise ValueError(
+            f"{op}: query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA), "
+            f"with T >= 1 and D >= 1"
+        )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..backend import resolve_backend
+from ..backend import check_attention_shapes, resolve_backend
 
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
 
@@ -70,27 +70,9 @@ def _validate(
         raise ValueError(f"{_OP}: block_size must be an int >= 1, got {block_size!r}")
     if block_size < 1:
         raise ValueError(f"{_OP}: block_size must be an int >= 1, got {block_size!r}")
-    if q_BTHD.dim() != 4 or k_BTHD.dim() != 4 or v_BTHD.dim() != 4:
-        raise ValueError(
-            f"{_OP}: q, k, v must be 4-d [B, T, H, D], got q {tuple(q_BTHD.shape)}, "
-            f"k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
-        )
-    if k_BTHD.shape != v_BTHD.shape:
-        raise ValueError(
-            f"{_OP}: k and v shapes differ: k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
-        )
-    B, T, HQ, D = q_BTHD.shape
-    Bk, Tk, H, Dk = k_BTHD.shape
-    if (Bk, Tk, Dk) != (B, T, D):
-        raise ValueError(
-            f"{_OP}: q and k must agree on batch, time and head dim, got q {tuple(q_BTHD.shape)}, "
-            f"k {tuple(k_BTHD.shape)}"
-        )
-    if T < 1 or D < 1 or H < 1 or HQ % H:
-        raise ValueError(
-            f"{_OP}: query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA), "
-            f"with T >= 1 and D >= 1"
-        )
+    check_attention_shapes(_OP, q_BTHD, k_BTHD, v_BTHD)
+    B, T = q_BTHD.shape[:2]
+    H = k_BTHD.shape[2]
     if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype) or not q_BTHD.is_floating_point():
         raise ValueError(
             f"{_OP}: q, k, v dtypes must be one floating dtype, got "

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import check_attention_shapes, resolve_backend
 from .naive import sliding_window_attention_naive
 from .torch_impl import sliding_window_attention_torch
 
@@ -29,26 +29,7 @@ def _validate(
     """Raise ValueError naming the offending argument when the inputs do not fit the op."""
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"{_OP}: window must be an int >= 1, got {window!r}")
-    if q_BTHD.dim() != 4 or k_BTHD.dim() != 4 or v_BTHD.dim() != 4:
-        raise ValueError(
-            f"{_OP}: q, k, v must be 4-d [B, T, H, D], got q {tuple(q_BTHD.shape)}, "
-            f"k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
-        )
-    if k_BTHD.shape != v_BTHD.shape:
-        raise ValueError(
-            f"{_OP}: k and v shapes differ: k {tuple(k_BTHD.shape)}, v {tuple(v_BTHD.shape)}"
-        )
-    B, T, HQ, D = q_BTHD.shape
-    Bk, Tk, H, Dk = k_BTHD.shape
-    if (Bk, Tk, Dk) != (B, T, D):
-        raise ValueError(
-            f"{_OP}: q and k must agree on batch, time and head dim, got q {tuple(q_BTHD.shape)}, "
-            f"k {tuple(k_BTHD.shape)}"
-        )
-    if T < 1 or H < 1 or HQ % H:
-        raise ValueError(
-            f"{_OP}: query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA), with T >= 1"
-        )
+    check_attention_shapes(_OP, q_BTHD, k_BTHD, v_BTHD)
     if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype):
         raise ValueError(
             f"{_OP}: q, k, v dtypes differ: {q_BTHD.dtype}, {k_BTHD.dtype}, {v_BTHD.dtype}"
