@@ -273,6 +273,24 @@ class AttentionMechanism(nn.Module, abc.ABC):
         """Knob values under which the mechanism equals dense attention at ``seq_len``, or None."""
         return None
 
+    def set_step(self, step: int) -> None:
+        """Training-phase hook: the trainer passes the global step before every training step.
+
+        Mechanisms whose training follows a schedule (DSA's dense warm-up, then sparse
+        training) switch phase here; the step should be kept in the module's state so a
+        reloaded checkpoint resumes in its phase. The default ignores it.
+        """
+
+    def phase_trainable_parameters(self) -> list[nn.Parameter] | None:
+        """The only parameters of the whole model allowed to train in the current phase.
+
+        None (the default) restricts nothing. A list freezes every other parameter of the model
+        (other layers, embeddings, head included) for the step, as DSA's warm-up trains only
+        its indexer; when several layers return lists, their union trains. The model applies
+        it after :meth:`set_step` (see ``SparseLM.set_training_step``).
+        """
+        return None
+
     @abc.abstractmethod
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal self-attention over ``x_BTC``; with a cache, decode its tokens after the cached.

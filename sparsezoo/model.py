@@ -103,6 +103,8 @@ class SparseLM(nn.Module):
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._init_weights(m.init_std, m.n_layers)
+        # parameters trainable before any phase froze some (set by set_training_step)
+        self._phase_pool: list[nn.Parameter] | None = None
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> SparseLM:
@@ -132,6 +134,26 @@ class SparseLM(nn.Module):
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty decode cache per layer."""
         return [b.attn.new_cache(batch_size, max_len) for b in self.blocks]
+
+    def set_training_step(self, step: int) -> None:
+        """Pass the global training step to every mechanism, then freeze what its phase asks.
+
+        The trainer calls this before each training step. When any mechanism's
+        ``phase_trainable_parameters`` returns a list, only the union of those lists trains
+        this step; otherwise every parameter that was trainable at the first call trains again
+        (parameters frozen by the user stay frozen). Frozen parameters get no gradient, so the
+        optimizer leaves them untouched (no weight decay either). Under DDP, phases that freeze
+        parameters need a strategy that allows unused parameters.
+        """
+        for attn in self.mechanisms():
+            attn.set_step(step)
+        if self._phase_pool is None:
+            self._phase_pool = [p for p in self.parameters() if p.requires_grad]
+        declared = [attn.phase_trainable_parameters() for attn in self.mechanisms()]
+        restricted = any(params is not None for params in declared)
+        allowed = {id(p) for params in declared if params is not None for p in params}
+        for p in self._phase_pool:
+            p.requires_grad_(not restricted or id(p) in allowed)
 
     def mechanisms(self) -> list[AttentionMechanism]:
         """The attention module of every layer, in order."""

@@ -59,6 +59,10 @@ class LMModule(L.LightningModule):
             logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
         )
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Pass the global step to the mechanisms' phase schedules (e.g. DSA's warm-up)."""
+        self.model.set_training_step(self.global_step)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """LM loss plus the mechanisms' auxiliary losses; logs loss and attention stats."""
         lm_loss = self._lm_loss(batch)

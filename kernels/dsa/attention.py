@@ -1,0 +1,385 @@
+"""Token-sparse attention of DSA (``sparsezoo.kernels.dsa.attention``).
+
+Query t attends the keys listed in its index slots: ``indices`` [B, T, K] gives one key set per
+query shared by every attention head, [B, T, H, K] one per KV head (shared by that head's query
+group). The queries are the last T of the S keys (query t sits at position S - T + t), so the
+op serves prefill (T = S) and decoding alike. A slot is used when it holds a key position no
+later than the query's; unused (-1) and future slots are skipped; a query with no used slot
+outputs 0 with zero, finite gradients. Each slot counts once: one softmax runs over the slots.
+
+Backends: ``naive`` (gathers every slot's key in one [B, T, H, K, D] tensor, the fp32 oracle),
+``torch`` (the fast CPU path: query chunks gather their slot keys and values once per KV head
+and run batched matmuls; worker threads own disjoint query ranges) and ``triton``
+(``triton_attention.py``). Optionally returns the attention probabilities per slot, averaged
+over the query heads that share the slot's key set (DSA's indexer-training target).
+
+Legend: B batch, T queries, S keys, HQ query heads, H KV heads, G group size HQ // H, D head
+dim, K index slots, U key sets per query (1 shared, or H), C queries of a chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..backend import resolve_backend
+from ..nsa.selection import _run_workers
+from .indexer import _positions, _split
+
+__all__ = ["sparse_attention", "sparse_attention_naive", "sparse_attention_torch"]
+
+_OP = "sparse_attention"
+_AVAILABLE = ("naive", "torch", "triton")
+
+# Slot rows (queries × slots) one chunk of the torch path gathers: 8192 rows of K and V at
+# head dim 64 are 4 MB, which stays cache-resident between the gather and the two matmuls.
+_CHUNK_SLOTS = 8192
+
+
+def _validate(
+    q_BTHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, indices: torch.Tensor
+) -> None:
+    """Raise ValueError naming the offending argument when the inputs do not fit the op."""
+    if q_BTHD.dim() != 4 or k_BSHD.dim() != 4 or v_BSHD.dim() != 4:
+        raise ValueError(
+            f"{_OP}: q, k, v must be 4-d [B, T, HQ, D] / [B, S, H, D], got q "
+            f"{tuple(q_BTHD.shape)}, k {tuple(k_BSHD.shape)}, v {tuple(v_BSHD.shape)}"
+        )
+    if k_BSHD.shape != v_BSHD.shape:
+        raise ValueError(
+            f"{_OP}: k and v shapes differ: k {tuple(k_BSHD.shape)}, v {tuple(v_BSHD.shape)}"
+        )
+    B, T, HQ, D = q_BTHD.shape
+    Bk, S, H, Dk = k_BSHD.shape
+    if (Bk, Dk) != (B, D) or T < 1 or S < T or HQ % H:
+        raise ValueError(
+            f"{_OP}: need q [B, T, HQ, D] and k, v [B, S, H, D] with 1 <= T <= S and HQ a "
+            f"multiple of H, got q {tuple(q_BTHD.shape)}, k {tuple(k_BSHD.shape)}"
+        )
+    if not (q_BTHD.dtype == k_BSHD.dtype == v_BSHD.dtype) or not q_BTHD.is_floating_point():
+        raise ValueError(
+            f"{_OP}: q, k, v dtypes must be one floating dtype, got "
+            f"{q_BTHD.dtype}, {k_BSHD.dtype}, {v_BSHD.dtype}"
+        )
+    if not (q_BTHD.device == k_BSHD.device == v_BSHD.device == indices.device):
+        raise ValueError(
+            f"{_OP}: q, k, v, indices devices differ: {q_BTHD.device}, {k_BSHD.device}, "
+            f"{v_BSHD.device}, {indices.device}"
+        )
+    if indices.dtype != torch.int64:
+        raise ValueError(f"{_OP}: indices must be int64, got dtype {indices.dtype}")
+    if (
+        not (
+            (indices.dim() == 3 and indices.shape[:2] == (B, T))
+            or (indices.dim() == 4 and indices.shape[:3] == (B, T, H))
+        )
+        or indices.shape[-1] < 1
+    ):
+        raise ValueError(
+            f"{_OP}: indices must be [B, T, K] = [{B}, {T}, K] (shared by all heads) or "
+            f"[B, T, H, K] = [{B}, {T}, {H}, K] (per KV head) with K >= 1, got "
+            f"{tuple(indices.shape)}"
+        )
+    low, high = int(indices.min()), int(indices.max())
+    if low < -1 or high >= S:
+        raise ValueError(
+            f"{_OP}: indices must be -1 (unused) or key positions in [0, {S}), got min {low}, "
+            f"max {high}"
+        )
+
+
+def _per_head(indices: torch.Tensor, H: int) -> torch.Tensor:
+    """Indices as [B, T, H, K] (a broadcast view for a set shared by all heads)."""
+    if indices.dim() == 4:
+        return indices
+    B, T, K = indices.shape
+    return indices.unsqueeze(2).expand(B, T, H, K)
+
+
+def _probs_out(probs_BTHK: torch.Tensor, shared: bool) -> torch.Tensor:
+    """Per-KV-head slot probabilities (group means) as returned: averaged over H when shared."""
+    return probs_BTHK.mean(dim=2) if shared else probs_BTHK
+
+
+# ----- naive (the oracle) ------------------------------------------------------------------
+
+
+def sparse_attention_naive(
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot attention written out in fp32 with autograd (the oracle): (o_BTHD, probs).
+
+    Inputs are validated by the caller. Every slot's key and value are gathered, scores of
+    unused and future slots are -inf, and one softmax runs over the slots; an empty row gets
+    finite scores that are then zeroed. ``probs`` (detached) is the slot probability averaged
+    over the heads sharing the key set. Memory is O(B·T·H·K·D): only for tests.
+    """
+    B, T, HQ, D = q_BTHD.shape
+    S, H = k_BSHD.shape[1:3]
+    G = HQ // H
+    idx_BTHK = _per_head(indices, H)
+    b_B111 = torch.arange(B, device=q_BTHD.device).view(B, 1, 1, 1)
+    h_111H1 = torch.arange(H, device=q_BTHD.device).view(1, 1, H, 1)
+    k_BTHKD = k_BSHD.float()[b_B111, idx_BTHK.clamp_min(0), h_111H1]
+    v_BTHKD = v_BSHD.float()[b_B111, idx_BTHK.clamp_min(0), h_111H1]
+    pos_T11 = _positions(T, S, q_BTHD.device).view(T, 1, 1)
+    used_BTHK = (idx_BTHK >= 0) & (idx_BTHK <= pos_T11)
+    q_BTHGD = q_BTHD.float().view(B, T, H, G, D)
+    scores = torch.einsum("bthgd,bthkd->bthgk", q_BTHGD, k_BTHKD) * scale
+    scores = scores.masked_fill(~used_BTHK[:, :, :, None, :], float("-inf"))
+    empty_BTH11 = ~used_BTHK.any(dim=-1)[..., None, None]
+    probs = torch.softmax(scores.masked_fill(empty_BTH11, 0.0), dim=-1)
+    probs = probs.masked_fill(empty_BTH11, 0.0)
+    o_BTHGD = torch.einsum("bthgk,bthkd->bthgd", probs, v_BTHKD)
+    slot_probs = _probs_out(probs.detach().mean(dim=3), indices.dim() == 3)
+    return o_BTHGD.reshape(B, T, HQ, D).to(q_BTHD.dtype), slot_probs
+
+
+# ----- torch (the fast CPU path) -------------------------------------------------------------
+
+
+def _chunks(T: int, K: int) -> list[tuple[int, int]]:
+    """Query ranges whose slots fill about _CHUNK_SLOTS gathered rows."""
+    size = max(1, _CHUNK_SLOTS // K)
+    return [(t0, min(t0 + size, T)) for t0 in range(0, T, size)]
+
+
+def _worker_runs(B: int, T: int, K: int) -> list[list[tuple[int, int, int]]]:
+    """(batch, t0, t1) chunks cut into contiguous runs, one per worker thread."""
+    chunks = [(b, t0, t1) for b in range(B) for t0, t1 in _chunks(T, K)]
+    runs = _split([1] * len(chunks), max(1, min(torch.get_num_threads(), len(chunks))))
+    return [[chunks[i] for i in run] for run in runs]
+
+
+class _Slots:
+    """One chunk's slot keys and values for one KV head, gathered once: k, v [C, K, D]."""
+
+    def __init__(
+        self,
+        k_SHD: torch.Tensor,
+        v_SHD: torch.Tensor,
+        h: int,
+        idx_CK: torch.Tensor,
+        pos_C: torch.Tensor,
+    ) -> None:
+        C, K = idx_CK.shape
+        rows = idx_CK.clamp_min(0).flatten()
+        self.k_CKD = torch.index_select(k_SHD[:, h], 0, rows).view(C, K, -1)
+        self.v_CKD = torch.index_select(v_SHD[:, h], 0, rows).view(C, K, -1)
+        self.used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
+        # most chunks use every slot, and then need no masking at all
+        self.all_used = bool(self.used_CK.all())
+
+    def scores(self, q_CGD: torch.Tensor) -> torch.Tensor:
+        """Scaled scores [C, G, K] (q comes pre-scaled); unused slots -inf."""
+        s_CGK = torch.bmm(q_CGD, self.k_CKD.transpose(1, 2))
+        if not self.all_used:
+            s_CGK.masked_fill_(~self.used_CK[:, None, :], float("-inf"))
+        return s_CGK
+
+
+def _forward_chunk(
+    slots: _Slots, q_CGD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over one chunk's slots: (o [C, G, D], lse [C, G], probs [C, G, K])."""
+    s_CGK = slots.scores(q_CGD)
+    max_CG1 = s_CGK.amax(dim=-1, keepdim=True)
+    # an empty row has max -inf: shift by 0 instead, so exp gives 0 and the sum stays 0
+    max_CG1.masked_fill_(max_CG1 == float("-inf"), 0.0)
+    p_CGK = s_CGK.sub_(max_CG1).exp_()
+    sum_CG1 = p_CGK.sum(dim=-1, keepdim=True)
+    p_CGK.div_(sum_CG1.clamp_min(torch.finfo(torch.float32).tiny))
+    o_CGD = torch.bmm(p_CGK, slots.v_CKD)
+    lse_CG = (max_CG1 + sum_CG1.log()).squeeze(-1)
+    return o_CGD, lse_CG, p_CGK
+
+
+def _forward(
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    idx_BTHK: torch.Tensor,
+    scale: float,
+    want_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """fp32 (o_BTHD, lse_BTH, probs_BTHK or None) by query chunks on worker threads."""
+    B, T, HQ, D = q_BTHD.shape
+    S, H, K = k_BSHD.shape[1], k_BSHD.shape[2], idx_BTHK.shape[3]
+    G = HQ // H
+    qs_BTHGD = (q_BTHD.float() * scale).view(B, T, H, G, D)
+    k, v = k_BSHD.float(), v_BSHD.float()
+    pos_T = _positions(T, S, q_BTHD.device)
+    o_BTHGD = torch.empty(B, T, H, G, D, device=q_BTHD.device)
+    lse_BTHG = torch.empty(B, T, H, G, device=q_BTHD.device)
+    probs_BTHK = torch.empty(B, T, H, K, device=q_BTHD.device) if want_probs else None
+
+    def run(chunks: list[tuple[int, int, int]]) -> None:
+        for b, t0, t1 in chunks:
+            for h in range(H):
+                slots = _Slots(k[b], v[b], h, idx_BTHK[b, t0:t1, h], pos_T[t0:t1])
+                o_CGD, lse_CG, p_CGK = _forward_chunk(slots, qs_BTHGD[b, t0:t1, h])
+                o_BTHGD[b, t0:t1, h] = o_CGD
+                lse_BTHG[b, t0:t1, h] = lse_CG
+                if probs_BTHK is not None:
+                    probs_BTHK[b, t0:t1, h] = p_CGK.mean(dim=1)
+
+    _run_workers([lambda c=c: run(c) for c in _worker_runs(B, T, K)])
+    return o_BTHGD.view(B, T, HQ, D), lse_BTHG.view(B, T, HQ), probs_BTHK
+
+
+def _backward(
+    do_BTHD: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    idx_BTHK: torch.Tensor,
+    o_BTHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (dq, dk, dv): probabilities recomputed from the saved lse (the FlashAttention
+    recipe); dk and dv are scattered into one buffer pair per worker, summed in worker order."""
+    B, T, HQ, D = q_BTHD.shape
+    S, H = k_BSHD.shape[1], k_BSHD.shape[2]
+    G = HQ // H
+    qs_BTHGD = (q_BTHD.float() * scale).view(B, T, H, G, D)
+    do_BTHGD = do_BTHD.float().view(B, T, H, G, D)
+    k, v = k_BSHD.float(), v_BSHD.float()
+    delta_BTHG = (do_BTHGD * o_BTHD.view(B, T, H, G, D)).sum(-1)
+    lse_BTHG = lse_BTH.view(B, T, H, G)
+    pos_T = _positions(T, S, q_BTHD.device)
+    dq_BTHGD = torch.empty_like(qs_BTHGD)
+    runs = _worker_runs(B, T, idx_BTHK.shape[3])
+    dk_W = [torch.zeros_like(k) for _ in runs]
+    dv_W = [torch.zeros_like(v) for _ in runs]
+
+    def run(i: int) -> None:
+        for b, t0, t1 in runs[i]:
+            for h in range(H):
+                idx_CK = idx_BTHK[b, t0:t1, h]
+                slots = _Slots(k[b], v[b], h, idx_CK, pos_T[t0:t1])
+                q_CGD, do_CGD = qs_BTHGD[b, t0:t1, h], do_BTHGD[b, t0:t1, h]
+                lse_CG1 = lse_BTHG[b, t0:t1, h, :, None]
+                # an empty row's lse is -inf: its scores are all -inf too, so p = exp(-inf) = 0
+                p_CGK = slots.scores(q_CGD).sub_(lse_CG1.clamp_min(-1e30)).exp_()
+                dp_CGK = torch.bmm(do_CGD, slots.v_CKD.transpose(1, 2))
+                ds_CGK = dp_CGK.sub_(delta_BTHG[b, t0:t1, h, :, None]).mul_(p_CGK)
+                dq_BTHGD[b, t0:t1, h] = torch.bmm(ds_CGK, slots.k_CKD)
+                rows = idx_CK.clamp_min(0).flatten()
+                dk_CKD = torch.bmm(ds_CGK.transpose(1, 2), q_CGD)
+                dv_CKD = torch.bmm(p_CGK.transpose(1, 2), do_CGD)
+                dk_W[i][b, :, h].index_add_(0, rows, dk_CKD.flatten(0, 1))
+                dv_W[i][b, :, h].index_add_(0, rows, dv_CKD.flatten(0, 1))
+
+    _run_workers([lambda i=i: run(i) for i in range(len(runs))])
+    for dk, dv in zip(dk_W[1:], dv_W[1:], strict=True):
+        dk_W[0] += dk
+        dv_W[0] += dv
+    # scores used scale·q: dq carries the scale, dk already has it through q
+    return dq_BTHGD.mul_(scale).view(B, T, HQ, D), dk_W[0], dv_W[0]
+
+
+class _SparseAttention(torch.autograd.Function):
+    """Autograd wrapper of the torch path: saves the row lse, recomputes scores in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTHD: torch.Tensor,
+        k_BSHD: torch.Tensor,
+        v_BSHD: torch.Tensor,
+        idx_BTHK: torch.Tensor,
+        scale: float,
+        want_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the chunked forward; the probabilities are a non-differentiable side output."""
+        o_BTHD, lse_BTH, probs_BTHK = _forward(q_BTHD, k_BSHD, v_BSHD, idx_BTHK, scale, want_probs)
+        ctx.save_for_backward(q_BTHD, k_BSHD, v_BSHD, idx_BTHK, o_BTHD, lse_BTH)
+        ctx.scale = scale
+        if probs_BTHK is not None:
+            ctx.mark_non_differentiable(probs_BTHK)
+        return o_BTHD.to(q_BTHD.dtype), probs_BTHK
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, do_BTHD: torch.Tensor, _dprobs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
+        """Gradients for q, k, v in their dtypes; indices, scale and the flag get none."""
+        q_BTHD, k_BSHD, v_BSHD, idx_BTHK, o_BTHD, lse_BTH = ctx.saved_tensors
+        dq, dk, dv = _backward(
+            do_BTHD, q_BTHD, k_BSHD, v_BSHD, idx_BTHK, o_BTHD, lse_BTH, ctx.scale
+        )
+        return dq.to(q_BTHD.dtype), dk.to(k_BSHD.dtype), dv.to(v_BSHD.dtype), None, None, None
+
+
+def sparse_attention_torch(
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    want_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slot attention by query chunks: gather, two batched matmuls; differentiable in q, k, v.
+
+    Inputs are validated by the caller. Each chunk of queries gathers its slot keys and values
+    once per KV head (one read serves the G query heads of the group), scores them with one
+    batched matmul and applies them with another; the backward recomputes the scores from the
+    saved row lse. Chunks run on ``torch.get_num_threads()`` worker threads owning disjoint
+    query ranges. Returns (o_BTHD in q's dtype, fp32 slot probabilities or None).
+    """
+    H = k_BSHD.shape[2]
+    o_BTHD, probs_BTHK = _SparseAttention.apply(
+        q_BTHD, k_BSHD, v_BSHD, _per_head(indices, H), scale, want_probs
+    )
+    return o_BTHD, None if probs_BTHK is None else _probs_out(probs_BTHK, indices.dim() == 3)
+
+
+# ----- public op -----------------------------------------------------------------------------
+
+
+def sparse_attention(
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float | None = None,
+    return_probs: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over the keys in its index slots; returns o_BTHD.
+
+    q_BTHD is [B, T, HQ, D], k_BSHD and v_BSHD [B, S, H, D] with HQ a multiple of H (query head
+    h reads KV head h // (HQ // H)); the queries are the last T of the S keys. ``indices`` is
+    int64 [B, T, K] (one key set per query, shared by all heads) or [B, T, H, K] (one per KV
+    head): key positions, -1 for an unused slot. Unused and future slots are skipped; a row
+    with no used slot outputs 0 with zero gradients; a repeated position counts once per slot.
+    ``scale`` defaults to D**-0.5. With ``return_probs`` also returns the fp32 slot
+    probabilities averaged over the query heads sharing the key set, [B, T, K] or [B, T, H, K]
+    (0 on unused slots; no gradient). fp32 and bf16 inputs (fp32 accumulation); the output has
+    q's dtype. ``backend`` is ``naive``, ``torch``, ``triton`` or ``auto`` (triton on CUDA,
+    torch elsewhere); the torch backend uses ``torch.get_num_threads()`` worker threads and
+    must not be called from several threads at once. The index range is checked on every call
+    (a host sync on CUDA). Raises ValueError naming the argument for bad shapes, dtypes,
+    devices, index values or backend.
+    """
+    _validate(q_BTHD, k_BSHD, v_BSHD, indices)
+    chosen = resolve_backend(_OP, backend, _AVAILABLE, q_BTHD)
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    if chosen == "naive":
+        o_BTHD, probs = sparse_attention_naive(q_BTHD, k_BSHD, v_BSHD, indices, scale)
+    elif chosen == "torch":
+        o_BTHD, probs = sparse_attention_torch(q_BTHD, k_BSHD, v_BSHD, indices, scale, return_probs)
+    else:
+        # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+        from .triton_attention import sparse_attention_triton
+
+        o_BTHD, probs = sparse_attention_triton(
+            q_BTHD, k_BSHD, v_BSHD, indices, scale, return_probs
+        )
+    return (o_BTHD, probs) if return_probs else o_BTHD

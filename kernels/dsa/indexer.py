@@ -1,0 +1,533 @@
+"""The lightning indexer of DSA (``sparsezoo.kernels.dsa.indexer``): scores and top-k selection.
+
+I(t, s) = scale · sum_j w(t, j) · ReLU(q_j(t) · k(s)) for keys s <= t, with N indexer heads q_j of
+width E, one indexer key per token shared by the heads, and per-head weights w. With per-group
+weights w_u(t, j) (one set per KV group u) the ReLU terms are shared and each group gets its own
+score row I_u(t, s) and its own selection. ``scale`` defaults to N^-1/2 · E^-1/2 (DeepSeek-V3.2).
+
+Queries are the last T of the S keys: query t sits at position S - T + t and sees keys
+0 .. S - T + t, so the same ops serve prefill (T = S), decoding (T new tokens after S - T cached
+ones) and query chunks. Future keys score -inf; top-k runs after that causal mask and returns
+min(topk, position + 1) keys per query, padded with -1. Ties are broken towards the later key,
+the same way by every backend, so a selection does not depend on how the rows were computed.
+
+Backends: ``naive`` (one dense [T, S] einsum, the fp32 oracle), ``torch`` (query chunks: one
+matmul, ReLU and head-weighting per chunk, then a thresholded top-k; never a [T, N, S] tensor)
+and ``triton`` (score kernels in ``triton_indexer.py``, top-k through torch).
+
+Legend: B batch, T queries, S keys, N indexer heads, E indexer head dim, U selection sets per
+query (1 when one set is shared by all attention heads, else one per KV group), K top-k slots,
+C queries of a chunk, P keys a chunk sees, R rows (chunk queries × sets).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..backend import resolve_backend
+from ..nsa.selection import _run_workers
+
+__all__ = [
+    "default_index_scale",
+    "indexer_scores",
+    "indexer_scores_naive",
+    "indexer_scores_torch",
+    "indexer_topk",
+    "indexer_topk_naive",
+    "indexer_topk_torch",
+    "select_topk_rows",
+]
+
+_SCORES = "indexer_scores"
+_TOPK = "indexer_topk"
+_AVAILABLE = ("naive", "torch", "triton")
+
+# Score elements (queries × heads × keys) one chunk of the torch path holds: 4 MB of fp32
+# keeps a chunk's ReLU terms in the L2/L3 caches while the per-chunk op overhead stays small.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def default_index_scale(n_heads: int, head_dim: int) -> float:
+    """The paper's indexer scaling N^-1/2 · E^-1/2 (heads and head width)."""
+    return (n_heads * head_dim) ** -0.5
+
+
+def _validate(
+    op: str,
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    indices: torch.Tensor | None = None,
+) -> None:
+    """Raise ValueError naming the offending argument when the indexer inputs do not fit."""
+    if q_idx_BTNE.dim() != 4:
+        raise ValueError(f"{op}: q_idx must be 4-d [B, T, N, E], got {tuple(q_idx_BTNE.shape)}")
+    B, T, N, E = q_idx_BTNE.shape
+    if k_idx_BSE.dim() != 3 or k_idx_BSE.shape[0] != B or k_idx_BSE.shape[2] != E:
+        raise ValueError(
+            f"{op}: k_idx must be [B, S, E] = [{B}, S, {E}], got {tuple(k_idx_BSE.shape)}"
+        )
+    S = k_idx_BSE.shape[1]
+    if T < 1 or S < T:
+        raise ValueError(
+            f"{op}: need 1 <= T <= S (queries are the last T of the S keys), got T={T}, S={S}"
+        )
+    if w_idx.dim() not in (3, 4) or w_idx.shape[:2] != (B, T) or w_idx.shape[-1] != N:
+        raise ValueError(
+            f"{op}: w_idx must be [B, T, N] = [{B}, {T}, {N}] (one selection shared by all "
+            f"heads) or [B, T, U, N] (one per KV group), got {tuple(w_idx.shape)}"
+        )
+    tensors = (q_idx_BTNE, k_idx_BSE, w_idx)
+    if len({t.dtype for t in tensors}) != 1 or not q_idx_BTNE.is_floating_point():
+        raise ValueError(
+            f"{op}: q_idx, k_idx, w_idx must share one floating dtype, got "
+            f"{q_idx_BTNE.dtype}, {k_idx_BSE.dtype}, {w_idx.dtype}"
+        )
+    devices = {t.device for t in (*tensors, *(() if indices is None else (indices,)))}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    if indices is None:
+        return
+    if indices.dtype != torch.int64:
+        raise ValueError(f"{op}: indices must be int64, got dtype {indices.dtype}")
+    want = "[B, T, K]" if w_idx.dim() == 3 else f"[B, T, {w_idx.shape[2]}, K]"
+    if indices.dim() != w_idx.dim() or indices.shape[:-1] != w_idx.shape[:-1]:
+        raise ValueError(
+            f"{op}: indices must be {want} to match w_idx {tuple(w_idx.shape)}, "
+            f"got {tuple(indices.shape)}"
+        )
+    if indices.numel() and (indices.min() < -1 or indices.max() >= S):
+        raise ValueError(
+            f"{op}: indices must be -1 (unused) or key positions in [0, {S}), got min "
+            f"{int(indices.min())}, max {int(indices.max())}"
+        )
+
+
+def _check_topk(topk: int) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"{_TOPK}: topk must be an int >= 1, got {topk!r}")
+    return int(topk)
+
+
+def _as_sets(w_idx: torch.Tensor) -> torch.Tensor:
+    """w_idx as [B, T, U, N] (a view): shared weights become one selection set."""
+    return w_idx.unsqueeze(2) if w_idx.dim() == 3 else w_idx
+
+
+def _positions(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """Positions [T] of the queries, the last T of the S keys."""
+    return torch.arange(S - T, S, device=device)
+
+
+# ----- naive (the oracle) ------------------------------------------------------------------
+
+
+def indexer_scores_naive(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indexer scores written out in fp32 with autograd (the oracle): [B, T, (U,) S or K].
+
+    Inputs are validated by the caller. Without ``indices`` every key is scored and future keys
+    get -inf; with them, the keys in the index slots are scored and unused (-1) or future slots
+    get -inf. Memory is O(B·T·N·S): only for tests and small inputs.
+    """
+    T, S = q_idx_BTNE.shape[1], k_idx_BSE.shape[1]
+    q, k, w_BTUN = q_idx_BTNE.float(), k_idx_BSE.float(), _as_sets(w_idx).float()
+    pos_T1 = _positions(T, S, q.device)[:, None]
+    if indices is None:
+        relu_BTNS = torch.einsum("btne,bse->btns", q, k).relu()
+        scores = torch.einsum("btun,btns->btus", w_BTUN, relu_BTNS) * scale
+        future_TS = torch.arange(S, device=q.device)[None, :] > pos_T1
+        scores = scores.masked_fill(future_TS[:, None, :], float("-inf"))
+    else:
+        idx_BTUK = _as_sets(indices) if w_idx.dim() == 3 else indices
+        b_B111 = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1, 1)
+        k_BTUKE = k[b_B111, idx_BTUK.clamp_min(0)]
+        relu_BTUNK = torch.einsum("btne,btuke->btunk", q, k_BTUKE).relu()
+        scores = torch.einsum("btun,btunk->btuk", w_BTUN, relu_BTUNK) * scale
+        used = (idx_BTUK >= 0) & (idx_BTUK <= pos_T1[..., None])
+        scores = scores.masked_fill(~used, float("-inf"))
+    return scores.squeeze(2) if w_idx.dim() == 3 else scores
+
+
+def indexer_topk_naive(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    """Top-k keys per query from the dense naive scores: a stable sort of the reversed row.
+
+    Sorting the keys in reverse order by score, stably and descending, ranks equal scores by
+    descending key position, the tie rule of every backend. Slots past the query's
+    min(topk, position + 1) visible keys (and past S) hold -1.
+    """
+    T, S = q_idx_BTNE.shape[1], k_idx_BSE.shape[1]
+    with torch.no_grad():
+        scores = indexer_scores_naive(q_idx_BTNE, k_idx_BSE, w_idx, scale)
+        order = scores.flip(-1).argsort(dim=-1, descending=True, stable=True)[..., :topk]
+        idx = (S - 1) - order
+        count_T1 = (_positions(T, S, q_idx_BTNE.device) + 1).clamp(max=topk)[:, None]
+        if w_idx.dim() == 4:
+            count_T1 = count_T1[:, None]
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        idx = torch.where(slot < count_T1, idx, -1)
+        pad = topk - idx.shape[-1]
+    return torch.nn.functional.pad(idx, (0, pad), value=-1) if pad else idx
+
+
+# ----- top-k of score rows (shared by the torch and triton paths) ---------------------------
+
+
+def _break_ties(scores_RP: torch.Tensor, kth_R1: torch.Tensor, topk: int) -> torch.Tensor:
+    """Exactly ``topk`` keys per row: all above the k-th value, then the latest equal ones."""
+    above_RP = scores_RP > kth_R1
+    tied_RP = scores_RP == kth_R1
+    need_R1 = topk - above_RP.sum(-1, keepdim=True)
+    # rank of each tied key counted from the end of the row: the latest tied keys win
+    rank_RP = tied_RP.flip(-1).cumsum(-1).flip(-1)
+    chosen_RP = above_RP | (tied_RP & (rank_RP <= need_R1))
+    return chosen_RP.nonzero()[:, 1].view(-1, topk)
+
+
+def select_topk_rows(scores_RP: torch.Tensor, topk: int) -> torch.Tensor:
+    """Positions [R, topk] of the ``topk`` largest scores of each row, ties to the later key.
+
+    Every row must hold more than ``topk`` finite scores (future keys are -inf). torch.topk
+    finds the k-th value; a row where more than ``topk`` scores reach it has a tie at the
+    boundary and is redone by the deterministic rule of :func:`_break_ties`.
+    """
+    values_RK, idx_RK = scores_RP.topk(topk, dim=-1, sorted=False)
+    kth_R1 = values_RK.amin(-1, keepdim=True)
+    tied_R = (scores_RP >= kth_R1).sum(-1) > topk
+    if bool(tied_R.any()):
+        rows = tied_R.nonzero().squeeze(1)
+        idx_RK[rows] = _break_ties(scores_RP[rows], kth_R1[rows], topk)
+    return idx_RK
+
+
+def _all_visible(pos_C: torch.Tensor, topk: int) -> torch.Tensor:
+    """Selections [C, topk] of queries that see at most ``topk`` keys: all of them, -1 after."""
+    slot_K = torch.arange(topk, device=pos_C.device)
+    return torch.where(slot_K[None, :] <= pos_C[:, None], slot_K[None, :], -1)
+
+
+# ----- torch (the fast CPU path) -------------------------------------------------------------
+
+
+def _chunks(T: int, S: int, N: int, first: int = 0) -> list[tuple[int, int]]:
+    """Query ranges [t0, t1) from ``first`` on, each holding about _CHUNK_ELEMENTS ReLU terms."""
+    size = max(1, _CHUNK_ELEMENTS // (N * S))
+    return [(t0, min(t0 + size, T)) for t0 in range(first, T, size)]
+
+
+def _split(costs: list[int], workers: int) -> list[list[int]]:
+    """Indices of ``costs`` cut into ``workers`` contiguous runs of about equal total cost."""
+    total, runs, acc = sum(costs), [[] for _ in range(workers)], 0
+    for i, cost in enumerate(costs):
+        runs[min(workers - 1, acc * workers // max(1, total))].append(i)
+        acc += cost
+    return [run for run in runs if run]
+
+
+def _parallel(jobs: list[Callable[[], None]]) -> None:
+    """Run the chunk jobs on ``torch.get_num_threads()`` workers with single-threaded ops."""
+    if not jobs:
+        return
+    workers = max(1, min(torch.get_num_threads(), len(jobs)))
+    runs = _split([1] * len(jobs), workers)
+    _run_workers([lambda run=run: [jobs[i]() for i in run] for run in runs])
+
+
+def _chunk_relu(
+    q_CNE: torch.Tensor, kt_EP: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ReLU(q_j · k) of a chunk's queries against its visible keys: [C, N, P], one matmul."""
+    C, N, E = q_CNE.shape
+    relu_RP = torch.mm(q_CNE.reshape(C * N, E), kt_EP, out=out)
+    return relu_RP.relu_().view(C, N, -1)
+
+
+def _mask_future(scores_CUP: torch.Tensor, first_pos: int) -> None:
+    """-inf on the keys after each query of a chunk whose first query sits at ``first_pos``."""
+    C, P = scores_CUP.shape[0], scores_CUP.shape[2]
+    # only the chunk's own diagonal stretch of keys can lie in a query's future
+    tail = scores_CUP[:, :, first_pos:]
+    future_CP = torch.ones(C, P - first_pos, dtype=torch.bool, device=tail.device).triu(1)
+    tail.masked_fill_(future_CP[:, None, :], float("-inf"))
+
+
+def indexer_topk_torch(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    """Top-k selection by query chunks: matmul, ReLU, head weighting, causal mask, top-k.
+
+    Inputs are validated by the caller. Queries that see at most ``topk`` keys take them all
+    without scoring; the rest go in chunks of about _CHUNK_ELEMENTS ReLU terms, so no [T, S]
+    score matrix exists. Chunks run on ``torch.get_num_threads()`` worker threads.
+    """
+    B, T, N, _ = q_idx_BTNE.shape
+    S = k_idx_BSE.shape[1]
+    w_BTUN = _as_sets(w_idx).float() * scale
+    U = w_BTUN.shape[2]
+    q, k = q_idx_BTNE.float(), k_idx_BSE.float()
+    pos_T = _positions(T, S, q.device)
+    out_BTUK = torch.full((B, T, U, topk), -1, dtype=torch.int64, device=q.device)
+    first = min(T, max(0, topk - (S - T)))  # queries before it see <= topk keys
+    out_BTUK[:, :first] = _all_visible(pos_T[:first], topk)[None, :, None, :]
+
+    def job(b: int, t0: int, t1: int) -> None:
+        P = S - T + t1
+        relu_CNP = _chunk_relu(q[b, t0:t1], k[b, :P].T)
+        scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP)
+        _mask_future(scores_CUP, S - T + t0)
+        idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
+        out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
+
+    jobs = [lambda b=b, c=c: job(b, *c) for b in range(B) for c in _chunks(T, S, N, first)]
+    _parallel(jobs)
+    return out_BTUK.squeeze(2) if w_idx.dim() == 3 else out_BTUK
+
+
+class _DenseScores(torch.autograd.Function):
+    """Dense indexer scores [B, T, U, S] by query chunks; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTNE: torch.Tensor,
+        k_BSE: torch.Tensor,
+        w_BTUN: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Score every key of every query; future keys -inf."""
+        B, T, N, _ = q_BTNE.shape
+        S, U = k_BSE.shape[1], w_BTUN.shape[2]
+        out_BTUS = torch.full((B, T, U, S), float("-inf"), device=q_BTNE.device)
+        for b in range(B):
+            for t0, t1 in _chunks(T, S, N):
+                P = S - T + t1
+                relu_CNP = _chunk_relu(q_BTNE[b, t0:t1], k_BSE[b, :P].T)
+                scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP).mul_(scale)
+                _mask_future(scores_CUP, S - T + t0)
+                out_BTUS[b, t0:t1, :, :P] = scores_CUP
+        ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN)
+        ctx.scale = scale
+        return out_BTUS
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, g_BTUS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        """dq, dk, dw by chunks: the ReLU gate of each term comes from the recomputed q·k."""
+        q_BTNE, k_BSE, w_BTUN = ctx.saved_tensors
+        B, T, N, E = q_BTNE.shape
+        S = k_BSE.shape[1]
+        dq, dk, dw = torch.zeros_like(q_BTNE), torch.zeros_like(k_BSE), torch.zeros_like(w_BTUN)
+        for b in range(B):
+            for t0, t1 in _chunks(T, S, N):
+                P, C = S - T + t1, t1 - t0
+                q_CNE, k_PE = q_BTNE[b, t0:t1], k_BSE[b, :P]
+                dot_CNP = torch.mm(q_CNE.reshape(C * N, E), k_PE.T).view(C, N, P)
+                g_CUP = g_BTUS[b, t0:t1, :, :P] * ctx.scale
+                _zero_future(g_CUP, S - T + t0)
+                dw[b, t0:t1] = torch.bmm(g_CUP, dot_CNP.clamp_min(0.0).transpose(1, 2))
+                coef_CNP = torch.bmm(w_BTUN[b, t0:t1].transpose(1, 2), g_CUP)
+                coef_CNP.mul_(dot_CNP > 0)
+                coef_RP = coef_CNP.view(C * N, P)
+                dq[b, t0:t1] = torch.mm(coef_RP, k_PE).view(C, N, E)
+                dk[b, :P] += torch.mm(coef_RP.T, q_CNE.reshape(C * N, E))
+        return dq, dk, dw, None
+
+
+def _zero_future(g_CUP: torch.Tensor, first_pos: int) -> None:
+    """Zero the incoming gradient on future keys (their scores are the constant -inf)."""
+    C, P = g_CUP.shape[0], g_CUP.shape[2]
+    future_CP = torch.ones(C, P - first_pos, dtype=torch.bool, device=g_CUP.device).triu(1)
+    g_CUP[:, :, first_pos:].masked_fill_(future_CP[:, None, :], 0.0)
+
+
+def _gather_rows(x_SE: torch.Tensor, idx_CK: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x_SE`` at the (clamped) slot indices: [C, K, E]."""
+    C, K = idx_CK.shape
+    return torch.index_select(x_SE, 0, idx_CK.clamp_min(0).flatten()).view(C, K, -1)
+
+
+class _GatheredScores(torch.autograd.Function):
+    """Indexer scores at index slots [B, T, U, K]; backward recomputes the gathered keys."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTNE: torch.Tensor,
+        k_BSE: torch.Tensor,
+        w_BTUN: torch.Tensor,
+        idx_BTUK: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Score the slot keys of every query; unused and future slots -inf."""
+        B, T, N, _ = q_BTNE.shape
+        S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
+        out_BTUK = torch.empty(B, T, U, K, device=q_BTNE.device)
+        pos_T = _positions(T, S, q_BTNE.device)
+
+        def job(b: int, t0: int, t1: int) -> None:
+            for u in range(U):
+                idx_CK = idx_BTUK[b, t0:t1, u]
+                k_CKE = _gather_rows(k_BSE[b], idx_CK)
+                relu_CNK = torch.bmm(q_BTNE[b, t0:t1], k_CKE.transpose(1, 2)).relu_()
+                scores_CK = torch.bmm(w_BTUN[b, t0:t1, u, None], relu_CNK).squeeze(1)
+                used_CK = (idx_CK >= 0) & (idx_CK <= pos_T[t0:t1, None])
+                out_BTUK[b, t0:t1, u] = scores_CK.mul_(scale).masked_fill_(~used_CK, float("-inf"))
+
+        _parallel([lambda b=b, c=c: job(b, *c) for b in range(B) for c in _slot_chunks(T, K, N)])
+        ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN, idx_BTUK)
+        ctx.scale = scale
+        return out_BTUK
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, g_BTUK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        """dq, dw per query; dk scattered into per-worker buffers summed at the end."""
+        q_BTNE, k_BSE, w_BTUN, idx_BTUK = ctx.saved_tensors
+        B, T, N, _ = q_BTNE.shape
+        S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
+        pos_T = _positions(T, S, q_BTNE.device)
+        dq, dw = torch.zeros_like(q_BTNE), torch.zeros_like(w_BTUN)
+        jobs = [(b, c) for b in range(B) for c in _slot_chunks(T, K, N)]
+        runs = _split([1] * len(jobs), max(1, min(torch.get_num_threads(), len(jobs))))
+        dk_W = [torch.zeros_like(k_BSE) for _ in runs]
+
+        def run(i: int) -> None:
+            for b, (t0, t1) in (jobs[j] for j in runs[i]):
+                q_CNE = q_BTNE[b, t0:t1]
+                for u in range(U):
+                    idx_CK = idx_BTUK[b, t0:t1, u]
+                    used_CK = (idx_CK >= 0) & (idx_CK <= pos_T[t0:t1, None])
+                    g_CK = (g_BTUK[b, t0:t1, u] * ctx.scale).masked_fill_(~used_CK, 0.0)
+                    k_CKE = _gather_rows(k_BSE[b], idx_CK)
+                    dot_CNK = torch.bmm(q_CNE, k_CKE.transpose(1, 2))
+                    dw[b, t0:t1, u] = torch.bmm(dot_CNK.clamp_min(0.0), g_CK[:, :, None]).squeeze(
+                        -1
+                    )
+                    coef_CNK = (w_BTUN[b, t0:t1, u, :, None] * g_CK[:, None, :]).mul_(dot_CNK > 0)
+                    dq[b, t0:t1] += torch.bmm(coef_CNK, k_CKE)
+                    dk_CKE = torch.bmm(coef_CNK.transpose(1, 2), q_CNE)
+                    dk_W[i][b].index_add_(0, idx_CK.clamp_min(0).flatten(), dk_CKE.flatten(0, 1))
+
+        _run_workers([lambda i=i: run(i) for i in range(len(runs))])
+        for dk in dk_W[1:]:
+            dk_W[0] += dk
+        return dq, dk_W[0], dw, None, None
+
+
+def _slot_chunks(T: int, K: int, N: int) -> list[tuple[int, int]]:
+    """Query ranges whose gathered slot keys and ReLU terms stay near _CHUNK_ELEMENTS."""
+    size = max(1, _CHUNK_ELEMENTS // (N * K))
+    return [(t0, min(t0 + size, T)) for t0 in range(0, T, size)]
+
+
+def indexer_scores_torch(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indexer scores by query chunks with recomputing backwards; fp32 [B, T, (U,) S or K].
+
+    Inputs are validated by the caller. Dense scores keep only the [T, S] output (never the
+    [T, N, S] ReLU terms); slot scores gather each chunk's keys, and their backward scatters dk
+    into one buffer per worker thread.
+    """
+    q, k, w_BTUN = q_idx_BTNE.float(), k_idx_BSE.float(), _as_sets(w_idx).float()
+    if indices is None:
+        scores = _DenseScores.apply(q, k, w_BTUN, scale)
+    else:
+        idx_BTUK = _as_sets(indices) if w_idx.dim() == 3 else indices
+        scores = _GatheredScores.apply(q, k, w_BTUN, idx_BTUK, scale)
+    return scores.squeeze(2) if w_idx.dim() == 3 else scores
+
+
+# ----- public ops ----------------------------------------------------------------------------
+
+
+def indexer_scores(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float | None = None,
+    indices: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Lightning-indexer scores I(t, s), differentiable in q_idx, k_idx and w_idx; fp32.
+
+    q_idx_BTNE is [B, T, N, E] (N indexer heads of width E), k_idx_BSE [B, S, E] (one key per
+    token, shared by the heads), w_idx [B, T, N] (one selection shared by all attention heads)
+    or [B, T, U, N] (per-KV-group weights, one score row per group). The queries are the last T
+    of the S keys. Without ``indices`` returns every key's score, [B, T, S] or [B, T, U, S],
+    -inf for future keys (O(T·S) memory: for training losses at moderate lengths and tests);
+    with int64 ``indices`` [B, T, K] or [B, T, U, K] returns the scores of those slots, -inf
+    for unused (-1) and future slots. ``scale`` defaults to N^-1/2 · E^-1/2. ``backend`` is
+    ``naive``, ``torch``, ``triton`` or ``auto`` (triton on CUDA, torch elsewhere). Raises
+    ValueError naming the argument for bad shapes, dtypes, devices, index values or backend.
+    """
+    _validate(_SCORES, q_idx_BTNE, k_idx_BSE, w_idx, indices)
+    chosen = resolve_backend(_SCORES, backend, _AVAILABLE, q_idx_BTNE)
+    N, E = q_idx_BTNE.shape[2:]
+    scale = default_index_scale(N, E) if scale is None else float(scale)
+    if chosen == "naive":
+        return indexer_scores_naive(q_idx_BTNE, k_idx_BSE, w_idx, scale, indices)
+    if chosen == "torch":
+        return indexer_scores_torch(q_idx_BTNE, k_idx_BSE, w_idx, scale, indices)
+    # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+    from .triton_indexer import indexer_scores_triton
+
+    return indexer_scores_triton(q_idx_BTNE, k_idx_BSE, w_idx, scale, indices)
+
+
+def indexer_topk(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    topk: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The ``topk`` highest-scoring visible keys of every query: int64 indices, -1 padded.
+
+    Shapes as in :func:`indexer_scores`; returns [B, T, topk] for shared weights or
+    [B, T, U, topk] for per-group weights. The causal mask applies before the top-k, so query
+    t gets min(topk, position + 1) keys (all of them while it sees no more than ``topk``); the
+    slot order is unspecified, equal scores prefer the later key. No gradient flows through a
+    selection. Raises ValueError for a bad ``topk`` and as :func:`indexer_scores`.
+    """
+    _validate(_TOPK, q_idx_BTNE, k_idx_BSE, w_idx)
+    topk = _check_topk(topk)
+    chosen = resolve_backend(_TOPK, backend, _AVAILABLE, q_idx_BTNE)
+    N, E = q_idx_BTNE.shape[2:]
+    scale = default_index_scale(N, E) if scale is None else float(scale)
+    with torch.no_grad():
+        if chosen == "naive":
+            return indexer_topk_naive(q_idx_BTNE, k_idx_BSE, w_idx, topk, scale)
+        if chosen == "torch":
+            return indexer_topk_torch(q_idx_BTNE, k_idx_BSE, w_idx, topk, scale)
+        from .triton_indexer import indexer_topk_triton
+
+        return indexer_topk_triton(q_idx_BTNE, k_idx_BSE, w_idx, topk, scale)
