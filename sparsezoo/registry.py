@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "sparsezoo.mechanisms"
 _BUILTINS: dict[str, str] = {
     "dense": "sparsezoo.mechanisms.dense:DenseAttention",
     "dsa": "sparsezoo.mechanisms.dsa:DeepSeekSparseAttention",
+    "moba": "sparsezoo.mechanisms.moba:MixtureOfBlockAttention",
     "nsa": "sparsezoo.mechanisms.nsa:NativeSparseAttention",
     "sliding_window": "sparsezoo.mechanisms.sliding_window:SlidingWindowAttention",
 }

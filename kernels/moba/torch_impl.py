@@ -1,0 +1,315 @@
+"""Fast CPU MoBA attention: own blocks and routed blocks as aten flash-attention calls, LSE-merged.
+
+Every query attends its own block (token-causal) and its routed past blocks under one softmax,
+computed in parts merged by log-sum-exp:
+- own part: all query blocks of a range at once, one causal flash call over [blocks, HQ, L, D]
+  views of q, k, v (GQA native, no copies), which returns the output and its log-sum-exp;
+- routed parts, mixture-of-experts style: per (batch, KV head, block) "expert", the query rows
+  (b, t, query head) that routed to the block, with all query heads of the group folded into
+  the rows, are gathered and attended against the block's keys in one non-causal flash call;
+  the result is merged into the rows' running (output, lse) by log-sum-exp.
+The backward is exact: aten's flash backward recomputes each part's probabilities as
+exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged output, which is
+the gradient of the one softmax over the union. Nothing of size [T, T], [T, N] or per query
+head copies of K/V is ever built. Work is split over worker threads that own disjoint ranges of
+query blocks (``kernels.nsa.selection._run_workers``: single-threaded ops per worker, because
+small multi-threaded ops wait on barriers on a loaded machine); dk and dv are accumulated per
+worker and summed in worker order, so results are deterministic.
+Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of
+a block (block_size, fewer in the tail block), N blocks ceil(T / block_size), R routed slots,
+Q query rows B·T·HQ (flat, row (b·T + t)·HQ + h), M rows of one chunk, P routed pairs, W
+workers, X any number of blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..nsa.selection import _run_workers
+
+__all__ = ["moba_attention_torch"]
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Query rows per routed flash call. Measured at 16k tokens, G = 16, block 512 on 2 cores:
+# 4096 to 16384 rows run within noise; the gathered rows, partial outputs and merge temporaries
+# of one chunk stay a few MB.
+_CHUNK_ROWS = 8192
+# Attended (query, key) pairs per worker below which a second worker does not pay for itself.
+_MIN_PAIRS_PER_WORKER = 1 << 22
+_MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Up to ``_CHUNK_ROWS`` query rows (flat ids, increasing) routed to block j of KV head h."""
+
+    b: int
+    h: int
+    j: int
+    rows_M: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One worker's query blocks ``first .. end - 1`` (all batch rows) and their routed chunks."""
+
+    first: int
+    end: int
+    chunks: tuple[_Chunk, ...]
+
+
+def _block_rows(x_BTHD: torch.Tensor, b: int, t0: int, t1: int, L: int) -> torch.Tensor:
+    """[X, heads, L, D] view of rows t0 .. t1 - 1 (X = (t1 - t0) / L whole blocks) of batch b."""
+    x_XLHD = x_BTHD[b, t0:t1].view(-1, L, *x_BTHD.shape[2:])
+    return x_XLHD.transpose(1, 2)
+
+
+def _own_segments(first: int, end: int, T: int, block_size: int) -> list[tuple[int, int, int]]:
+    """(t0, t1, L) runs of equal-length blocks covering query blocks first .. end - 1: the whole
+    blocks, then the partial tail block if the range holds it."""
+    full_end = min(end, T // block_size)
+    segments = []
+    if full_end > first:
+        segments.append((first * block_size, full_end * block_size, block_size))
+    if end * block_size > T and T % block_size:
+        segments.append((T - T % block_size, T, T % block_size))
+    return segments
+
+
+def _route_share(
+    block_indices_BTHR: torch.Tensor, H: int, block_size: int, first: int, end: int
+) -> tuple[_Chunk, ...]:
+    """Invert the routing of query blocks first .. end - 1 into per-expert chunks of rows.
+
+    One stable sort of the routed pairs by expert id (b·H + h)·N + j keeps each expert's rows
+    increasing; unused slots (-1) sort past the end and are cut off.
+    """
+    B, T, HQ, _ = block_indices_BTHR.shape
+    t0, t1 = first * block_size, min(T, end * block_size)
+    N = -(-T // block_size)
+    idx_BTHR = block_indices_BTHR[:, t0:t1]
+    device = idx_BTHR.device
+    b_B111 = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h_111H1 = (torch.arange(HQ, device=device) // (HQ // H)).view(1, 1, HQ, 1)
+    t_1T11 = torch.arange(t0, t1, device=device).view(1, -1, 1, 1)
+    valid_BTHR = idx_BTHR >= 0
+    key_BTHR = torch.where(valid_BTHR, (b_B111 * H + h_111H1) * N + idx_BTHR, B * H * N)
+    rows_BTHR = (b_B111 * T + t_1T11) * HQ + torch.arange(HQ, device=device).view(1, 1, HQ, 1)
+    key_P, order_P = key_BTHR.flatten().sort(stable=True)
+    P = int(valid_BTHR.sum())
+    rows_P = rows_BTHR.expand_as(key_BTHR).flatten()[order_P[:P]]
+    counts = torch.bincount(key_P[:P], minlength=B * H * N).tolist()
+    chunks = []
+    lo = 0
+    for expert, count in enumerate(counts):
+        b, rest = divmod(expert, H * N)
+        h, j = divmod(rest, N)
+        for c in range(lo, lo + count, _CHUNK_ROWS):
+            chunks.append(_Chunk(b, h, j, rows_P[c : min(c + _CHUNK_ROWS, lo + count)]))
+        lo += count
+    return tuple(chunks)
+
+
+def _block_kv(x_BTHD: torch.Tensor, c: _Chunk, block_size: int) -> torch.Tensor:
+    """The chunk's block of keys or values as a [1, 1, L, D] view."""
+    return x_BTHD[c.b, c.j * block_size : (c.j + 1) * block_size, c.h][None, None]
+
+
+def _forward_share(
+    share_slot: list[_Share],
+    first: int,
+    end: int,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHR: torch.Tensor,
+    block_size: int,
+    scale: float,
+    o_BTHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+) -> None:
+    """One worker's forward: own blocks, then routed chunks merged into its rows by LSE.
+
+    Writes only the worker's query rows of the shared fp32 o_BTHD and lse_BTH, and stores its
+    routing (needed again by the backward) in ``share_slot``.
+    """
+    B, T, HQ, D = q_BTHD.shape
+    H = k_BTHD.shape[2]
+    for t0, t1, L in _own_segments(first, end, T, block_size):
+        for b in range(B):
+            blocks = [_block_rows(x, b, t0, t1, L) for x in (q_BTHD, k_BTHD, v_BTHD)]
+            out_XHLD, lse_XHL = _flash(*blocks, is_causal=True, scale=scale)
+            _block_rows(o_BTHD, b, t0, t1, L).copy_(out_XHLD)
+            lse_BTH[b, t0:t1].view(-1, L, HQ).copy_(lse_XHL.transpose(1, 2))
+    chunks = _route_share(block_indices_BTHR, H, block_size, first, end)
+    share_slot.append(_Share(first, end, chunks))
+    q_QD, o_QD, lse_Q = q_BTHD.view(-1, D), o_BTHD.view(-1, D), lse_BTH.view(-1)
+    for c in chunks:
+        q_rows = q_QD.index_select(0, c.rows_M)[None, None]
+        out_11MD, lse_11M = _flash(
+            q_rows, _block_kv(k_BTHD, c, block_size), _block_kv(v_BTHD, c, block_size),
+            scale=scale,
+        )  # fmt: skip
+        lse_old_M = lse_Q.index_select(0, c.rows_M)
+        lse_part_M = lse_11M.view(-1)
+        lse_new_M = torch.logaddexp(lse_old_M, lse_part_M)
+        o_new_MD = o_QD.index_select(0, c.rows_M).mul_((lse_old_M - lse_new_M).exp_()[:, None])
+        o_new_MD.add_(out_11MD.view(-1, D) * (lse_part_M - lse_new_M).exp_()[:, None])
+        o_QD.index_copy_(0, c.rows_M, o_new_MD)
+        lse_Q.index_copy_(0, c.rows_M, lse_new_M)
+
+
+def _backward_share(
+    share: _Share,
+    do_BTHD: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    o_BTHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    block_size: int,
+    scale: float,
+    dq_BTHD: torch.Tensor,
+    dk_BTHD: torch.Tensor,
+    dv_BTHD: torch.Tensor,
+) -> None:
+    """One worker's backward with the merged o and lse: dq into its own rows of the shared
+    dq_BTHD, dk and dv added into this worker's own buffers."""
+    B, T, HQ, D = q_BTHD.shape
+    for t0, t1, L in _own_segments(share.first, share.end, T, block_size):
+        for b in range(B):
+            blocks = [_block_rows(x, b, t0, t1, L) for x in (do_BTHD, q_BTHD, k_BTHD, v_BTHD)]
+            lse_XHL = lse_BTH[b, t0:t1].view(-1, L, HQ).transpose(1, 2)
+            dq_XHLD, dk_XHLD, dv_XHLD = _flash_backward(
+                *blocks, _block_rows(o_BTHD, b, t0, t1, L), lse_XHL, 0.0, True, scale=scale
+            )
+            _block_rows(dq_BTHD, b, t0, t1, L).copy_(dq_XHLD)
+            _block_rows(dk_BTHD, b, t0, t1, L).add_(dk_XHLD)
+            _block_rows(dv_BTHD, b, t0, t1, L).add_(dv_XHLD)
+    q_QD, do_QD, o_QD = q_BTHD.view(-1, D), do_BTHD.view(-1, D), o_BTHD.view(-1, D)
+    lse_Q, dq_QD = lse_BTH.view(-1), dq_BTHD.view(-1, D)
+    for c in share.chunks:
+        rows = [x.index_select(0, c.rows_M)[None, None] for x in (do_QD, q_QD)]
+        dq_11MD, dk_11LD, dv_11LD = _flash_backward(
+            *rows,
+            _block_kv(k_BTHD, c, block_size),
+            _block_kv(v_BTHD, c, block_size),
+            o_QD.index_select(0, c.rows_M)[None, None],
+            lse_Q.index_select(0, c.rows_M)[None, None],
+            0.0,
+            False,
+            scale=scale,
+        )
+        dq_QD.index_add_(0, c.rows_M, dq_11MD.view(-1, D).to(dq_QD.dtype))
+        _block_kv(dk_BTHD, c, block_size)[0, 0].add_(dk_11LD[0, 0])
+        _block_kv(dv_BTHD, c, block_size)[0, 0].add_(dv_11LD[0, 0])
+
+
+def _split_blocks(block_indices_BTHR: torch.Tensor, block_size: int) -> list[tuple[int, int]]:
+    """Cut the query blocks into contiguous ranges of about equal attended pairs, one per worker.
+
+    A query in a block of L keys attends about L / 2 own keys plus block_size per routed block;
+    the count of workers comes from torch's thread count, capped by the total work.
+    """
+    B, T, HQ, _ = block_indices_BTHR.shape
+    N = -(-T // block_size)
+    routed_T = (block_indices_BTHR >= 0).sum(dim=(0, 2, 3))
+    pos_T = torch.arange(T, device=routed_T.device)
+    pairs_T = B * HQ * (pos_T % block_size + 1) + block_size * routed_T
+    pairs_N = torch.zeros(N, dtype=pairs_T.dtype, device=pairs_T.device)
+    pairs_N.index_add_(0, pos_T // block_size, pairs_T)
+    cum_N = pairs_N.cumsum(0).cpu()
+    total = int(cum_N[-1])
+    workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, N, total // _MIN_PAIRS_PER_WORKER))
+    targets = torch.arange(1, workers) * total // workers
+    bounds = sorted({0, *(torch.searchsorted(cum_N, targets) + 1).tolist(), N})
+    return list(itertools.pairwise(bounds))
+
+
+class _MobaAttention(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, the merged output and lse, and the per-worker routing."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHD: torch.Tensor,
+        block_indices_BTHR: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Own and routed parts per worker, merged by LSE into fp32 (o, lse); returns q's dtype."""
+        q_BTHD, k_BTHD, v_BTHD = (x.contiguous() for x in (q_BTHD, k_BTHD, v_BTHD))
+        o_BTHD = torch.empty(q_BTHD.shape, dtype=torch.float32, device=q_BTHD.device)
+        lse_BTH = torch.empty(q_BTHD.shape[:3], dtype=torch.float32, device=q_BTHD.device)
+        ranges = _split_blocks(block_indices_BTHR, block_size)
+        slots: list[list[_Share]] = [[] for _ in ranges]
+        inputs = (q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale, o_BTHD, lse_BTH)
+        _run_workers(
+            [
+                functools.partial(_forward_share, slot, first, end, *inputs)
+                for slot, (first, end) in zip(slots, ranges, strict=True)
+            ]
+        )
+        o_out = o_BTHD.to(q_BTHD.dtype)
+        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_out, lse_BTH)
+        ctx.shares = [slot[0] for slot in slots]
+        ctx.block_size, ctx.scale = block_size, scale
+        return o_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, do_BTHD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
+        """Exact gradients through the merged softmax, workers in parallel; inputs' dtypes."""
+        q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH = ctx.saved_tensors
+        do_BTHD = do_BTHD.to(q_BTHD.dtype).contiguous()
+        dq_BTHD = torch.zeros(q_BTHD.shape, dtype=torch.float32, device=q_BTHD.device)
+        fp32 = {"dtype": torch.float32, "device": k_BTHD.device}
+        dk_W = [torch.zeros(k_BTHD.shape, **fp32) for _ in ctx.shares]
+        dv_W = [torch.zeros(v_BTHD.shape, **fp32) for _ in ctx.shares]
+        inputs = (do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, ctx.block_size, ctx.scale)
+        _run_workers(
+            [
+                functools.partial(_backward_share, share, *inputs, dq_BTHD, dk_BTHD, dv_BTHD)
+                for share, dk_BTHD, dv_BTHD in zip(ctx.shares, dk_W, dv_W, strict=True)
+            ]
+        )
+        for dk_BTHD, dv_BTHD in zip(dk_W[1:], dv_W[1:], strict=True):
+            dk_W[0] += dk_BTHD
+            dv_W[0] += dv_BTHD
+        return (
+            dq_BTHD.to(q_BTHD.dtype),
+            dk_W[0].to(k_BTHD.dtype),
+            dv_W[0].to(v_BTHD.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def moba_attention_torch(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHR: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """MoBA attention on CPU through aten's flash-attention kernels; differentiable in q, k, v.
+
+    Inputs are validated by the caller (CPU tensors of one floating dtype, routing from
+    ``route_blocks``). Returns o_BTHD in q's dtype; parts are merged in fp32. Uses
+    ``torch.get_num_threads()`` worker threads and must not be called from several threads at
+    once (see ``_run_workers``).
+    """
+    return _MobaAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)
