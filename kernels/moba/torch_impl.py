@@ -43,6 +43,9 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 _CHUNK_ROWS = 8192
 # Attended (query, key) pairs per worker below which a second worker does not pay for itself.
 _MIN_PAIRS_PER_WORKER = 1 << 22
+# A routed part may outweigh its row's reference (the own part's lse) by at most e^_HEADROOM
+# before the row is rebased; sums of a few such terms stay far from fp32's limit (e^88).
+_HEADROOM = 40.0
 _MAX_WORKERS = 8
 
 
@@ -122,6 +125,26 @@ def _block_kv(x_BTHD: torch.Tensor, c: _Chunk, block_size: int) -> torch.Tensor:
     return x_BTHD[c.b, c.j * block_size : (c.j + 1) * block_size, c.h][None, None]
 
 
+def _rebase(
+    rows_M: torch.Tensor,
+    d_M: torch.Tensor,
+    acc_QD: torch.Tensor,
+    wsum_Q: torch.Tensor,
+    ref_Q: torch.Tensor,
+) -> None:
+    """Raise the reference of rows whose new part exceeds it by more than ``_HEADROOM`` nats.
+
+    The rows' accumulators are scaled down by the same factor, so acc / wsum and ref + log(wsum)
+    are unchanged; ``d_M`` (part lse minus reference) is updated in place.
+    """
+    bump_M = (d_M - _HEADROOM).clamp_min_(0.0)
+    factor_M = torch.exp(-bump_M)
+    acc_QD.index_copy_(0, rows_M, acc_QD.index_select(0, rows_M).mul_(factor_M[:, None]))
+    wsum_Q.index_copy_(0, rows_M, wsum_Q.index_select(0, rows_M).mul_(factor_M))
+    ref_Q.index_copy_(0, rows_M, ref_Q.index_select(0, rows_M).add_(bump_M))
+    d_M.sub_(bump_M)
+
+
 def _forward_share(
     share_slot: list[_Share],
     first: int,
@@ -137,12 +160,18 @@ def _forward_share(
 ) -> None:
     """One worker's forward: own blocks, then routed chunks merged into its rows by LSE.
 
-    Writes only the worker's query rows of the shared fp32 o_BTHD and lse_BTH, and stores its
-    routing (needed again by the backward) in ``share_slot``.
+    A row's parts are summed against a per-row reference, its own part's lse: the own output
+    starts the accumulator with weight 1 and a routed part (o_p, lse_p) adds exp(lse_p - ref)
+    times o_p (a scatter-add, no read-modify-write of the rows), rebasing the rare rows where
+    that weight would pass e^_HEADROOM. At the end o = acc / wsum and lse = ref + log(wsum),
+    exactly the log-sum-exp merge. Writes only the worker's query rows of the shared fp32
+    o_BTHD (the accumulator) and lse_BTH (the reference, then the lse), and stores its routing
+    (needed again by the backward) in ``share_slot``.
     """
     B, T, HQ, D = q_BTHD.shape
     H = k_BTHD.shape[2]
-    for t0, t1, L in _own_segments(first, end, T, block_size):
+    segments = _own_segments(first, end, T, block_size)
+    for t0, t1, L in segments:
         for b in range(B):
             blocks = [_block_rows(x, b, t0, t1, L) for x in (q_BTHD, k_BTHD, v_BTHD)]
             out_XHLD, lse_XHL = _flash(*blocks, is_causal=True, scale=scale)
@@ -150,20 +179,26 @@ def _forward_share(
             lse_BTH[b, t0:t1].view(-1, L, HQ).copy_(lse_XHL.transpose(1, 2))
     chunks = _route_share(block_indices_BTHR, H, block_size, first, end)
     share_slot.append(_Share(first, end, chunks))
-    q_QD, o_QD, lse_Q = q_BTHD.view(-1, D), o_BTHD.view(-1, D), lse_BTH.view(-1)
+    wsum_BTH = torch.ones_like(lse_BTH) if chunks else None
+    q_QD, acc_QD, ref_Q = q_BTHD.view(-1, D), o_BTHD.view(-1, D), lse_BTH.view(-1)
     for c in chunks:
         q_rows = q_QD.index_select(0, c.rows_M)[None, None]
         out_11MD, lse_11M = _flash(
             q_rows, _block_kv(k_BTHD, c, block_size), _block_kv(v_BTHD, c, block_size),
             scale=scale,
         )  # fmt: skip
-        lse_old_M = lse_Q.index_select(0, c.rows_M)
-        lse_part_M = lse_11M.view(-1)
-        lse_new_M = torch.logaddexp(lse_old_M, lse_part_M)
-        o_new_MD = o_QD.index_select(0, c.rows_M).mul_((lse_old_M - lse_new_M).exp_()[:, None])
-        o_new_MD.add_(out_11MD.view(-1, D) * (lse_part_M - lse_new_M).exp_()[:, None])
-        o_QD.index_copy_(0, c.rows_M, o_new_MD)
-        lse_Q.index_copy_(0, c.rows_M, lse_new_M)
+        d_M = lse_11M.view(-1).sub_(ref_Q.index_select(0, c.rows_M))
+        if d_M.max() > _HEADROOM:
+            _rebase(c.rows_M, d_M, acc_QD, wsum_BTH.view(-1), ref_Q)
+        w_M = d_M.exp_()
+        acc_QD.index_add_(0, c.rows_M, out_11MD.view(-1, D).float().mul_(w_M[:, None]))
+        wsum_BTH.view(-1).index_add_(0, c.rows_M, w_M)
+    if wsum_BTH is None:
+        return
+    for t0, t1, _ in segments:
+        wsum_bTH = wsum_BTH[:, t0:t1]
+        o_BTHD[:, t0:t1].div_(wsum_bTH[..., None])
+        lse_BTH[:, t0:t1].add_(wsum_bTH.log())
 
 
 def _backward_share(
