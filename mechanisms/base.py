@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -314,6 +316,22 @@ class AttentionMechanism(nn.Module, abc.ABC):
     def cost(self, t: int) -> Cost:
         """Analytic cost of one query at context ``t`` (t keys causally visible)."""
 
+    def decode_reader(
+        self, x_BTC: torch.Tensor, cache: KVCache
+    ) -> Callable[[], torch.Tensor] | None:
+        """Split a decode step into the part that reads the context and the part that does not.
+
+        Projects the new tokens of ``x_BTC`` and appends them to ``cache`` (work whose size does
+        not grow with the context), then returns a function that reads the cache and returns the
+        attention output o_BTHD [B, T, HQ, D] before the output projection; calling it once
+        completes the step, and ``forward(x_BTC, cache)`` is the output projection of it. The
+        ``decode_attn`` bench mode times only that function: at B=1 the projection weights of a
+        large model outweigh a long KV cache, so a whole-module decode step hides the attention
+        cost the mechanisms differ in. The default returns None (the mechanism does not split
+        its step) without touching the cache.
+        """
+        return None
+
     def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
         positions = torch.arange(start, start + x_BTHD.shape[1], device=x_BTHD.device)
@@ -385,10 +403,14 @@ class QKVAttention(AttentionMechanism):
             q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, 0)
             o_BTHD = self.attend(q_BTHD, k_BTHD, v_BTHD)
         else:
-            q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, cache.length)
-            self.cache_append(cache, k_BTHD, v_BTHD)
-            o_BTHD = self.decode(q_BTHD, cache)
+            o_BTHD = self.decode_reader(x_BTC, cache)()
         return self.wo(o_BTHD.reshape(B, T, -1))
+
+    def decode_reader(self, x_BTC: torch.Tensor, cache: KVCache) -> Callable[[], torch.Tensor]:
+        """Project and append the new tokens; the returned function runs :meth:`decode`."""
+        q_BTHD, k_BTHD, v_BTHD = self.project(x_BTC, cache.length)
+        self.cache_append(cache, k_BTHD, v_BTHD)
+        return functools.partial(self.decode, q_BTHD, cache)
 
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None

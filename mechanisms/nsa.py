@@ -20,6 +20,7 @@ G = HQ // H, D head dim, N compressed tokens, J selection blocks, K selected slo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,9 +28,9 @@ import torch
 from torch import nn
 
 from sparsezoo.kernels.nsa import (
+    block_importance,
     compress_kv,
     compressed_attention,
-    overlap_weights,
     select_blocks,
     selected_attention,
     sliding_window_attention,
@@ -44,6 +45,7 @@ from .base import (
     MechanismConfigError,
     MechanismParams,
     causal_pairs,
+    decode_mask,
     knob,
 )
 
@@ -108,9 +110,11 @@ class NSACache(KVCache):
         self.raw_k_BSHD = torch.zeros(shape, dtype=dtype, device=device)
         self.raw_v_BSHD = torch.zeros(shape, dtype=dtype, device=device)
         n_cmp = max(0, (max_len - params.block_size) // params.stride + 1)
-        cmp_shape = (batch_size, n_cmp, n_kv_heads, head_dim)
-        self.kcmp_BNHD = torch.zeros(cmp_shape, dtype=dtype, device=device)
-        self.vcmp_BNHD = torch.zeros(cmp_shape, dtype=dtype, device=device)
+        # head-major, so that one head's compressed tokens are contiguous and a decode step's
+        # scores are one batched matmul over the cache as it lies (no copy of N rows per step)
+        cmp_shape = (batch_size, n_kv_heads, n_cmp, head_dim)
+        self.kcmp_BHND = torch.zeros(cmp_shape, dtype=dtype, device=device)
+        self.vcmp_BHND = torch.zeros(cmp_shape, dtype=dtype, device=device)
         self.n_cmp = 0
 
 
@@ -237,19 +241,28 @@ class NativeSparseAttention(AttentionMechanism):
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Gated sum of the three branches (Eq. 5); with a cache, sparse decoding."""
         B, T, _ = x_BTC.shape
-        start = 0 if cache is None else cache.length
-        q_BTHD, kv, gates_BTH3 = self._project(x_BTC, start)
         if cache is None:
-            outs = self._prefill(q_BTHD, kv)
+            q_BTHD, kv, gates_BTH3 = self._project(x_BTC, 0)
+            o_BTHD = self._mix(self._prefill(q_BTHD, kv), gates_BTH3)
         else:
-            assert isinstance(cache, NSACache)
-            self._append(cache, kv)
-            outs = self._decode(q_BTHD, cache)
+            o_BTHD = self.decode_reader(x_BTC, cache)()
+        return self.wo(o_BTHD.reshape(B, T, -1))
+
+    def decode_reader(self, x_BTC: torch.Tensor, cache: KVCache) -> Callable[[], torch.Tensor]:
+        """Project the new tokens and append them (emitting the compressed tokens they
+        complete); the returned function runs the three branches over the cache and mixes them."""
+        assert isinstance(cache, NSACache)
+        q_BTHD, kv, gates_BTH3 = self._project(x_BTC, cache.length)
+        self._append(cache, kv)
+        return lambda: self._mix(self._decode(q_BTHD, cache), gates_BTH3)
+
+    def _mix(self, outs: tuple[torch.Tensor, ...], gates_BTH3: torch.Tensor) -> torch.Tensor:
+        """Eq. 5: the gate-weighted sum of the branch outputs; records each branch's mean gate."""
         gates = gates_BTH3.unbind(-1)
         o_BTHD = sum(g[..., None] * o for g, o in zip(gates, outs, strict=True))
         g = gates_BTH3.detach().float().mean(dim=(0, 1, 2))
         self.stats.update({f"gate_{b}": g[i] for i, b in enumerate(BRANCHES)})
-        return self.wo(o_BTHD.reshape(B, T, -1))
+        return o_BTHD
 
     def _prefill(
         self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor]
@@ -329,71 +342,94 @@ class NativeSparseAttention(AttentionMechanism):
             kcmp, vcmp = self._compress(
                 cache.raw_k_BSHD[:, lo:hi], cache.raw_v_BSHD[:, lo:hi], cache.n_cmp
             )
-            cache.kcmp_BNHD[:, cache.n_cmp : n_total] = kcmp
-            cache.vcmp_BNHD[:, cache.n_cmp : n_total] = vcmp
+            cache.kcmp_BHND[:, :, cache.n_cmp : n_total] = kcmp.transpose(1, 2)
+            cache.vcmp_BHND[:, :, cache.n_cmp : n_total] = vcmp.transpose(1, 2)
             cache.n_cmp = n_total
 
     def _decode(
         self, q_BTHD: torch.Tensor, cache: NSACache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Branch outputs of the newest queries, reading only the rows NSA needs."""
+        """Branch outputs of the newest queries, reading only the rows NSA needs.
+
+        Scores run head-major, rows R = (new token, query head of the group), so each branch is
+        a batched matmul over (batch, KV head). Selection maps the group-summed compression
+        probabilities onto blocks by the banded Eq. 9 (``block_importance``), and the rows read
+        are counted per block from the newest query that chose it.
+        """
         p = self.params
         B, T, HQ, D = q_BTHD.shape
         H, G = self.shape.n_kv_heads, self.shape.group_size
-        pos_T = torch.arange(cache.length - T, cache.length, device=q_BTHD.device)
-        qf_BTHGD = q_BTHD.float().view(B, T, H, G, D)
+        device = q_BTHD.device
+        pos_T = torch.arange(cache.length - T, cache.length, device=device)
+        q_BHRD = q_BTHD.float().view(B, T, H, G, D).transpose(1, 2).reshape(B, H, T * G, D)
 
         # compression branch over the visible compressed tokens
         N = cache.n_cmp
-        kcmp = cache.kcmp_BNHD[:, :N].float()
-        s_BTHGN = torch.einsum("bthgd,bnhd->bthgn", qf_BTHGD, kcmp) * self.scale
-        i_N = torch.arange(N, device=q_BTHD.device)
-        vis_TN = i_N[None, :] * p.stride + p.block_size - 1 <= pos_T[:, None]
-        s_BTHGN = s_BTHGN.masked_fill(~vis_TN[None, :, None, None, :], float("-inf"))
-        probs_BTHGN = torch.softmax(s_BTHGN, dim=-1).nan_to_num(0.0)
-        o_cmp = torch.einsum("bthgn,bnhd->bthgd", probs_BTHGN, cache.vcmp_BNHD[:, :N].float())
+        s_BHTGN = (q_BHRD @ cache.kcmp_BHND[:, :, :N].float().mT).view(B, H, T, G, N)
+        vis_TN = torch.arange(N, device=device) * p.stride + p.block_size - 1 <= pos_T[:, None]
+        s_BHTGN = s_BHTGN.mul_(self.scale).masked_fill_(~vis_TN[:, None], float("-inf"))
+        probs_BHTGN = torch.softmax(s_BHTGN, dim=-1).nan_to_num_(0.0)
+        o_cmp_BHRD = probs_BHTGN.view(B, H, T * G, N) @ cache.vcmp_BHND[:, :, :N].float()
 
         # selection: group-summed probabilities -> blocks (Eq. 9) -> forced + top-n
         J = math.ceil(cache.length / p.select_size)
-        w_NJ = overlap_weights(p.block_size, p.stride, p.select_size, N, J).to(q_BTHD.device)
-        importance_BTHJ = probs_BTHGN.sum(3) @ w_NJ
-        idx_BTHK = topn_blocks(importance_BTHJ, pos_T, p.select_size, p.n_select)
+        importance_BHTJ = block_importance(
+            probs_BHTGN.sum(3), J, p.block_size, p.stride, p.select_size
+        )
+        idx_BTHK = topn_blocks(importance_BHTJ.transpose(1, 2), pos_T, p.select_size, p.n_select)
         keys_BTHKL = idx_BTHK[..., None] * p.select_size + torch.arange(
-            p.select_size, device=q_BTHD.device
+            p.select_size, device=device
         )
         ok_BTHKL = (idx_BTHK[..., None] >= 0) & (keys_BTHKL <= pos_T.view(1, T, 1, 1, 1))
         # masked slots and the own block's future rows are clamped into range, never attended
         rows_BTHR = keys_BTHKL.clamp(0, cache.length - 1).flatten(3)
-        b_idx = torch.arange(B, device=q_BTHD.device).view(B, 1, 1, 1)
-        h_idx = torch.arange(H, device=q_BTHD.device).view(1, 1, H, 1)
-        k_sel = cache.k_BSHD[b_idx, rows_BTHR, h_idx].float()
-        v_sel = cache.v_BSHD[b_idx, rows_BTHR, h_idx].float()
+        # flat row ids (b·S + row)·H + h: one index_select per tensor, far cheaper on CPU than
+        # advanced indexing with three broadcast index tensors
+        S = cache.k_BSHD.shape[1]
+        b_B111 = torch.arange(B, device=device).view(B, 1, 1, 1)
+        h_11H1 = torch.arange(H, device=device).view(1, 1, H, 1)
+        flat_X = ((b_B111 * S + rows_BTHR) * H + h_11H1).flatten()
+        k_sel = cache.k_BSHD.view(-1, D).index_select(0, flat_X).view(*rows_BTHR.shape, D).float()
+        v_sel = cache.v_BSHD.view(-1, D).index_select(0, flat_X).view(*rows_BTHR.shape, D).float()
+        qf_BTHGD = q_BTHD.float().view(B, T, H, G, D)
         s_sel = torch.einsum("bthgd,bthrd->bthgr", qf_BTHGD, k_sel) * self.scale
         s_sel = s_sel.masked_fill(~ok_BTHKL.flatten(3)[:, :, :, None, :], float("-inf"))
         o_slc = torch.einsum("bthgr,bthrd->bthgd", torch.softmax(s_sel, -1).nan_to_num(0.0), v_sel)
 
-        # sliding window over the last w rows
+        # sliding window: the window branch's keys, through the project's one window rule
         w_lo = max(0, cache.length - T - p.window + 1)
         win_k = cache.k_BSHD if cache.win_k_BSHD is None else cache.win_k_BSHD
         win_v = cache.v_BSHD if cache.win_v_BSHD is None else cache.win_v_BSHD
-        k_w = win_k[:, w_lo : cache.length].float()
-        s_w = torch.einsum("bthgd,bshd->bthgs", qf_BTHGD, k_w) * self.scale
-        kpos = torch.arange(w_lo, cache.length, device=q_BTHD.device)
-        ok_w = (kpos[None, :] <= pos_T[:, None]) & (kpos[None, :] > pos_T[:, None] - p.window)
-        s_w = s_w.masked_fill(~ok_w[None, :, None, None, :], float("-inf"))
-        o_win = torch.einsum(
-            "bthgs,bshd->bthgd", torch.softmax(s_w, -1), win_v[:, w_lo : cache.length].float()
+        mask = decode_mask(T, w_lo, cache.length, window=p.window)
+        o_win = self.sdpa(
+            q_BTHD.float(),
+            win_k[:, w_lo : cache.length].float(),
+            win_v[:, w_lo : cache.length].float(),
+            mask=mask,
         )
 
-        n_vis = int(vis_TN.any(0).sum())
-        sel_rows = max(
-            int(torch.unique(rows_BTHR[b, :, h][ok_BTHKL[b, :, h].flatten(1)]).numel())
-            for b in range(B)
-            for h in range(H)
-        )
-        cache.rows_read = n_vis + sel_rows + (cache.length - w_lo)
+        cache.rows_read = N + self._selected_rows(idx_BTHK, pos_T) + (cache.length - w_lo)
         self._selection_stats(idx_BTHK, pos_T)
+        o_cmp = o_cmp_BHRD.view(B, H, T, G, D).transpose(1, 2)
         return tuple(o.reshape(B, T, HQ, D).to(q_BTHD.dtype) for o in (o_cmp, o_slc, o_win))
+
+    def _selected_rows(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> int:
+        """Raw rows the selection branch reads per (batch, KV head), at most over both.
+
+        A block's rows are shared by the new queries that chose it, up to the newest of them
+        (only a query's own block is partial), so block j costs min(l', t_j - j·l' + 1) rows,
+        t_j the newest query choosing it; blocks nobody chose cost nothing.
+        """
+        B, T, H, K = idx_BTHK.shape
+        J = int(pos_T[-1]) // self.params.select_size + 1
+        t_BTHK = pos_T.view(1, T, 1, 1).expand(B, T, H, K)
+        # unused slots (-1) go to an extra column J that is dropped
+        slot_BHX = idx_BTHK.masked_fill(idx_BTHK < 0, J).transpose(1, 2).reshape(B, H, T * K)
+        newest_BHJ = torch.full((B, H, J + 1), -1, dtype=torch.int64, device=idx_BTHK.device)
+        newest_BHJ.scatter_reduce_(2, slot_BHX, t_BTHK.transpose(1, 2).reshape(B, H, -1), "amax")
+        start_J = torch.arange(J, device=idx_BTHK.device) * self.params.select_size
+        rows_BHJ = (newest_BHJ[..., :J] - start_J + 1).clamp(0, self.params.select_size)
+        return int(rows_BHJ.sum(-1).max())
 
     # ----- cache and cost ----------------------------------------------------------------
 

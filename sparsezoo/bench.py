@@ -10,7 +10,10 @@ repeat time, a PNG plot, and an MLflow run tagged ``sparsezoo.kind=bench``.
 Modes: ``fwd`` is the prefill forward of the whole mechanism module (projections, RoPE,
 attention) without autograd; ``fwdbwd`` adds the backward of ``y.sum()`` (plus the mechanism's
 auxiliary losses) w.r.t. the input and every parameter; ``decode`` is one new token against a
-cache already holding T tokens. Legend: B batch, T time, C d_model.
+cache already holding T tokens, and ``decode_attn`` times only the part of that step that reads
+the cache (the output of ``AttentionMechanism.decode_reader``): projections and the cache
+append run untimed, since at B=1 the weights of a large model (2·C·HQ·D for Q and O) can
+outweigh a long KV cache and hide the attention cost. Legend: B batch, T time, C d_model.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,7 +61,10 @@ from sparsezoo.tracking import (
 )
 
 BASELINE = "dense"
-MODES = ("fwd", "fwdbwd", "decode")
+MODES = ("fwd", "fwdbwd", "decode", "decode_attn")
+DECODE_MODES = ("decode", "decode_attn")
+# decode_attn is opt-in: it needs every benchmarked mechanism to split its decode step
+DEFAULT_MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
@@ -105,7 +111,7 @@ class BenchConfig:
     """
 
     mechanisms: list[str] = field(default_factory=list)
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384])
     batch_size: int = 1
     n_heads: int = 16
@@ -180,6 +186,13 @@ class BenchConfig:
                 get_mechanism(name)
             except UnknownMechanismError as exc:
                 raise BenchConfigError("mechanisms", str(exc)) from exc
+        unsplit = [n for n in names if not _splits_decode(get_mechanism(n))]
+        if "decode_attn" in self.modes and unsplit:
+            raise BenchConfigError(
+                "modes",
+                f"decode_attn needs mechanisms that split their decode step (decode_reader); "
+                f"{', '.join(unsplit)} do not: use decode for them",
+            )
         for name, knobs in self.params.items():
             if name not in names:
                 raise BenchConfigError(
@@ -250,11 +263,12 @@ class _Case:
         self.token_B1C = token_B1C
         self.cache: KVCache | None = None
         self.filled: KVCache | None = None
+        self.reader: Callable[[], torch.Tensor] | None = None
         # Inference modes run in eval mode, training in train mode, as a model would.
         module.train(mode == "fwdbwd")
         if mode == "fwdbwd":
             self.x_BTC = x_BTC.detach().clone().requires_grad_(True)
-        if mode == "decode":
+        if mode in DECODE_MODES:
             B, T, _ = x_BTC.shape
             self.filled = module.new_cache(B, T + 1)
             module.fill_cache(x_BTC, self.filled)
@@ -264,11 +278,14 @@ class _Case:
         if self.mode == "fwdbwd":
             self.module.zero_grad(set_to_none=True)
             self.x_BTC.grad = None
-        elif self.mode == "decode":
+        elif self.mode in DECODE_MODES:
             # A fresh copy of the filled cache, rather than rewinding ``length``, because
             # mechanisms may subclass KVCache with state a rewind would leave stale; so every
             # step decodes against exactly T cached tokens.
             self.cache = copy.deepcopy(self.filled)
+            if self.mode == "decode_attn":
+                with torch.no_grad():
+                    self.reader = self.module.decode_reader(self.token_B1C, self.cache)
 
     def step(self) -> None:
         """The measured work of this mode."""
@@ -282,9 +299,12 @@ class _Case:
             # The auxiliary losses are part of what a training step differentiates.
             loss = sum(self.module.aux_losses.values(), y_BTC.sum())
             loss.backward()
-        else:
+        elif self.mode == "decode":
             with torch.no_grad():
                 self.module(self.token_B1C, cache=self.cache)
+        else:
+            with torch.no_grad():
+                self.reader()
 
     @property
     def rows_read(self) -> int | None:
@@ -294,7 +314,12 @@ class _Case:
     def release(self) -> None:
         """Drop gradients and caches so the next mode starts from the same memory."""
         self.module.zero_grad(set_to_none=True)
-        self.cache = self.filled = None
+        self.cache = self.filled = self.reader = None
+
+
+def _splits_decode(cls: type[AttentionMechanism]) -> bool:
+    """Whether ``cls`` overrides ``decode_reader``, so ``decode_attn`` can time its cache read."""
+    return cls.decode_reader is not AttentionMechanism.decode_reader
 
 
 def _prefill_keys(module: AttentionMechanism, max_len: int) -> list[float]:
@@ -377,7 +402,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
                 times = _measure(cases, cfg.warmup, cfg.repeats, device)
                 peaks = _peak_memory(cases, device)
                 for name, module in modules.items():
-                    if mode == "decode":
+                    if mode in DECODE_MODES:
                         theory = modules[BASELINE].cost(T + 1).keys / module.cost(T + 1).keys
                     else:
                         theory = prefill_keys[BASELINE][T] / prefill_keys[name][T]
@@ -636,8 +661,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--modes",
-        default=",".join(MODES),
-        help=f"comma-separated subset of {', '.join(MODES)} (default: all)",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated subset of {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)})",
     )
     parser.add_argument(
         "--lengths",

@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+from sparsezoo import registry
 from sparsezoo.bench import (
     BenchConfig,
     BenchConfigError,
@@ -26,12 +27,14 @@ from sparsezoo.bench import (
     run_bench,
     write_outputs,
 )
+from sparsezoo.mechanisms.base import AttentionMechanism
+from sparsezoo.mechanisms.dense import DenseAttention
 from sparsezoo.registry import list_mechanisms
 from sparsezoo.tracking import MlflowClient
 
 WINDOW = 32
 LENGTHS = [64, 128]
-MODES = ["fwd", "fwdbwd", "decode"]
+MODES = ["fwd", "fwdbwd", "decode", "decode_attn"]
 TINY = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "repeats": 2, "warmup": 1, "threads": 1}
 TINY_ARGS = [
     *("--lengths", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"),
@@ -112,6 +115,29 @@ def test_decode_rows_read_match_each_mechanism(result: BenchResult) -> None:
         assert result.row("decode", T, "dense").rows_read == T + 1
         assert result.row("decode", T, "sliding_window").rows_read == min(WINDOW, T + 1)
         assert result.row("fwd", T, "dense").rows_read is None
+
+
+def test_decode_attn_reads_what_the_whole_decode_step_reads(result: BenchResult) -> None:
+    for T, name in itertools.product(LENGTHS, ["dense", "sliding_window"]):
+        whole, attn = result.row("decode", T, name), result.row("decode_attn", T, name)
+        assert attn.rows_read == whole.rows_read
+        assert attn.theoretical_speedup == whole.theoretical_speedup
+
+
+def test_decode_attn_rejects_a_mechanism_that_does_not_split_its_step() -> None:
+    whole_step = type(
+        "WholeStepOnly", (DenseAttention,), {"decode_reader": AttentionMechanism.decode_reader}
+    )
+    registry.register_mechanism("whole_step_for_test")(whole_step)
+    try:
+        with pytest.raises(BenchConfigError, match="whole_step_for_test do not") as info:
+            tiny_config(
+                mechanisms=["whole_step_for_test"], modes=["decode_attn"], params={}
+            ).validate()
+        assert info.value.field == "modes"
+        tiny_config(mechanisms=["whole_step_for_test"], modes=["decode"], params={}).validate()
+    finally:
+        registry._registered.pop("whole_step_for_test", None)
 
 
 def test_decode_rows_read_with_window_longer_than_the_context() -> None:
@@ -232,7 +258,7 @@ def test_out_must_be_a_directory(tmp_path, capsys) -> None:
 def test_config_from_args_defaults_to_every_registered_mechanism() -> None:
     cfg = config_from_args(parse(TINY_ARGS))
     assert cfg.mechanisms == list_mechanisms()
-    assert cfg.modes == MODES
+    assert cfg.modes == ["fwd", "fwdbwd", "decode"]  # decode_attn is opt-in
     assert cfg.mechanism_names()[0] == "dense"
 
 

@@ -3,8 +3,9 @@
 - ``compress_kv``: the learnable block compressor phi (Eq. 7);
 - ``compressed_attention``: attention over the compressed tokens with the exact causal
   visibility rule, returning the output and the log-sum-exp that selection reuses;
-- ``select_blocks`` / ``topn_blocks`` / ``overlap_weights``: Eq. 9 overlap mapping, GQA group
-  sum of probabilities, forced initial and local blocks, legal-block rule, top-n, -1 padding;
+- ``select_blocks`` / ``topn_blocks`` / ``overlap_weights`` / ``block_importance``: Eq. 9
+  overlap mapping, GQA group sum of probabilities, forced initial and local blocks, legal-block
+  rule, top-n, -1 padding;
 - ``selected_attention``: attention over the selected blocks, shared by a GQA group;
 - ``sliding_window_attention``: the project's one window definition (re-exported).
 Each op has a ``naive`` oracle and a fast ``torch`` path; compressed, selected and window
@@ -13,10 +14,11 @@ attention also have ``triton`` kernels. Layout [B, T, H, D] throughout.
 
 from ..window import sliding_window_attention
 from .compression import compress_kv, compressed_attention
-from .select import overlap_weights, select_blocks, topn_blocks
+from .select import block_importance, overlap_weights, select_blocks, topn_blocks
 from .selection import selected_attention
 
 __all__ = [
+    "block_importance",
     "compress_kv",
     "compressed_attention",
     "overlap_weights",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..backend import resolve_backend
 from .compression import validate_blocks, validate_qkv, visible_mask
 
-__all__ = ["overlap_weights", "select_blocks", "topn_blocks"]
+__all__ = ["block_importance", "overlap_weights", "select_blocks", "topn_blocks"]
 
 _OP = "select_blocks"
 _AVAILABLE = ("naive", "torch")
@@ -168,6 +168,37 @@ def _overlap_band(block_size: int, stride: int, select_size: int) -> torch.Tenso
     return w_NS[per_block - block_size // stride + 1 :, 1]
 
 
+def block_importance(
+    mass_XN: torch.Tensor, n_blocks: int, block_size: int, stride: int, select_size: int
+) -> torch.Tensor:
+    """Eq. 9 on the band: importances [..., n_blocks] of selection blocks from token masses.
+
+    ``mass_XN`` [..., N] holds a mass per compressed token (e.g. group-summed probabilities);
+    the result equals ``mass_XN @ overlap_weights(block_size, stride, select_size, N,
+    n_blocks)`` but reads each mass once: the map is banded (block j overlaps tokens
+    j·l'/d - l/d + 1 .. (j + 1)·l'/d - 1), so block j is two short weighted sums, where the
+    matmul with the mostly-zero [N, S] map costs O(N·S) (a 16 MB map per decode step at 64k
+    tokens). Tokens past N count as zero mass. Raises ValueError when N > n_blocks·l'/d.
+    """
+    per_block = select_size // stride
+    lead = block_size // stride - 1
+    n_tokens = mass_XN.shape[-1]
+    if n_tokens > n_blocks * per_block:
+        raise ValueError(
+            f"block_importance: {n_tokens} compressed tokens do not fit in n_blocks={n_blocks} "
+            f"blocks of {per_block}"
+        )
+    band_K = _overlap_band(block_size, stride, select_size).to(mass_XN.device)
+    mass_XSP = F.pad(mass_XN, (0, n_blocks * per_block - n_tokens))
+    mass_XSP = mass_XSP.unflatten(-1, (n_blocks, per_block))
+    # broadcast multiply and sum: a matmul with a length-P vector runs far slower on CPU
+    importance_XS = (mass_XSP * band_K[lead:]).sum(dim=-1)
+    if lead:
+        tail_XSA = mass_XSP[..., :-1, per_block - lead :]
+        importance_XS[..., 1:] += (tail_XSA * band_K[:lead]).sum(dim=-1)
+    return importance_XS
+
+
 def _select_torch(
     q_BTHD: torch.Tensor,
     kcmp_BNHD: torch.Tensor,
@@ -194,8 +225,6 @@ def _select_torch(
     G = HQ // H
     device = q_BTHD.device
     per_block = select_size // stride
-    lead = block_size // stride - 1
-    band_K = _overlap_band(block_size, stride, select_size).to(device)
     S = -(-T // select_size)
     # scale·q·k - lse as one matmul: q gains a column holding -lse, k a matching row of ones;
     # that column is -inf, not +inf, where lse = -inf, so such a row gets no mass beyond the
@@ -222,13 +251,7 @@ def _select_torch(
         logits_XRN = torch.bmm(q_XRE.reshape(B * H, G * rows, D + 1), k_XEN[:, :, :N_c])
         probs_XRN = logits_XRN.clamp_(min=_EXP_FLOOR).exp_()
         mass_XCN = probs_XRN.view(B * H, G, rows, N_c).sum(dim=1)
-        # block j weighs its own l'/d tokens and the last l/d - 1 tokens of block j - 1
-        mass_XCSP = mass_XCN.view(B * H, rows, S_c, per_block)
-        # (broadcast multiply and sum: a matmul with a length-P vector runs far slower on CPU)
-        importance_XCS = (mass_XCSP * band_K[lead:]).sum(dim=-1)
-        if lead:
-            tail_XCSA = mass_XCSP[..., :-1, per_block - lead :]
-            importance_XCS[..., 1:] += (tail_XCSA * band_K[:lead]).sum(dim=-1)
+        importance_XCS = block_importance(mass_XCN, S_c, block_size, stride, select_size)
         # blocks before the chunk's first query's previous block are legal and not local
         first_block = max(0, t0 // select_size - 1)
         scores_XCS = _mark_blocks(importance_XCS, t_C1, select_size, first_block)
