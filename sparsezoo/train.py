@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,12 +279,16 @@ def train(
     resume: str | Path | None = None,
     overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainResult:
     """Train one model as configured and log it to MLflow; see the module docstring.
 
     With ``resume`` (a run directory or checkpoint), the run's own saved config is reloaded
     (``overrides`` may extend it, e.g. more steps) and training continues from the checkpoint
-    into the same MLflow run. Extra Lightning ``callbacks`` are added to the trainer.
+    into the same MLflow run. Extra Lightning ``callbacks`` are added to the trainer. A new run
+    gets the extra ``tags`` and, with ``parent_run_id``, is nested under that run (ablation
+    grid points and sweep trials).
     """
     record: dict[str, Any] = {}
     ckpt: Path | None = None
@@ -333,7 +337,8 @@ def train(
             client,
             cfg.experiment,
             cfg.run_name,
-            {"sparsezoo.mechanism": mechanism_tag(cfg), "sparsezoo.kind": "train"},
+            {"sparsezoo.mechanism": mechanism_tag(cfg), "sparsezoo.kind": "train", **(tags or {})},
+            parent_run_id,
         )
         tracking.log_params(client, run_id, flatten(cfg))
         client.log_artifact(run_id, str(run_dir / CONFIG_FILE))
