@@ -190,6 +190,24 @@ def compose(
     return cfg
 
 
+def split_study_file(path: str | Path, section: str) -> tuple[DictConfig, dict[str, Any]]:
+    """Read a study YAML (an ablation or a sweep): the base experiment config and its section.
+
+    The file is an experiment config (``include:`` and every ExperimentConfig key) plus one
+    top-level mapping named ``section`` (``ablation`` or ``sweep``) that describes the study.
+    Returns the base config source, to be passed to :func:`compose` with each point's
+    overrides, and the section as a plain dict. Raises ConfigError naming the file when the
+    section is missing or not a mapping.
+    """
+    raw = _read_yaml(Path(path))
+    if section not in raw:
+        raise ConfigError(f"{path}: no '{section}:' section (a {section} file needs one)")
+    body = raw.pop(section)
+    if not isinstance(body, DictConfig):
+        raise ConfigError(f"{path}: '{section}' must be a mapping, got {type(body).__name__}")
+    return raw, typing.cast(dict[str, Any], OmegaConf.to_container(body, resolve=True))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load an experiment config: embedded defaults < YAML file (with includes) < overrides.
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from sparsezoo.config import ConfigError, flatten, load_config, parse_layer_spec, to_yaml
+from sparsezoo.config import (
+    ConfigError,
+    compose,
+    flatten,
+    load_config,
+    parse_layer_spec,
+    split_study_file,
+    to_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +106,17 @@ def test_resolved_yaml_roundtrip_and_flatten(tmp_path: Path) -> None:
     assert flat["attention.params.sliding_window.window"] == "7"
     assert flat["data.corpus"] == "stdlib"
     assert flat["model.head_dim"] == "None"
+
+
+def test_split_study_file_returns_base_and_section(tmp_path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("experiment: s\ntrain:\n  max_steps: 7\nsweep:\n  study: s\n  n: [1, 2]\n")
+    base, section = split_study_file(path, "sweep")
+    assert section == {"study": "s", "n": [1, 2]}
+    cfg = compose([base])
+    assert cfg.experiment == "s" and cfg.train.max_steps == 7
+    with pytest.raises(ConfigError, match="no 'ablation:' section"):
+        split_study_file(path, "ablation")
+    path.write_text("sweep: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'sweep' must be a mapping"):
+        split_study_file(path, "sweep")
