@@ -1,4 +1,4 @@
-"""The ``sparsezoo`` command line: train, bench, report, ui, mechanisms.
+"""The ``sparsezoo`` command line: train, ablate, bench, report, ui, mechanisms.
 
 Every command takes a config file and/or ``key=value`` overrides where it makes sense. Bad input
 ends with a one-line error naming the offending key or value and a non-zero exit status (2 for
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from sparsezoo.ablation_report import build_report, log_report
+from sparsezoo.ablation_report import render_table as render_ablation
 from sparsezoo.bench import add_bench_arguments, bench_command
 from sparsezoo.config import ConfigError, load_config
 from sparsezoo.console import console
@@ -68,8 +70,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Train an ablation grid under one parent run, then print and log its report."""
+    from sparsezoo.ablate import load_ablation, run_ablation
+
+    path, overrides = _split_args(args.items)
+    if path is None:
+        raise ConfigError("sparsezoo ablate needs an ablation file: experiments/<name>.yaml")
+    ablation = load_ablation(path, overrides)
+    console().print(
+        f"[bold]ablation[/bold] {ablation.name}: {len(ablation.points)} points "
+        f"-> experiment {ablation.experiment}"
+    )
+    outcome = run_ablation(ablation, resume=args.resume)
+    uri = ablation.configs[0].tracking.uri
+    report = build_report(outcome.parent_run_id, uri)
+    console().print(render_ablation(report))
+    log_report(report, uri)
+    if outcome.skipped:
+        console().print(f"skipped {len(outcome.skipped)} finished point(s) (--resume)")
+    if outcome.failed:
+        for key, error in outcome.failed.items():
+            print(f"error: point {key} failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the side-by-side table of an experiment's training runs."""
+    """An ablation's report (by parent run id, or an experiment's latest ablation), else the
+    side-by-side table of an experiment's training runs."""
+    if not args.all:
+        try:
+            report = build_report(args.experiment, args.tracking_uri)
+        except ReportError:
+            report = None
+        if report is not None:
+            console().print(render_ablation(report))
+            return 0
     print_report(args.experiment, args.tracking_uri, latest=not args.all)
     return 0
 
@@ -131,15 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR|CKPT", help="continue an interrupted run")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("ablate", help="train an ablation grid and report it")
+    p.add_argument("items", nargs="*", help="ABLATION.yaml [key=value ...]")
+    p.add_argument("--resume", action="store_true", help="skip points that already finished")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("bench", help="time mechanisms against dense attention")
     add_bench_arguments(p)
     p.set_defaults(func=bench_command)
 
-    p = sub.add_parser("report", help="compare an experiment's runs from MLflow")
-    p.add_argument("experiment", help="MLflow experiment name")
+    p = sub.add_parser("report", help="compare an ablation's or an experiment's runs from MLflow")
+    p.add_argument("experiment", help="ablation parent run id or MLflow experiment name")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument(
-        "--all", action="store_true", help="every run, not only the latest per mechanism"
+        "--all",
+        action="store_true",
+        help="the training-runs table with every run (not an ablation, not latest per mechanism)",
     )
     p.set_defaults(func=cmd_report)
 
