@@ -1,4 +1,4 @@
-# sparsezoo: one command to set up and run the demo, one to run the tests.
+# sparsezoo: one command to set up and run the main job (quickstart), one to run the tests.
 # The venv is created on first use; torch is installed first from the CPU wheel (torch==2.13.0),
 # because an unpinned torch would pull a multi-GB CUDA build.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sparsezoo-installed
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv quickstart test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/sparsezoo train experiments/demo.yaml attention.mechanism=dense
-	$(BIN)/sparsezoo train experiments/demo.yaml attention.mechanism=sliding_window
-	$(BIN)/sparsezoo report demo
+quickstart: $(STAMP)
+	$(BIN)/sparsezoo ablate experiments/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .
