@@ -203,3 +203,17 @@ def test_report_of_an_unknown_reference_fails(tmp_path, capsys) -> None:
 def test_pareto_front_keeps_only_undominated_points() -> None:
     points = [(3.0, 1.0), (1.0, 3.0), (2.0, 2.0), (2.5, 2.5), (1.5, 3.5)]
     assert pareto_front(points) == [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("name", "points"), [("quickstart", 5), ("mechanism_shootout", 15), ("hybrid_layers", 10)]
+)
+def test_shipped_ablations_are_valid(name: str, points: int) -> None:
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    ablation = load_ablation(root / f"{name}.yaml")
+    assert len(ablation.points) == points
+    assert ablation.experiment == name
+    assert (root / f"{name}.md").is_file()
+    if name == "quickstart":
+        mechanisms = [c.attention.mechanism for c in ablation.configs]
+        assert mechanisms == ["dense", "sliding_window", "nsa", "moba", "dsa"]
