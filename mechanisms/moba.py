@@ -33,8 +33,9 @@ from sparsezoo.kernels.moba import (
 from .base import Cost, KVCache, MechanismParams, QKVAttention, causal_pairs, knob
 
 # Block distances (own block index - routed block index, >= 1) are reported as the share of
-# routed picks in each of these log2 bins [low, high); the names become attn/moba/dist_<bin>.
-DISTANCE_BINS = ((1, 2, "1"), (2, 4, "2_3"), (4, 8, "4_7"), (8, 16, "8_15"), (16, None, "16_up"))
+# routed picks in log2 bins, each from its low edge to the next one's; the labels become
+# attn/moba/dist_<label>.
+DISTANCE_BINS = ((1, "1"), (2, "2_3"), (4, "4_7"), (8, "8_15"), (16, "16_up"))
 
 
 @dataclass
@@ -173,22 +174,27 @@ class MixtureOfBlockAttention(QKVAttention):
         p = self.params
         with torch.no_grad():
             B, T, HQ, _ = idx_BTHR.shape
-            pos_T = torch.arange(start, start + T, device=idx_BTHR.device)
-            routed_BTHR = idx_BTHR >= 0
+            device = idx_BTHR.device
+            pos_T = torch.arange(start, start + T, device=device)
+            # distance of each pick (0 for unused slots), binned: bin 0 unused, then one per
+            # DISTANCE_BINS entry; one bincount gives the histogram and the routed count
+            own_1T11 = (pos_T // p.block_size).view(1, T, 1, 1)
+            distance_BTHR = torch.where(idx_BTHR >= 0, own_1T11 - idx_BTHR, 0)
+            edges = torch.tensor([low for low, _ in DISTANCE_BINS], device=device)
+            bins_BTHR = torch.bucketize(distance_BTHR, edges, right=True)
+            counts = torch.bincount(bins_BTHR.flatten(), minlength=len(edges) + 1).double()
+            picks = counts[1:].sum()
             own_keys = (pos_T % p.block_size + 1).sum().double() * B * HQ
-            attended = own_keys + p.block_size * routed_BTHR.sum().double()
             total = (causal_pairs(start + T) - causal_pairs(start)) * B * HQ
-            stats = {"density": (attended / total).clamp(max=1.0).float()}
+            density = (own_keys + p.block_size * picks) / total
+            stats = {"density": density.clamp(max=1.0).float()}
             finite_BTH = margin_BTH.isfinite()
-            margin = margin_BTH[finite_BTH].mean() * self.scale if finite_BTH.any() else 0.0
-            stats["gate_margin"] = torch.as_tensor(margin, dtype=torch.float32)
-            distance_X = ((pos_T // p.block_size).view(1, T, 1, 1) - idx_BTHR)[routed_BTHR]
-            picks = max(1, distance_X.numel())
-            for low, high, label in DISTANCE_BINS:
-                in_bin_X = distance_X >= low
-                if high is not None:
-                    in_bin_X &= distance_X < high
-                stats[f"dist_{label}"] = (in_bin_X.sum() / picks).float()
+            n_finite = finite_BTH.sum()
+            margin_sum = torch.where(finite_BTH, margin_BTH, 0.0).sum()
+            stats["gate_margin"] = (margin_sum / n_finite.clamp(min=1) * self.scale).float()
+            shares = counts[1:] / picks.clamp(min=1)
+            for (_, label), share in zip(DISTANCE_BINS, shares, strict=True):
+                stats[f"dist_{label}"] = share.float()
             self.stats = stats
 
     def new_cache(

@@ -102,7 +102,7 @@ def test_stats_density_margin_and_distances() -> None:
         q_BTHD, k_BTHD, _ = attn.project(x, 0)
     idx_BTHR, margin_BTH = route_blocks(q_BTHD, block_means(k_BTHD, 16), 16, 3)
     st = attn.stats
-    names = [f"dist_{label}" for _, _, label in DISTANCE_BINS]
+    names = [f"dist_{label}" for _, label in DISTANCE_BINS]
     assert set(st) == {"density", "gate_margin", *names}
     T = 400
     attended = sum(t % 16 + 1 + min(t // 16, 2) * 16 for t in range(T))
@@ -171,7 +171,7 @@ def test_tiny_moba_learns_on_stdlib_and_logs_stats(tmp_path: Path, data_cache: P
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["demo"]).iloc[0]
     assert run["tags.sparsezoo.mechanism"] == "moba"
-    for _, _, label in DISTANCE_BINS:
+    for _, label in DISTANCE_BINS:
         assert math.isfinite(run[f"metrics.attn/moba/dist_{label}"])
     assert run["metrics.attn/moba/gate_margin"] > 0
     # 16 own + 64 routed keys of t, averaged over T = 256: 0.53

@@ -86,9 +86,26 @@ def _validate(
         raise ValueError(f"{_OP}: q is on {q_BTHD.device}, kmean on {kmean_BNHD.device}")
 
 
+def _top_first(scores_XJ: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest scores per row, descending, ties to the lower index; overwrites the input.
+
+    n passes of ``max``, which returns the first maximal index (documented), each followed by
+    masking the pick: exactly the first n of a stable descending sort. For the few picks MoBA
+    makes this was 2x faster than ``topk`` on CPU, and the tie rule needs no second pass.
+    """
+    values, picks = [], []
+    for r in range(n):
+        value_X, pick_X = scores_XJ.max(dim=-1)
+        values.append(value_X)
+        picks.append(pick_X)
+        if r + 1 < n:
+            scores_XJ.scatter_(-1, pick_X[:, None], float("-inf"))
+    return torch.stack(values, dim=-1), torch.stack(picks, dim=-1)
+
+
 def _route_rows(
     q_BTHD: torch.Tensor,
-    kmean_BNHD: torch.Tensor,
+    kmeanT_BHDN: torch.Tensor,
     block_size: int,
     R: int,
     start: int,
@@ -99,12 +116,12 @@ def _route_rows(
 ) -> None:
     """Route query rows lo .. hi - 1 (positions start + lo ..) in place, one query block at a time.
 
-    All queries of block i share the candidates 0 .. i - 1, so each block is one batched matmul
-    and one top-(R + 1): the extra value gives the margin and reveals a tie at the cut, in which
-    case those rows are redone with a stable sort (lower index first).
+    All queries of block i share the candidates 0 .. i - 1, so each block is one matmul per KV
+    head (the group's query rows folded together, against the transposed means) and one
+    top-(R + 1): the extra value gives the margin.
     """
     B, _, HQ, D = q_BTHD.shape
-    H = kmean_BNHD.shape[2]
+    H = kmeanT_BHDN.shape[1]
     G = HQ // H
     row = lo
     while row < hi:
@@ -119,19 +136,14 @@ def _route_rows(
             row = end
             continue
         L = end - row
-        q_BLHGD = q_BTHD[:, row:end].float().view(B, L, H, G, D)
-        scores_BLHGJ = torch.einsum("blhgd,bjhd->blhgj", q_BLHGD, kmean_BNHD[:, :i])
-        scores_XJ = scores_BLHGJ.reshape(-1, i)
-        # an unsorted top-(R + 1) then a sort of those few values: 2x faster than a sorted topk
-        top_XR, picked_XR = scores_XJ.topk(R + 1, dim=-1, sorted=False)
-        top_XR, order_XR = top_XR.sort(dim=-1, descending=True)
-        picked_XR = picked_XR.gather(-1, order_XR)
-        tie_X = top_XR[:, R - 1] == top_XR[:, R]
-        if tie_X.any():
-            order_YJ = scores_XJ[tie_X].sort(dim=-1, descending=True, stable=True).indices
-            picked_XR[tie_X] = order_YJ[:, : R + 1]
-        idx_BTHR[:, row:end] = picked_XR[:, :R].sort(dim=-1).values.view(B, L, HQ, R)
-        margin_BTH[:, row:end] = (top_XR[:, R - 1] - top_XR[:, R]).view(B, L, HQ)
+        q_BLHGD = q_BTHD[:, row:end].float().reshape(B, L, H, G, D)
+        q_BHXD = q_BLHGD.permute(0, 2, 1, 3, 4).reshape(B, H, L * G, D)
+        scores_BHXJ = torch.matmul(q_BHXD, kmeanT_BHDN[..., :i])
+        top_YR, picked_YR = _top_first(scores_BHXJ.view(-1, i), R + 1)
+        picked_BHLGR = picked_YR[:, :R].sort(dim=-1).values.view(B, H, L, G, R)
+        idx_BTHR[:, row:end].view(B, L, H, G, R).copy_(picked_BHLGR.permute(0, 2, 1, 3, 4))
+        margin_BHLG = (top_YR[:, R - 1] - top_YR[:, R]).view(B, H, L, G)
+        margin_BTH[:, row:end].view(B, L, H, G).copy_(margin_BHLG.permute(0, 2, 1, 3))
         row = end
 
 
@@ -177,7 +189,8 @@ def route_blocks(
     workers = 1
     if q_BTHD.device.type == "cpu":
         workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, T // _MIN_QUERIES_PER_WORKER))
-    args = (q_BTHD.detach(), kmean_BNHD.detach(), block_size, R, start)
+    kmeanT_BHDN = kmean_BNHD.detach().float().permute(0, 2, 3, 1).contiguous()
+    args = (q_BTHD.detach(), kmeanT_BHDN, block_size, R, start)
     _run_workers(
         [
             functools.partial(_route_rows, *args, lo, hi, idx_BTHR, margin_BTH)
