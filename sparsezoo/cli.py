@@ -1,4 +1,4 @@
-"""The ``sparsezoo`` command line: train, ablate, bench, report, ui, mechanisms.
+"""The ``sparsezoo`` command line: train, ablate, sweep, bench, report, ui, mechanisms.
 
 Every command takes a config file and/or ``key=value`` overrides where it makes sense. Bad input
 ends with a one-line error naming the offending key or value and a non-zero exit status (2 for
@@ -96,6 +96,31 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run more trials of the Optuna study a sweep file describes, then print where it stands."""
+    from sparsezoo.sweep import print_sweep, run_sweep
+
+    path, overrides = _split_args(args.items)
+    if path is None:
+        raise ConfigError("sparsezoo sweep needs a sweep file: experiments/<name>.yaml")
+    result = run_sweep(
+        path,
+        args.n_trials,
+        storage=args.storage,
+        study_name=args.study,
+        overrides=overrides,
+        timeout=args.timeout,
+    )
+    print_sweep(result)
+    if result.interrupted:
+        print("interrupted: run the same command again to continue the study", file=sys.stderr)
+        return 130
+    if result.trials_run and result.failed_this_run == len(result.trials_run):
+        print("error: every trial failed; see the sparsezoo.error tags in MLflow", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """An ablation's report (by parent run id, or an experiment's latest ablation), else the
     side-by-side table of an experiment's training runs."""
@@ -173,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip points that already finished")
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("sweep", help="run trials of an Optuna sweep over config values")
+    p.add_argument("items", nargs="*", help="SWEEP.yaml [key=value ...]")
+    p.add_argument("--n-trials", type=int, required=True, help="trials to run in this call")
+    p.add_argument("--storage", default=None, help="Optuna storage URL or journal:PATH")
+    p.add_argument("--study", default=None, help="study name (default: sweep.study, file stem)")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after S seconds")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("bench", help="time mechanisms against dense attention")
     add_bench_arguments(p)
     p.set_defaults(func=bench_command)
@@ -200,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sparsezoo`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot resume a positional list after an option
+    # (`sweep FILE --n-trials 3 key=value`): the trailing key=value items join the list
+    if extra and hasattr(args, "items") and all("=" in item for item in extra):
+        args.items = [*args.items, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     try:
         return int(args.func(args))
