@@ -26,6 +26,8 @@ the indexer, U key sets per query (1 shared, or H), K top-k slots, M sampled que
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -262,13 +264,25 @@ class DeepSeekSparseAttention(AttentionMechanism):
             q_BTHD, k_BTHD, v_BTHD, index = self._project(x_BTC, 0)
             o_BTHD = self._prefill(q_BTHD, k_BTHD, v_BTHD, index)
         else:
-            assert isinstance(cache, DSACache)
-            q_BTHD, k_BTHD, v_BTHD, (q_idx, k_idx, w) = self._project(x_BTC, cache.length)
-            start = cache.length
-            cache.append(k_BTHD, v_BTHD)
-            cache.k_idx_BSE[:, start : cache.length] = k_idx
-            o_BTHD = self._decode(q_BTHD, q_idx, w, cache)
+            o_BTHD = self.decode_reader(x_BTC, cache)()
         return self.wo(o_BTHD.reshape(B, T, -1))
+
+    def decode_reader(self, x_BTC: torch.Tensor, cache: KVCache) -> Callable[[], torch.Tensor]:
+        """Project the new tokens and append their K/V and indexer keys; the returned function
+        scores the cached indexer keys, selects and attends (the part that reads the context)."""
+        assert isinstance(cache, DSACache)
+        q_BTHD, k_BTHD, v_BTHD, (q_idx, k_idx, w) = self._project(x_BTC, cache.length)
+        self._append(cache, k_BTHD, v_BTHD, k_idx)
+        return functools.partial(self._decode, q_BTHD, q_idx, w, cache)
+
+    @staticmethod
+    def _append(
+        cache: DSACache, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, k_idx: torch.Tensor
+    ) -> None:
+        """Store new tokens' K/V and indexer keys after the cached ones."""
+        start = cache.length
+        cache.append(k_BTHD, v_BTHD)
+        cache.k_idx_BSE[:, start : cache.length] = k_idx
 
     def _prefill(
         self,
@@ -291,7 +305,7 @@ class DeepSeekSparseAttention(AttentionMechanism):
                 q_BTHD, k_BTHD, v_BTHD, idx, self.scale, return_probs=True, backend=p.backend
             )
         self.stats = {
-            "density": torch.tensor(1.0 if idx is None else _density(idx, 0)),
+            "density": torch.tensor(1.0 if idx is None else _density(p.topk, 0, T)),
             "stage": torch.tensor(float(self.stage == "sparse")),
         }
         self.aux_losses = {}
@@ -414,7 +428,7 @@ class DeepSeekSparseAttention(AttentionMechanism):
             q_BTHD, cache.keys(), cache.values(), idx, self.scale, backend=p.backend
         )
         cache.rows_read = _rows_read(idx, L)
-        self.stats = {"density": torch.tensor(_density(idx, L - T))}
+        self.stats = {"density": torch.tensor(_density(p.topk, L - T, T))}
         return o_BTHD
 
     def new_cache(
@@ -436,10 +450,8 @@ class DeepSeekSparseAttention(AttentionMechanism):
     def fill_cache(self, x_BTC: torch.Tensor, cache: KVCache) -> None:
         """Append the tokens' K/V and indexer keys without computing outputs."""
         assert isinstance(cache, DSACache)
-        start = cache.length
-        _, k_BTHD, v_BTHD, (_, k_idx, _) = self._project(x_BTC, start)
-        cache.append(k_BTHD, v_BTHD)
-        cache.k_idx_BSE[:, start : cache.length] = k_idx
+        _, k_BTHD, v_BTHD, (_, k_idx, _) = self._project(x_BTC, cache.length)
+        self._append(cache, k_BTHD, v_BTHD, k_idx)
 
     # ----- cost --------------------------------------------------------------------------
 
@@ -473,12 +485,16 @@ def _mass(target_BTUS: torch.Tensor, idx_BTUK: torch.Tensor) -> torch.Tensor:
     return torch.where(idx_BTUK >= 0, picked, 0.0).sum()
 
 
-def _density(idx: torch.Tensor, first_pos: int) -> float:
-    """Selected keys over visible keys for queries at positions first_pos, first_pos + 1, ..."""
-    sets = idx.unsqueeze(2) if idx.dim() == 3 else idx
-    B, T, U, _ = sets.shape
+def _density(topk: int, first_pos: int, T: int) -> float:
+    """Selected over visible keys of queries at positions first_pos .. first_pos + T - 1:
+    a query at position t selects min(k, t + 1) keys (what indexer_topk guarantees)."""
     visible = causal_pairs(first_pos + T) - causal_pairs(first_pos)
-    return min(1.0, (sets >= 0).sum().item() / (B * U * visible))
+    # queries up to position k - 1 select all their keys, later ones exactly k
+    full_end = min(first_pos + T, topk)
+    selected = max(0, causal_pairs(full_end) - causal_pairs(first_pos)) + topk * (
+        first_pos + T - max(first_pos, full_end)
+    )
+    return selected / visible
 
 
 def _rows_read(idx: torch.Tensor, length: int) -> int:

@@ -204,6 +204,28 @@ def test_topk_chunk_borders_and_workers(
     assert torch.get_num_threads() == 3
 
 
+def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
+    """Rows whose best keys all sit on the sampled stride (the threshold keeps too few
+    candidates), rows of near-ties and random rows all get exactly torch's top-k set."""
+    gen = torch.Generator().manual_seed(0)
+    R, P, topk = 6, 4096, 64
+    scores = torch.randn(R, P, generator=gen)
+    scores[0, ::8] += 100.0  # the sample holds every top-k key: too few survive the threshold
+    scores[1] = torch.randn(P, generator=gen).round(decimals=1)  # many exact ties
+    scores[2, 3000:] = float("-inf")  # a causal tail
+    selected = indexer.select_topk_rows(scores, topk)
+    for r in range(R):
+        kth = scores[r].topk(topk).values.min()
+        chosen = scores[r, selected[r]]
+        assert (chosen >= kth).all() and selected[r].unique().numel() == topk
+        above = (scores[r] > kth).nonzero().squeeze(1)
+        assert set(above.tolist()) <= set(selected[r].tolist())
+    # ties at the boundary go to the latest keys
+    tied = (scores[1] == scores[1].topk(topk).values.min()).nonzero().squeeze(1)
+    picked = sorted(set(selected[1].tolist()) & set(tied.tolist()))
+    assert picked == tied.tolist()[len(tied) - len(picked) :]
+
+
 def test_topk_never_materializes_the_score_matrix(threads: Callable[[int], None]) -> None:
     """At T = S = 4096 no tensor reaches a quarter of the [T, S] score matrix."""
     threads(1)  # dispatch modes are per thread: keep every op on this one
