@@ -267,6 +267,10 @@ class SweepObjective:
         """Run one trial; raises TrialPruned for pruned and invalid points."""
         self.trials_run.append(trial.number)
         settings = self.sweep.settings
+        # Draws outside the sampler's model (random, TPE's startup trials) come from the seed
+        # plus the trial number: one worker reproduces its run, a resumed study does not replay
+        # the first session's points, and concurrent workers do not draw the same ones.
+        self.study.sampler = settings.make_sampler(seed_offset=trial.number)
         try:
             cfg = self.sweep.trial_config(self.sweep.space.sample(trial, self.sweep.base))
             reason = self.sweep.space.violation(cfg)
@@ -386,9 +390,7 @@ def _open_study(sweep: Sweep, storage: optuna.storages.BaseStorage) -> tuple[opt
             f"study {settings.name!r} exists with directions {existing}, but objectives "
             f"{list(settings.objectives)} need {settings.directions}; use --study NEW_NAME"
         )
-    # A resumed study (or a second worker) would replay the first session's random draws with
-    # the same seed; shifting the seed by the trials already there keeps one uninterrupted
-    # worker reproducible and gives later ones fresh points.
+    # the first ask of this worker; every trial then reseeds (SweepObjective.__call__)
     study.sampler = settings.make_sampler(seed_offset=len(study.trials))
     return study, created
 

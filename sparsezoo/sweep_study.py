@@ -133,7 +133,7 @@ class StudySettings:
         return self.pruner["type"] != "none"
 
     def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-        """The configured sampler; its seed is shifted by ``seed_offset`` (see run_sweep)."""
+        """The configured sampler, seeded with its ``seed`` plus ``seed_offset``."""
         cls, _ = SAMPLERS[self.sampler["type"]]
         options = {k: v for k, v in self.sampler.items() if k != "type"}
         options["seed"] = int(options.get("seed", 0)) + seed_offset
