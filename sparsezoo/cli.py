@@ -1,4 +1,4 @@
-"""The ``sparsezoo`` command line: train, ablate, sweep, bench, report, ui, mechanisms.
+"""The ``sparsezoo`` command line: train, ablate, sweep, bench, eval, report, ui, mechanisms.
 
 Every command takes a config file and/or ``key=value`` overrides where it makes sense. Bad input
 ends with a one-line error naming the offending key or value and a non-zero exit status (2 for
@@ -121,6 +121,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a trained run with the named suites; print the metrics and where they went."""
+    from sparsezoo.eval import evaluate, parse_suites
+
+    result = evaluate(
+        args.run,
+        parse_suites(args.suite),
+        args.items,
+        tracking_uri=args.tracking_uri,
+        new_run=args.new_run,
+    )
+    con = console()
+    con.print(f"[bold]eval[/bold] step {result.step} -> run {result.run_id or '(not logged)'}")
+    for key in sorted(result.metrics):
+        con.print(f"  {key:40s} {result.metrics[key]:.4f}")
+    for key, why in result.skipped.items():
+        con.print(f"  [yellow]cannot run[/yellow] {key}: {why}")
+    for path in result.files:
+        con.print(f"  wrote {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """An ablation's report (by parent run id, or an experiment's latest ablation), else the
     side-by-side table of an experiment's training runs."""
@@ -209,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time mechanisms against dense attention")
     add_bench_arguments(p)
     p.set_defaults(func=bench_command)
+
+    p = sub.add_parser("eval", help="long-context evaluation of a trained run, logged to MLflow")
+    p.add_argument("run", help="MLflow run id, run directory or checkpoint file")
+    p.add_argument("items", nargs="*", help="eval.<key>=value settings")
+    p.add_argument(
+        "--suite",
+        action="append",
+        required=True,
+        help="suites, comma-separated or repeated: passkey, mqar, loss_by_position, extrapolation",
+    )
+    p.add_argument("--tracking-uri", default=None, help="store to find a run given by id in")
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="log into a new eval run linked to the evaluated one (default: into that run)",
+    )
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="compare an ablation's or an experiment's runs from MLflow")
     p.add_argument("experiment", help="ablation parent run id or MLflow experiment name")

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from sparsezoo.data.synthetic import MQARSpec, PasskeySpec
 from sparsezoo.mechanisms.base import AttentionShape, MechanismConfigError
 from sparsezoo.registry import UnknownMechanismError, get_mechanism
 
@@ -75,6 +76,9 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     cache_dir: str | None = None  # None: $SPARSEZOO_CACHE or ~/.cache/sparsezoo
+    # fraction of training rows replaced by synthetic passkey sequences (loss on the answer only)
+    passkey_mix: float = 0.0
+    passkey_len: int = 5  # digits per passkey, in training rows and in the passkey eval
 
 
 @dataclass
@@ -111,6 +115,75 @@ class TrackingConfig:
     enabled: bool = True
 
 
+EVAL_SUITES = ("passkey", "mqar", "loss_by_position", "extrapolation")
+EXTRAPOLATION_TASKS = ("passkey", "mqar", "loss_by_position")
+
+
+@dataclass
+class PasskeyEvalConfig:
+    """Passkey grid: context lengths x needle depths (percent of the filler), samples per cell.
+
+    Empty ``lengths`` means ``data.seq_len``; the passkey has ``data.passkey_len`` digits.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    depths: list[float] = field(
+        default_factory=lambda: [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    )
+    samples: int = 4
+
+
+@dataclass
+class MQAREvalConfig:
+    """MQAR grid: sequence lengths x numbers of key-value pairs, samples per cell.
+
+    Empty ``lengths`` means ``data.seq_len``; every length must hold 4 x the largest pair count.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    n_pairs: list[int] = field(default_factory=lambda: [4, 16, 64])
+    samples: int = 16
+
+
+@dataclass
+class LossByPositionEvalConfig:
+    """Mean token loss of held-out text windows in ``buckets`` equal position ranges.
+
+    Empty ``lengths`` means ``data.seq_len``.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    buckets: int = 8
+    samples: int = 16
+
+
+@dataclass
+class ExtrapolationEvalConfig:
+    """The ``tasks`` (each with its own settings) again at ``factors`` x ``data.seq_len``."""
+
+    factors: list[int] = field(default_factory=lambda: [2, 4])
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "loss_by_position"])
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation suites and their settings.
+
+    ``suites`` run at the end of training (empty: none); ``sparsezoo eval`` runs the suites it is
+    given with the same settings. Batches of ``batch_size`` sequences, generators seeded from
+    ``seed``; ``device`` is ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    suites: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    seed: int = 1234
+    device: str = "auto"
+    passkey: PasskeyEvalConfig = field(default_factory=PasskeyEvalConfig)
+    mqar: MQAREvalConfig = field(default_factory=MQAREvalConfig)
+    loss_by_position: LossByPositionEvalConfig = field(default_factory=LossByPositionEvalConfig)
+    extrapolation: ExtrapolationEvalConfig = field(default_factory=ExtrapolationEvalConfig)
+
+
 @dataclass
 class ExperimentConfig:
     """Everything one training run needs; the resolved form is saved with every run."""
@@ -124,6 +197,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -278,6 +352,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check(len(d.corpus) > 0, "data.corpus", d.corpus, "'stdlib' or a list of files/globs")
     _check(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", d.max_bytes, "> 0 or null")
     _check(256 < d.vocab_size <= 65535, "data.vocab_size", d.vocab_size, "257..65535")
+    _check(0.0 <= d.passkey_mix <= 1.0, "data.passkey_mix", d.passkey_mix, "0..1 (0 = text only)")
+    _check(d.passkey_len >= 1, "data.passkey_len", d.passkey_len, ">= 1")
+    if d.passkey_mix > 0:
+        vocab = m.vocab_size or d.vocab_size
+        _check_spec("data.passkey_mix", PasskeySpec, vocab, d.seq_len, 0.0, d.passkey_len)
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
@@ -301,6 +380,86 @@ def validate_config(cfg: ExperimentConfig) -> None:
             cls.Params.from_dict(dict(cfg.attention.params.get(name, {}))).validate(shape)
         except (MechanismConfigError, TypeError) as exc:
             raise ConfigError(f"attention.params.{name}: {exc}") from exc
+    _validate_eval(cfg)
+
+
+def eval_lengths(cfg: ExperimentConfig, task: str) -> list[int]:
+    """The context lengths an eval task runs at: its own ``lengths``, else ``data.seq_len``."""
+    return list(getattr(cfg.eval, task).lengths) or [cfg.data.seq_len]
+
+
+def extrapolation_lengths(cfg: ExperimentConfig) -> list[int]:
+    """The extrapolation suite's lengths: each factor times the training length."""
+    return [factor * cfg.data.seq_len for factor in cfg.eval.extrapolation.factors]
+
+
+def _check_spec(key: str, spec: type, *args: Any) -> None:
+    """Build a synthetic task spec; its ValueError becomes a ConfigError naming ``key``."""
+    try:
+        spec(*args)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def _check_items(values: Sequence[Any], key: str, ok: Any, allowed: str) -> None:
+    """A list setting must be non-empty, without repeats, and ``ok`` for every item."""
+    _check(
+        len(values) > 0 and len(set(values)) == len(values) and all(ok(v) for v in values),
+        key,
+        list(values),
+        f"a non-empty list without repeats of {allowed}",
+    )
+
+
+def _validate_eval(cfg: ExperimentConfig) -> None:
+    """Check the eval section: suite names, and the settings of every task that will run.
+
+    Tasks that no named suite runs are not checked, so a short training config does not have to
+    shrink the default grids of suites it never uses.
+    """
+    e = cfg.eval
+    if e.suites:
+        _check_items(e.suites, "eval.suites", lambda s: s in EVAL_SUITES, ", ".join(EVAL_SUITES))
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    _check(e.seed >= 0, "eval.seed", e.seed, ">= 0")
+    _check(e.device in ("auto", "cpu", "cuda"), "eval.device", e.device, "auto, cpu, cuda")
+    lengths = {t: eval_lengths(cfg, t) if t in e.suites else [] for t in EXTRAPOLATION_TASKS}
+    if "extrapolation" in e.suites:
+        x = e.extrapolation
+        _check_items(x.factors, "eval.extrapolation.factors", lambda f: f >= 2, "integers >= 2")
+        allowed = ", ".join(EXTRAPOLATION_TASKS)
+        _check_items(x.tasks, "eval.extrapolation.tasks", EXTRAPOLATION_TASKS.__contains__, allowed)
+        for task in x.tasks:
+            lengths[task] += extrapolation_lengths(cfg)
+    for task, task_lengths in lengths.items():
+        if task_lengths:
+            _validate_eval_task(cfg, task, task_lengths)
+
+
+def _validate_eval_task(cfg: ExperimentConfig, task: str, lengths: list[int]) -> None:
+    """One eval task's settings, and that its sequences fit every length it will run at."""
+    section, key = getattr(cfg.eval, task), f"eval.{task}"
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size
+    if section.lengths:
+        _check_items(section.lengths, f"{key}.lengths", lambda n: n >= 1, "integers >= 1")
+    _check(section.samples >= 1, f"{key}.samples", section.samples, ">= 1")
+    if task == "passkey":
+        _check_items(section.depths, f"{key}.depths", lambda p: 0 <= p <= 100, "percents 0..100")
+        for n in lengths:
+            _check_spec(f"{key} at length {n}", PasskeySpec, vocab, n, 0.0, cfg.data.passkey_len)
+    elif task == "mqar":
+        _check_items(section.n_pairs, f"{key}.n_pairs", lambda p: p >= 1, "integers >= 1")
+        for n in lengths:
+            for pairs in section.n_pairs:
+                _check_spec(f"{key} at length {n}", MQARSpec, vocab, n, pairs)
+    else:
+        shortest = min(lengths)
+        _check(
+            1 <= section.buckets <= shortest,
+            f"{key}.buckets",
+            section.buckets,
+            f"1 .. the shortest length evaluated ({shortest})",
+        )
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -2,8 +2,10 @@
 
 One call of :func:`train` prepares data (tokenizer and token caches by content hash), creates or
 reopens the MLflow run, trains with Lightning (AdamW, warmup + cosine, grad clipping, periodic
-validation, checkpoints) and ends the run FINISHED, FAILED or KILLED. ``resume`` continues an
-interrupted run from its last checkpoint into the same MLflow run.
+validation, checkpoints), runs the eval suites the config names (``eval.suites``) on the trained
+model and ends the run FINISHED, FAILED or KILLED. ``resume`` continues an interrupted run from
+its last checkpoint into the same MLflow run. With ``data.passkey_mix`` > 0 a share of the
+training rows are synthetic passkey sequences and the loss is averaged per row.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from sparsezoo import tracking
 from sparsezoo.config import ExperimentConfig, flatten, load_config, parse_layer_spec, to_yaml
-from sparsezoo.data import DataBundle, TokenWindows, default_cache_dir, prepare_data
+from sparsezoo.data import (
+    IGNORE_INDEX,
+    DataBundle,
+    PasskeyMix,
+    TokenWindows,
+    default_cache_dir,
+    prepare_data,
+)
 from sparsezoo.model import SparseLM
 from sparsezoo.perf import process_peak_rss_mb
 
@@ -55,6 +64,10 @@ class LMModule(L.LightningModule):
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits_BTV = self.model(batch["input_ids"])
+        if self.cfg.data.passkey_mix > 0:
+            # a passkey row has passkey_len labels against a text row's seq_len: averaging per
+            # row gives its answer the weight of a whole text row
+            return row_mean_loss(token_losses(logits_BTV, batch["labels"]), batch["labels"])
         return F.cross_entropy(
             logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
         )
@@ -105,6 +118,26 @@ class LMModule(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lr_schedule(self.cfg))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def token_losses(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every position, FloatTensor[B, T]; 0 where the label is ignored."""
+    return F.cross_entropy(
+        logits_BTV.flatten(0, 1).float(),
+        labels_BT.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels_BT.shape)
+
+
+def row_mean_loss(losses_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of each row's mean loss over its labelled positions (unlabelled rows skipped).
+
+    Equals the plain token mean when every row has the same number of labels.
+    """
+    valid_BT = labels_BT != IGNORE_INDEX
+    per_row_B = (losses_BT * valid_BT).sum(1) / valid_BT.sum(1).clamp(min=1)
+    return per_row_B[valid_BT.any(1)].mean()
 
 
 def lr_schedule(cfg: ExperimentConfig) -> Any:
@@ -178,7 +211,7 @@ class _OffsetWindows(torch.utils.data.Dataset):
     batches the uninterrupted run would have seen.
     """
 
-    def __init__(self, windows: TokenWindows, start: int, n: int) -> None:
+    def __init__(self, windows: Dataset, start: int, n: int) -> None:
         self.windows, self.start, self.n = windows, start, n
 
     def __len__(self) -> int:
@@ -201,9 +234,15 @@ class LMDataModule(L.LightningDataModule):
         windows = TokenWindows(
             self.data.train_path, self.cfg.data.seq_len, t.max_steps * t.batch_size, self.cfg.seed
         )
+        d = self.cfg.data
+        rows: Dataset = windows
+        if d.passkey_mix > 0:
+            rows = PasskeyMix(
+                windows, d.passkey_mix, self.cfg.model.vocab_size, d.passkey_len, self.cfg.seed
+            )
         done = self.trainer.global_step * t.batch_size if self.trainer else 0
         remaining = max(t.batch_size, t.max_steps * t.batch_size - done)
-        return DataLoader(_OffsetWindows(windows, done, remaining), batch_size=t.batch_size)
+        return DataLoader(_OffsetWindows(rows, done, remaining), batch_size=t.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """The same validation windows at every evaluation, so val losses are comparable."""
@@ -273,6 +312,19 @@ def load_run_dir(
     return cfg, run_dir, ckpt, json.loads(record_path.read_text())
 
 
+def prepare_run_data(cfg: ExperimentConfig) -> DataBundle:
+    """The tokenizer and token caches of a run's data section (built once, then cached)."""
+    return prepare_data(
+        list(cfg.data.corpus),
+        vocab_size=cfg.data.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+        max_bytes=cfg.data.max_bytes,
+        jsonl_field=cfg.data.jsonl_field,
+    )
+
+
 def train(
     cfg: ExperimentConfig | None = None,
     *,
@@ -309,15 +361,7 @@ def train(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("preparing data: corpus %s, vocab %d", list(cfg.data.corpus), cfg.data.vocab_size)
     started = time.perf_counter()
-    data = prepare_data(
-        list(cfg.data.corpus),
-        vocab_size=cfg.data.vocab_size,
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.seed,
-        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
-        max_bytes=cfg.data.max_bytes,
-        jsonl_field=cfg.data.jsonl_field,
-    )
+    data = prepare_run_data(cfg)
     log.info(
         "data ready in %.1fs: %d train / %d val tokens, vocabulary %d",
         time.perf_counter() - started,
@@ -388,6 +432,19 @@ def train(
         if t.max_steps % t.val_every:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.eval.suites and trainer.is_global_zero:
+            from sparsezoo.eval import evaluate_model  # the eval package builds on this module
+
+            evaluation = evaluate_model(
+                module.model,
+                cfg,
+                out_dir=run_dir / "eval",
+                val_path=lambda: data.val_path,
+                step=trainer.global_step,
+                client=client,
+                run_id=run_id,
+            )
+            metrics |= evaluation.metrics
         last = run_dir / "checkpoints" / "last.ckpt"
         return TrainResult(run_id, run_dir, metrics, last if last.exists() else None)
 

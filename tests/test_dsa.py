@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import sparsezoo
@@ -268,53 +270,74 @@ def test_cost_model() -> None:
     assert _dsa(warmup_steps=1).cost(5000).keys == 5000
 
 
+class _StartFrom(Callback):
+    """Load a dense run's weights into the model at fit start (the indexer keeps its init)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        missing, unexpected = pl_module.load_state_dict(self.state, strict=False)
+        assert not unexpected and all(".indexer." in m or "_extra_state" in m for m in missing)
+
+
 @pytest.mark.slow
 def test_tiny_dsa_warms_up_then_trains_sparse(tmp_path: Path, data_cache: Path) -> None:
-    """A CPU run: 40 warm-up steps (only the indexer trains, its KL falls), then sparse
-    training where the LM loss keeps falling; every metric lands in MLflow."""
+    """The paper's recipe on CPU: from a dense model trained for 60 steps, 30 warm-up steps
+    (attention dense, only the indexer trains: the LM loss holds, the indexer's KL falls),
+    then sparse training at density ~0.4 where the LM loss keeps falling; metrics in MLflow."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     parts = ("model/tiny", "data/stdlib", "train/cpu", "mechanism/dsa_cpu")
     experiment = tmp_path / "dsa.yaml"
-    experiment.write_text(
-        "include:\n"
-        + "".join(f"  - {configs / part}.yaml\n" for part in parts)
-        + "experiment: demo\n"
+    experiment.write_text("include:\n" + "".join(f"  - {configs / p}.yaml\n" for p in parts))
+    common = [
+        "data.max_bytes=1500000",
+        "data.vocab_size=1024",
+        "data.seq_len=256",
+        f"data.cache_dir={data_cache}",
+        "train.batch_size=8",
+        "train.log_every=5",
+        "train.threads=1",
+        "train.progress_bar=false",
+        f"output_dir={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    dense = train(
+        load_config(
+            experiment,
+            [*common, "experiment=dense", "attention.mechanism=dense", "train.max_steps=60"],
+        )
     )
     cfg = load_config(
         experiment,
         [
-            "attention.params.dsa.warmup_steps=40",
-            "data.max_bytes=1500000",
-            "data.vocab_size=1024",
-            "data.seq_len=256",
-            f"data.cache_dir={data_cache}",
-            "train.max_steps=120",
-            "train.batch_size=8",
-            "train.val_every=60",
-            "train.log_every=5",
-            "train.progress_bar=false",
-            f"output_dir={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *common,
+            "experiment=dsa",
+            "attention.params.dsa.warmup_steps=30",
+            "train.max_steps=90",
+            "train.val_every=90",
         ],
     )
-    train(cfg)
+    train(cfg, callbacks=[_StartFrom(dense.checkpoint)])
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("demo").experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name("dsa").experiment_id])[0]
 
-    def history(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
-    kl, loss, stage = (
-        history("attn/dsa/indexer_kl"),
-        history("train/loss"),
-        history("attn/dsa/stage"),
-    )
-    warm = [s for s in sorted(kl) if s < 40]
-    # warm-up: the LM does not learn (frozen), the indexer's KL falls
-    assert stage[warm[0]] == 0.0 and stage[max(stage)] == 1.0
-    assert kl[warm[-1]] < 0.7 * kl[warm[0]], kl
-    assert abs(loss[warm[-1]] - loss[warm[0]]) < 0.15 * loss[warm[0]], loss
-    # sparse stage: the LM loss falls well below where warm-up left it
-    assert loss[max(loss)] < loss[warm[-1]] - 1.0, loss
+    def mean(key: str, lo: int, hi: int) -> float:
+        values = [v for step, v in history(key) if lo <= step < hi]
+        return sum(values) / len(values)
+
+    stage = dict(history("attn/dsa/stage"))
+    assert all(v == 0.0 for s, v in stage.items() if s < 30) and stage[max(stage)] == 1.0
+    # warm-up: the model is frozen, so the LM loss holds while the indexer's KL falls
+    kl = history("attn/dsa/indexer_kl")
+    assert mean("attn/dsa/indexer_kl", 20, 30) < 0.5 * kl[0][1], kl
+    # (batches differ, so the frozen model's loss moves by ~0.1 from step to step)
+    assert abs(mean("train/loss", 20, 30) - mean("train/loss", 0, 10)) < 0.25, history("train/loss")
+    # sparse training: the LM keeps learning at density ~0.4
+    assert mean("train/loss", 75, 90) < mean("train/loss", 20, 30) - 0.15, history("train/loss")
     assert run.data.metrics["attn/density"] < 0.5
     assert 0 < run.data.metrics["attn/dsa/recall"] <= 1
+    assert run.data.metrics["val/loss"] < dense.metrics["val/loss"]

@@ -19,6 +19,7 @@ from sparsezoo.data.dataset import (
     default_cache_dir,
     prepare_data,
 )
+from sparsezoo.data.mix import PasskeyMix
 from sparsezoo.data.synthetic import (
     IGNORE_INDEX,
     MQARBatch,
@@ -42,6 +43,7 @@ __all__ = [
     "MQARBatch",
     "MQARSpec",
     "PasskeyBatch",
+    "PasskeyMix",
     "PasskeySpec",
     "TokenWindows",
     "build_token_cache",

@@ -1,0 +1,300 @@
+"""Running eval suites on a model or on a trained run, and recording the results in MLflow.
+
+:func:`evaluate_model` runs the suites named by ``cfg.eval.suites`` on a model in memory (the
+end-of-training hook calls it) and logs metrics, figures and ``results.json`` into a run.
+:func:`evaluate` is ``sparsezoo eval``: it resolves a run reference (an MLflow run id, a run
+directory or a checkpoint inside one), rebuilds the model from the run's saved config and
+checkpoint, and logs into the evaluated run (so an ablation's report picks up the ``eval/*``
+metrics) or, with ``new_run``, into a new run tagged ``sparsezoo.kind=eval`` and linked to it
+by the ``sparsezoo.evaluated_run`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sparsezoo import tracking
+from sparsezoo.config import EVAL_SUITES, ConfigError, ExperimentConfig, flatten, load_config
+from sparsezoo.eval import extrapolation, loss_by_position, mqar, passkey
+from sparsezoo.eval.core import EvalContext, SuiteOutput
+from sparsezoo.model import SparseLM
+from sparsezoo.train import CONFIG_FILE, RUN_FILE, mechanism_tag, prepare_run_data
+
+log = logging.getLogger(__name__)
+
+SUITES: dict[str, Callable[[EvalContext], SuiteOutput]] = {
+    "passkey": passkey.run,
+    "mqar": mqar.run,
+    "loss_by_position": loss_by_position.run,
+    "extrapolation": extrapolation.run,
+}
+assert tuple(SUITES) == EVAL_SUITES  # the config schema validates names against EVAL_SUITES
+
+ARTIFACT_DIR = "eval"
+RESULTS_FILE = "results.json"
+TAG_EVALUATED = "sparsezoo.evaluated_run"
+TAG_SUITES = "sparsezoo.eval.suites"
+TAG_CANNOT_RUN = "sparsezoo.eval.cannot_run"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+class EvalError(ConfigError):
+    """A run reference that does not lead to a trained model; the message says what to pass.
+
+    A ConfigError, because like a bad config value it is the user's input to fix (exit 2).
+    """
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation produced: metrics, lengths skipped with the reason, files written."""
+
+    metrics: dict[str, float]
+    skipped: dict[str, str]
+    files: list[Path]
+    run_id: str | None
+    step: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate_model(
+    model: SparseLM,
+    cfg: ExperimentConfig,
+    *,
+    out_dir: Path,
+    val_path: Callable[[], Path],
+    step: int = 0,
+    client: MlflowClient | None = None,
+    run_id: str | None = None,
+) -> EvalResult:
+    """Run ``cfg.eval.suites`` on ``model``; write figures and results into ``out_dir``.
+
+    ``val_path`` gives the held-out token file (called only when loss_by_position runs). With
+    ``client`` and ``run_id`` the metrics (at ``step``), the files (under ``eval/``) and tags
+    naming the suites and any length a mechanism cannot run at go into that run.
+    """
+    ctx = EvalContext(model, cfg, val_path, mechanism_tag(cfg))
+    total = SuiteOutput()
+    for name in cfg.eval.suites:
+        log.info("eval %s: %s", ctx.label, name)
+        out = SUITES[name](ctx)
+        total.metrics |= out.metrics
+        total.figures |= out.figures
+        total.skipped |= out.skipped
+    for key, why in total.skipped.items():
+        log.warning("eval %s skipped: %s", key, why)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for stem, fig in total.figures.items():
+        files.append(out_dir / f"{stem}.png")
+        fig.savefig(files[-1], dpi=110, bbox_inches="tight")
+    results = {
+        "suites": list(cfg.eval.suites),
+        "step": step,
+        "metrics": total.metrics,
+        "cannot_run": total.skipped,
+    }
+    files.append(out_dir / RESULTS_FILE)
+    files[-1].write_text(json.dumps(results, indent=2, sort_keys=True))
+    if client is not None and run_id is not None:
+        _log(client, run_id, total, files, step, cfg.eval.suites)
+    return EvalResult(total.metrics, total.skipped, files, run_id, step)
+
+
+def _log(
+    client: MlflowClient,
+    run_id: str,
+    out: SuiteOutput,
+    files: list[Path],
+    step: int,
+    suites: Sequence[str],
+) -> None:
+    """Metrics, files and tags of one evaluation into an MLflow run."""
+    metrics = [Metric(k, v, 0, step) for k, v in sorted(out.metrics.items())]
+    for i in range(0, len(metrics), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + _METRICS_PER_BATCH])
+    for path in files:
+        client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+    tags = {TAG_SUITES: ",".join(suites)}
+    if out.skipped:
+        tags[TAG_CANNOT_RUN] = "; ".join(f"{k}: {why}" for k, why in out.skipped.items())
+    tracking.set_tags(client, run_id, tags)
+
+
+@dataclass
+class EvalTarget:
+    """A trained model to evaluate: its config, checkpoint, run directory and MLflow run."""
+
+    cfg: ExperimentConfig
+    checkpoint: Path
+    run_dir: Path
+    run_id: str | None
+    tracking_uri: str
+
+
+def parse_suites(values: Sequence[str]) -> list[str]:
+    """Suite names from ``--suite`` values, each a name or a comma-separated list."""
+    names = [n.strip() for value in values for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--suite needs at least one of: {', '.join(EVAL_SUITES)}")
+    return names
+
+
+def resolve_target(
+    reference: str,
+    suites: Sequence[str],
+    overrides: Sequence[str] = (),
+    tracking_uri: str | None = None,
+) -> EvalTarget:
+    """Find the run behind ``reference`` and compose its config for these suites.
+
+    ``reference`` is a checkpoint file inside a run directory, a run directory (its
+    ``checkpoints/last.ckpt``), or an MLflow run id looked up in ``tracking_uri`` (default:
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``) whose run directory is then found
+    from its config. ``overrides`` must be ``eval.<key>=value``: the model is the run's.
+    Raises EvalError or ConfigError naming what is wrong.
+    """
+    for item in overrides:
+        if "=" not in item or not item.startswith("eval."):
+            raise ConfigError(
+                f"bad setting {item!r}: sparsezoo eval takes eval.<key>=value settings "
+                "(e.g. eval.passkey.samples=8); the model and data are the run's own"
+            )
+    path = Path(reference)
+    if path.exists():
+        run_dir = path.parent.parent if path.is_file() else path
+        checkpoint = path if path.is_file() else run_dir / "checkpoints" / "last.ckpt"
+    elif _RUN_ID.fullmatch(reference):
+        run_dir = _run_dir_of(reference, tracking.resolve_tracking_uri(tracking_uri))
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    else:
+        raise EvalError(
+            f"run reference {reference!r} is not a checkpoint file, a run directory or an "
+            "MLflow run id (32 hex digits)"
+        )
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise EvalError(f"{reference}: no {CONFIG_FILE} in {run_dir} (not a run directory)")
+    if not checkpoint.is_file():
+        raise EvalError(f"{reference}: no checkpoint at {checkpoint}")
+    record_path = run_dir / RUN_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    suites_override = f"eval.suites=[{','.join(suites)}]"
+    cfg = load_config(run_dir / CONFIG_FILE, [*overrides, suites_override])
+    uri = tracking.resolve_tracking_uri(
+        tracking_uri or record.get("tracking_uri") or cfg.tracking.uri
+    )
+    return EvalTarget(cfg, checkpoint, run_dir, record.get("run_id"), uri)
+
+
+def _run_dir_of(run_id: str, uri: str) -> Path:
+    """The local run directory of an MLflow training run (``output_dir/experiment/run_name``)."""
+    tracking.check_tracking(uri)
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as exc:
+        raise EvalError(f"no MLflow run {run_id} in {uri}") from exc
+    params = run.data.params
+    if "output_dir" not in params or "experiment" not in params:
+        raise EvalError(f"MLflow run {run_id} is not a sparsezoo training run (no config params)")
+    run_dir = Path(params["output_dir"]) / params["experiment"] / run.info.run_name
+    if not run_dir.is_dir():
+        raise EvalError(
+            f"MLflow run {run_id}: its run directory {run_dir} (with the checkpoint) is not here; "
+            "pass the run directory or checkpoint path instead"
+        )
+    return run_dir
+
+
+def load_model(target: EvalTarget, device: torch.device) -> tuple[SparseLM, int]:
+    """The run's model with the checkpoint's weights on ``device``, and the checkpoint's step."""
+    try:
+        ckpt = torch.load(target.checkpoint, map_location="cpu", weights_only=True)
+        state = {
+            k.removeprefix("model."): v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("model.")
+        }
+        model = SparseLM.from_config(target.cfg)
+        model.load_state_dict(state)
+    except (OSError, EOFError, KeyError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
+        raise EvalError(
+            f"{target.checkpoint}: not a checkpoint of this run's model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from exc
+    return model.to(device).eval(), int(ckpt.get("global_step", 0))
+
+
+def eval_device(cfg: ExperimentConfig) -> torch.device:
+    """``eval.device``: ``auto`` is CUDA when available, else CPU."""
+    if cfg.eval.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.eval.device)
+
+
+def evaluate(
+    reference: str,
+    suites: Sequence[str],
+    overrides: Sequence[str] = (),
+    *,
+    tracking_uri: str | None = None,
+    new_run: bool = False,
+) -> EvalResult:
+    """``sparsezoo eval``: evaluate a trained run and record the results in MLflow.
+
+    Files go to ``<run dir>/eval/``. Metrics go into the evaluated run, or with ``new_run``
+    (and for runs trained without tracking) into a new ``sparsezoo.kind=eval`` run of the same
+    experiment tagged with the evaluated run; nothing is logged when the run's config disables
+    tracking.
+    """
+    target = resolve_target(reference, suites, overrides, tracking_uri)
+    cfg = target.cfg
+    model, step = load_model(target, eval_device(cfg))
+    bundle: list[Path] = []
+
+    def val_path() -> Path:
+        if not bundle:
+            bundle.append(prepare_run_data(cfg).val_path)
+        return bundle[0]
+
+    def run(client: MlflowClient | None, run_id: str | None) -> EvalResult:
+        return evaluate_model(
+            model,
+            cfg,
+            out_dir=target.run_dir / ARTIFACT_DIR,
+            val_path=val_path,
+            step=step,
+            client=client,
+            run_id=run_id,
+        )
+
+    if not cfg.tracking.enabled:
+        return run(None, None)
+    tracking.check_tracking(target.tracking_uri)
+    client = MlflowClient(target.tracking_uri)
+    if target.run_id is not None and not new_run:
+        return run(client, target.run_id)
+    run_id = tracking.create_run(
+        client,
+        cfg.experiment,
+        f"eval-{target.run_dir.name}",
+        {
+            "sparsezoo.kind": "eval",
+            "sparsezoo.mechanism": mechanism_tag(cfg),
+            TAG_EVALUATED: target.run_id or str(target.run_dir),
+        },
+    )
+    tracking.log_params(client, run_id, flatten(cfg))
+    with tracking.run_status(client, run_id):
+        return run(client, run_id)
