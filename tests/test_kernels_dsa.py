@@ -338,6 +338,20 @@ def test_sparse_attention_never_materializes_all_slots(threads: Callable[[int], 
     assert largest.numel <= allowed < min(T * K * D, T * HQ * K) // 4
 
 
+def test_ops_run_under_inference_mode(threads: Callable[[int], None]) -> None:
+    """Worker threads inherit the caller's inference mode (it is per thread), so the ops
+    work under torch.inference_mode, as in evaluation."""
+    threads(2)
+    q, k, w = (x.detach() for x in make_index_inputs(1, 300, 300, 2, 8, None))
+    qq, kk, vv = (x.detach() for x in make_qkv(1, 300, 300, 4, 1, 8))
+    expected = sparse_attention(qq, kk, vv, indexer_topk(q, k, w, 16))
+    with torch.inference_mode():
+        idx = indexer_topk(q, k, w, 16, backend="torch")
+        scores = indexer_scores(q, k, w, indices=idx, backend="torch")
+        actual = sparse_attention(qq, kk, vv, idx, backend="torch")
+    assert torch.isfinite(scores).any() and torch.equal(actual, expected)
+
+
 def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
     """Each op names the argument it rejects: shapes, dtypes, indices, topk, backend."""
     q, k, w = (x.detach() for x in make_index_inputs(1, 6, 8, 2, 4, None))

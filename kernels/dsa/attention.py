@@ -23,8 +23,8 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..nsa.selection import _run_workers, _Workspace
-from .indexer import _positions, _split
+from ..nsa.selection import _Workspace
+from .indexer import _positions, _split, run_on_workers
 
 __all__ = ["sparse_attention", "sparse_attention_naive", "sparse_attention_torch"]
 
@@ -270,7 +270,7 @@ def _forward(
                 if probs_BTHK is not None:
                     probs_BTHK[b, t0:t1, h] = probs_CK
 
-    _run_workers([lambda c=c: run(c) for c in _worker_runs(B, T, K)])
+    run_on_workers([lambda c=c: run(c) for c in _worker_runs(B, T, K)])
     return o_BTHGD.view(B, T, HQ, D), lse_BTHG.view(B, T, HQ), probs_BTHK
 
 
@@ -326,7 +326,7 @@ def _backward(
                 torch.bmm(p_CGK.transpose(1, 2), do_CGD, out=rows_CKD)
                 dv_W[i][b, h].index_add_(0, slots.rows, rows_CKD.view(-1, D))
 
-    _run_workers([lambda i=i: run(i) for i in range(len(runs))])
+    run_on_workers([lambda i=i: run(i) for i in range(len(runs))])
     for dk, dv in zip(dk_W[1:], dv_W[1:], strict=True):
         dk_W[0] += dk
         dv_W[0] += dv

@@ -295,6 +295,21 @@ def _chunks(T: int, S: int, N: int, first: int = 0) -> list[tuple[int, int]]:
     return [(t0, min(t0 + size, T)) for t0 in range(first, T, size)]
 
 
+def run_on_workers(jobs: list[Callable[[], object]]) -> None:
+    """Run the jobs on worker threads (``_run_workers``: one each, single-threaded ops) in
+    the caller's inference mode, which is per thread: without it a worker could not write
+    into tensors the caller created under ``torch.inference_mode``."""
+    if not torch.is_inference_mode_enabled():
+        _run_workers(jobs)
+        return
+
+    def in_mode(job: Callable[[], object]) -> None:
+        with torch.inference_mode():
+            job()
+
+    _run_workers([lambda job=job: in_mode(job) for job in jobs])
+
+
 def _split(costs: list[int], workers: int) -> list[list[int]]:
     """Indices of ``costs`` cut into ``workers`` contiguous runs of about equal total cost."""
     total, runs, acc = sum(costs), [[] for _ in range(workers)], 0
@@ -310,7 +325,7 @@ def _parallel(jobs: list[Callable[[], None]]) -> None:
         return
     workers = max(1, min(torch.get_num_threads(), len(jobs)))
     runs = _split([1] * len(jobs), workers)
-    _run_workers([lambda run=run: [jobs[i]() for i in run] for run in runs])
+    run_on_workers([lambda run=run: [jobs[i]() for i in run] for run in runs])
 
 
 def _chunk_relu(
@@ -363,7 +378,7 @@ def indexer_topk_torch(
     costs = [S - T + t1 for _, _, t1 in chunks]  # keys scored: later chunks cost more
     runs = _split(costs, max(1, min(torch.get_num_threads(), len(chunks))))
     if runs:
-        _run_workers([lambda run=run: _run_chunks(job, [chunks[i] for i in run]) for run in runs])
+        run_on_workers([lambda run=run: _run_chunks(job, [chunks[i] for i in run]) for run in runs])
     return out_BTUK.squeeze(2) if w_idx.dim() == 3 else out_BTUK
 
 
@@ -505,7 +520,7 @@ class _GatheredScores(torch.autograd.Function):
                     dk_CKE = torch.bmm(coef_CNK.transpose(1, 2), q_CNE)
                     dk_W[i][b].index_add_(0, idx_CK.clamp_min(0).flatten(), dk_CKE.flatten(0, 1))
 
-        _run_workers([lambda i=i: run(i) for i in range(len(runs))])
+        run_on_workers([lambda i=i: run(i) for i in range(len(runs))])
         for dk in dk_W[1:]:
             dk_W[0] += dk
         return dq, dk_W[0], dw, None, None
