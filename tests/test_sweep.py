@@ -9,6 +9,7 @@ and every kind of bad input failing with exit status 2 before anything trains.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,9 +32,10 @@ from sparsezoo import sweep as sweep_module
 from sparsezoo import tracking
 from sparsezoo.cli import main
 from sparsezoo.config import ConfigError, load_config
-from sparsezoo.sweep import run_sweep
+from sparsezoo.sweep import load_sweep, run_sweep
 from sparsezoo.sweep_space import Constraint
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # valid NSA knobs for the tiny model at seq_len 64 (d | l, d | l', l <= l')
 NSA_TINY = {"block_size": 8, "stride": 8, "select_size": 16, "n_select": 3, "window": 16}
 # the random sampler (seeded 264 + trial number) draws, in order: a good lr (completes), a bad
@@ -470,6 +472,29 @@ def test_constraint_expressions() -> None:
         Constraint.parse("data.seq_len <", "c")
     with pytest.raises(ConfigError, match=r"'\[1, 2\]' is not allowed"):
         Constraint.parse("[1, 2] == data.seq_len", "c")
+
+
+@pytest.mark.parametrize("name", ["nsa_knobs", "moba_knobs", "dsa_knobs"])
+def test_shipped_sweeps_load_and_document_their_command(name: str) -> None:
+    sweep = load_sweep(EXPERIMENTS / f"{name}.yaml")
+    mechanism = name.removesuffix("_knobs")
+    assert sweep.base.attention.mechanism == mechanism
+    assert {p.mechanism for p in sweep.space.params} == {None, mechanism}
+    assert sweep.space.violation(sweep.base) is None  # the base point is a valid trial
+    readme = (EXPERIMENTS / f"{name}.md").read_text()
+    assert f"sparsezoo sweep experiments/{name}.yaml --n-trials" in readme
+
+
+def test_readme_sweep_example_loads(tmp_path: Path) -> None:
+    text = (EXPERIMENTS.parent / "README.md").read_text().split("## Sweeps", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "configs").symlink_to(EXPERIMENTS.parent / "configs")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "my_sweep.yaml").write_text(example)
+    sweep = load_sweep(tmp_path / "experiments" / "my_sweep.yaml")
+    assert sweep.settings.name == "my_sweep"
+    assert sweep.space.reachable_mechanisms(sweep.base) == {"nsa", "moba"}
+    assert [c.mechanisms for c in sweep.space.constraints] == [{"moba"}]
 
 
 @pytest.mark.slow
