@@ -19,6 +19,8 @@ dim, K index slots, U key sets per query (1 shared, or H), C queries of a chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -101,6 +103,24 @@ def _per_head(indices: torch.Tensor, H: int) -> torch.Tensor:
 def _probs_out(probs_BTHK: torch.Tensor, shared: bool) -> torch.Tensor:
     """Per-KV-head slot probabilities (group means) as returned: averaged over H when shared."""
     return probs_BTHK.mean(dim=2) if shared else probs_BTHK
+
+
+def on_head_sets(
+    apply: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    q_BTHD: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    want_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a backend's ``apply(q, k, v, idx_BTHK, scale, want_probs)`` with the indices as one
+    set per KV head, and return its probabilities in the caller's layout ([B, T, K] when the
+    set is shared)."""
+    o_BTHD, probs_BTHK = apply(
+        q_BTHD, k_BSHD, v_BSHD, _per_head(indices, k_BSHD.shape[2]), scale, want_probs
+    )
+    return o_BTHD, None if probs_BTHK is None else _probs_out(probs_BTHK, indices.dim() == 3)
 
 
 # ----- naive (the oracle) ------------------------------------------------------------------
@@ -385,11 +405,7 @@ def sparse_attention_torch(
     saved row lse. Chunks run on ``torch.get_num_threads()`` worker threads owning disjoint
     query ranges. Returns (o_BTHD in q's dtype, fp32 slot probabilities or None).
     """
-    H = k_BSHD.shape[2]
-    o_BTHD, probs_BTHK = _SparseAttention.apply(
-        q_BTHD, k_BSHD, v_BSHD, _per_head(indices, H), scale, want_probs
-    )
-    return o_BTHD, None if probs_BTHK is None else _probs_out(probs_BTHK, indices.dim() == 3)
+    return on_head_sets(_SparseAttention.apply, q_BTHD, k_BSHD, v_BSHD, indices, scale, want_probs)
 
 
 # ----- public op -----------------------------------------------------------------------------

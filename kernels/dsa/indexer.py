@@ -545,12 +545,28 @@ def indexer_scores_torch(
     [T, N, S] ReLU terms); slot scores gather each chunk's keys, and their backward scatters dk
     into one buffer per worker thread.
     """
-    q, k, w_BTUN = q_idx_BTNE.float(), k_idx_BSE.float(), _as_sets(w_idx).float()
+    q, k, w = q_idx_BTNE.float(), k_idx_BSE.float(), w_idx.float()
+    return scores_in_sets(_DenseScores.apply, _GatheredScores.apply, q, k, w, scale, indices)
+
+
+def scores_in_sets(
+    dense: Callable[..., torch.Tensor],
+    slots: Callable[..., torch.Tensor],
+    q_BTNE: torch.Tensor,
+    k_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    scale: float,
+    indices: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run a backend's dense ``(q, k, w_BTUN, scale)`` or slot ``(q, k, w_BTUN, idx_BTUK,
+    scale)`` score function on [B, T, U, ...] sets; shared weights drop the U axis again."""
+    w_BTUN = _as_sets(w_idx).contiguous()
     if indices is None:
-        scores = _DenseScores.apply(q, k, w_BTUN, scale)
+        scores = dense(q_BTNE, k_BSE, w_BTUN, scale)
     else:
-        idx_BTUK = _as_sets(indices) if w_idx.dim() == 3 else indices
-        scores = _GatheredScores.apply(q, k, w_BTUN, idx_BTUK, scale)
+        scores = slots(
+            q_BTNE, k_BSE, w_BTUN, _as_sets(indices) if w_idx.dim() == 3 else indices, scale
+        )
     return scores.squeeze(2) if w_idx.dim() == 3 else scores
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common import dot_precision, pad16, require_cuda
-from .attention import _per_head, _probs_out
+from .attention import on_head_sets
 
 # Slots per loop step: a [16, 64] x [64, 64] dot per step; not autotuned (no GPU was at hand
 # when written). Tests shrink it so short rows span several blocks.
@@ -264,8 +264,6 @@ def sparse_attention_triton(
     unless the kernels were imported under TRITON_INTERPRET=1.
     """
     require_cuda("sparse_attention", q_BTHD)
-    H = k_BSHD.shape[2]
-    o_BTHD, probs_BTHK = _SparseAttentionTriton.apply(
-        q_BTHD, k_BSHD, v_BSHD, _per_head(indices, H), scale, want_probs
+    return on_head_sets(
+        _SparseAttentionTriton.apply, q_BTHD, k_BSHD, v_BSHD, indices, scale, want_probs
     )
-    return o_BTHD, None if probs_BTHK is None else _probs_out(probs_BTHK, indices.dim() == 3)

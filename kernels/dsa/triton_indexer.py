@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common import dot_precision, pad16, require_cuda
-from .indexer import _CHUNK_ELEMENTS, _as_sets, _topk_output, select_topk_rows
+from .indexer import _CHUNK_ELEMENTS, _as_sets, _topk_output, scores_in_sets, select_topk_rows
 
 # Tile sizes; not autotuned (no GPU was at hand when written). Tests shrink them so short
 # sequences span several tiles.
@@ -108,6 +108,23 @@ def _load_grad(g_ptr, b, u, offs_t, offs_s, T, S, sg_b, sg_t, sg_u, sg_s):
 
 
 @triton.jit
+def _coef(g_ptr, w_ptr, dot_ML, b, j, offs_t, offs_s, T, S, U, scale,
+          sg_b, sg_t, sg_u, sg_s, sw_b, sw_t, sw_u, sw_n,
+          BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """d score / d (q_j · k) of a tile: scale · sum_u g_u w_uj where q_j · k > 0, else 0."""
+    coef_ML = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+    for u in range(0, U):
+        g_ML = _load_grad(g_ptr, b, u, offs_t, offs_s, T, S, sg_b, sg_t, sg_u, sg_s)
+        w_M = tl.load(
+            w_ptr + b * sw_b + offs_t.to(tl.int64) * sw_t + u * sw_u + j * sw_n,
+            mask=offs_t < T,
+            other=0.0,
+        )
+        coef_ML += g_ML * w_M[:, None]
+    return tl.where(dot_ML > 0, coef_ML * scale, 0.0)
+
+
+@triton.jit
 def _dense_dq_kernel(
     q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr,
     sq_b, sq_t, sq_n, sq_e,
@@ -132,16 +149,10 @@ def _dense_dq_kernel(
                 q_ptr, k_ptr, j, b, offs_t, offs_s, offs_e, T, S, E,
                 sq_b, sq_t, sq_n, sq_e, sk_b, sk_s, sk_e, PRECISION,
             )  # fmt: skip
-            coef_ML = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-            for u in range(0, U):
-                g_ML = _load_grad(g_ptr, b, u, offs_t, offs_s, T, S, sg_b, sg_t, sg_u, sg_s)
-                w_M = tl.load(
-                    w_ptr + b * sw_b + offs_t.to(tl.int64) * sw_t + u * sw_u + j * sw_n,
-                    mask=offs_t < T,
-                    other=0.0,
-                )
-                coef_ML += g_ML * w_M[:, None]
-            coef_ML = tl.where(dot_ML > 0, coef_ML * scale, 0.0)
+            coef_ML = _coef(
+                g_ptr, w_ptr, dot_ML, b, j, offs_t, offs_s, T, S, U, scale,
+                sg_b, sg_t, sg_u, sg_s, sw_b, sw_t, sw_u, sw_n, BLOCK_T, BLOCK_S,
+            )  # fmt: skip
             dq_MP += tl.dot(coef_ML, k_LP, input_precision=PRECISION)
         tl.store(
             dq_ptr + b * sq_b + offs_t.to(tl.int64)[:, None] * sq_t + j * sq_n
@@ -214,16 +225,10 @@ def _dense_dk_kernel(
                 q_ptr, k_ptr, j, b, offs_t, offs_s, offs_e, T, S, E,
                 sq_b, sq_t, sq_n, sq_e, sk_b, sk_s, sk_e, PRECISION,
             )  # fmt: skip
-            coef_ML = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-            for u in range(0, U):
-                g_ML = _load_grad(g_ptr, b, u, offs_t, offs_s, T, S, sg_b, sg_t, sg_u, sg_s)
-                w_M = tl.load(
-                    w_ptr + b * sw_b + offs_t.to(tl.int64) * sw_t + u * sw_u + j * sw_n,
-                    mask=offs_t < T,
-                    other=0.0,
-                )
-                coef_ML += g_ML * w_M[:, None]
-            coef_ML = tl.where(dot_ML > 0, coef_ML * scale, 0.0)
+            coef_ML = _coef(
+                g_ptr, w_ptr, dot_ML, b, j, offs_t, offs_s, T, S, U, scale,
+                sg_b, sg_t, sg_u, sg_s, sw_b, sw_t, sw_u, sw_n, BLOCK_T, BLOCK_S,
+            )  # fmt: skip
             dk_LP += tl.dot(tl.trans(coef_ML), q_MP, input_precision=PRECISION)
     tl.store(
         dk_ptr + b * sk_b + offs_s.to(tl.int64)[:, None] * sk_s + offs_e[None, :] * sk_e,
@@ -482,13 +487,10 @@ def indexer_scores_triton(
     were imported under TRITON_INTERPRET=1.
     """
     require_cuda("indexer_scores", q_idx_BTNE)
-    q, k, w_BTUN = _fp32_inputs(q_idx_BTNE, k_idx_BSE, w_idx)
-    if indices is None:
-        scores = _DenseScoresTriton.apply(q, k, w_BTUN, scale)
-    else:
-        idx_BTUK = _as_sets(indices) if w_idx.dim() == 3 else indices
-        scores = _SlotScoresTriton.apply(q, k, w_BTUN, idx_BTUK, scale)
-    return scores.squeeze(2) if w_idx.dim() == 3 else scores
+    q, k, w = q_idx_BTNE.float().contiguous(), k_idx_BSE.float().contiguous(), w_idx.float()
+    return scores_in_sets(
+        _DenseScoresTriton.apply, _SlotScoresTriton.apply, q, k, w, scale, indices
+    )
 
 
 def indexer_topk_triton(
