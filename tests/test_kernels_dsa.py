@@ -114,8 +114,9 @@ def test_indexer_scores_torch_matches_naive(
 
 
 def test_indexer_scores_chunk_borders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny chunks (one or two queries each, hundreds of them) give the same results."""
+    """Tiny chunks (one to three queries each, hundreds of them) give the same results."""
     monkeypatch.setattr(indexer, "_CHUNK_ELEMENTS", 300)
+    monkeypatch.setattr(indexer, "_CHUNK_SLOTS", 20)
     inputs = make_index_inputs(2, 301, 301, 3, 8, 2)
     idx = random_indices((2, 301, 2, 7), 301)
     for slots in (None, idx):

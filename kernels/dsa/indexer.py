@@ -49,6 +49,9 @@ _AVAILABLE = ("naive", "torch", "triton")
 # Score elements (queries × heads × keys) one chunk of the torch path holds: 4 MB of fp32
 # keeps a chunk's ReLU terms in the L2/L3 caches while the per-chunk op overhead stays small.
 _CHUNK_ELEMENTS = 1 << 20
+# Slots (queries × slots) one chunk of the slot-score path gathers: 16384 rows of an E = 64
+# indexer key are 4 MB, cache-resident between the gather and the matmuls.
+_CHUNK_SLOTS = 16384
 # Thresholded top-k (see select_topk_rows): sample every 8th score, on rows of >= 4·topk keys.
 _SAMPLE_STRIDE = 8
 _SAMPLE_MIN_RATIO = 4
@@ -319,15 +322,6 @@ def _split(costs: list[int], workers: int) -> list[list[int]]:
     return [run for run in runs if run]
 
 
-def _parallel(jobs: list[Callable[[], None]]) -> None:
-    """Run the chunk jobs on ``torch.get_num_threads()`` workers with single-threaded ops."""
-    if not jobs:
-        return
-    workers = max(1, min(torch.get_num_threads(), len(jobs)))
-    runs = _split([1] * len(jobs), workers)
-    run_on_workers([lambda run=run: [jobs[i]() for i in run] for run in runs])
-
-
 def _chunk_relu(
     q_CNE: torch.Tensor, kt_EP: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -450,10 +444,25 @@ def _zero_future(g_CUP: torch.Tensor, first_pos: int) -> None:
     g_CUP[:, :, first_pos:].masked_fill_(future_CP[:, None, :], 0.0)
 
 
-def _gather_rows(x_SE: torch.Tensor, idx_CK: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x_SE`` at the (clamped) slot indices: [C, K, E]."""
-    C, K = idx_CK.shape
-    return torch.index_select(x_SE, 0, idx_CK.clamp_min(0).flatten()).view(C, K, -1)
+class _SlotKeys:
+    """One chunk's slot keys of one set, gathered once into a workspace buffer: [C, K, E],
+    with the clamped key positions ``rows`` and the used-slot mask (idx >= 0, not future)."""
+
+    def __init__(
+        self, k_SE: torch.Tensor, idx_CK: torch.Tensor, pos_C: torch.Tensor, ws: _Workspace
+    ) -> None:
+        C, K = idx_CK.shape
+        E = k_SE.shape[1]
+        self.rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
+        k_RE = torch.index_select(k_SE, 0, self.rows, out=ws.get("k", k_SE, C * K, E))
+        self.k_CKE = k_RE.view(C, K, E)
+        self.used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
+
+    def dots(self, q_CNE: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        """q_j · k of every head and slot, [C, N, K], in a workspace buffer."""
+        C, N, _ = q_CNE.shape
+        out = ws.get("dots", q_CNE, C, N, self.k_CKE.shape[1])
+        return torch.bmm(q_CNE, self.k_CKE.transpose(1, 2), out=out)
 
 
 class _GatheredScores(torch.autograd.Function):
@@ -469,21 +478,21 @@ class _GatheredScores(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         """Score the slot keys of every query; unused and future slots -inf."""
-        B, T, N, _ = q_BTNE.shape
+        B, T = q_BTNE.shape[:2]
         S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
         out_BTUK = torch.empty(B, T, U, K, device=q_BTNE.device)
         pos_T = _positions(T, S, q_BTNE.device)
 
-        def job(b: int, t0: int, t1: int) -> None:
+        def job(b: int, t0: int, t1: int, ws: _Workspace) -> None:
             for u in range(U):
-                idx_CK = idx_BTUK[b, t0:t1, u]
-                k_CKE = _gather_rows(k_BSE[b], idx_CK)
-                relu_CNK = torch.bmm(q_BTNE[b, t0:t1], k_CKE.transpose(1, 2)).relu_()
-                scores_CK = torch.bmm(w_BTUN[b, t0:t1, u, None], relu_CNK).squeeze(1)
-                used_CK = (idx_CK >= 0) & (idx_CK <= pos_T[t0:t1, None])
-                out_BTUK[b, t0:t1, u] = scores_CK.mul_(scale).masked_fill_(~used_CK, float("-inf"))
+                slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
+                relu_CNK = slots.dots(q_BTNE[b, t0:t1], ws).relu_()
+                scores_C1K = torch.bmm(w_BTUN[b, t0:t1, u, None], relu_CNK)
+                scores_CK = scores_C1K.squeeze(1).mul_(scale)
+                out_BTUK[b, t0:t1, u] = scores_CK.masked_fill_(~slots.used_CK, float("-inf"))
 
-        _parallel([lambda b=b, c=c: job(b, *c) for b in range(B) for c in _slot_chunks(T, K, N)])
+        runs = _slot_runs(B, T, K)
+        run_on_workers([lambda run=run: _run_chunks(job, run) for run in runs])
         ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN, idx_BTUK)
         ctx.scale = scale
         return out_BTUK
@@ -495,41 +504,48 @@ class _GatheredScores(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         """dq, dw per query; dk scattered into per-worker buffers summed at the end."""
         q_BTNE, k_BSE, w_BTUN, idx_BTUK = ctx.saved_tensors
-        B, T, N, _ = q_BTNE.shape
+        B, T, _, E = q_BTNE.shape
         S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
         pos_T = _positions(T, S, q_BTNE.device)
         dq, dw = torch.zeros_like(q_BTNE), torch.zeros_like(w_BTUN)
-        jobs = [(b, c) for b in range(B) for c in _slot_chunks(T, K, N)]
-        runs = _split([1] * len(jobs), max(1, min(torch.get_num_threads(), len(jobs))))
+        runs = _slot_runs(B, T, K)
         dk_W = [torch.zeros_like(k_BSE) for _ in runs]
 
-        def run(i: int) -> None:
-            for b, (t0, t1) in (jobs[j] for j in runs[i]):
-                q_CNE = q_BTNE[b, t0:t1]
-                for u in range(U):
-                    idx_CK = idx_BTUK[b, t0:t1, u]
-                    used_CK = (idx_CK >= 0) & (idx_CK <= pos_T[t0:t1, None])
-                    g_CK = (g_BTUK[b, t0:t1, u] * ctx.scale).masked_fill_(~used_CK, 0.0)
-                    k_CKE = _gather_rows(k_BSE[b], idx_CK)
-                    dot_CNK = torch.bmm(q_CNE, k_CKE.transpose(1, 2))
-                    dw[b, t0:t1, u] = torch.bmm(dot_CNK.clamp_min(0.0), g_CK[:, :, None]).squeeze(
-                        -1
-                    )
-                    coef_CNK = (w_BTUN[b, t0:t1, u, :, None] * g_CK[:, None, :]).mul_(dot_CNK > 0)
-                    dq[b, t0:t1] += torch.bmm(coef_CNK, k_CKE)
-                    dk_CKE = torch.bmm(coef_CNK.transpose(1, 2), q_CNE)
-                    dk_W[i][b].index_add_(0, idx_CK.clamp_min(0).flatten(), dk_CKE.flatten(0, 1))
+        def job(b: int, t0: int, t1: int, ws: _Workspace, dk_SE: torch.Tensor) -> None:
+            q_CNE = q_BTNE[b, t0:t1]
+            C = t1 - t0
+            for u in range(U):
+                slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
+                g_CK = torch.mul(g_BTUK[b, t0:t1, u], ctx.scale, out=ws.get("g", q_CNE, C, K))
+                g_CK.masked_fill_(~slots.used_CK, 0.0)
+                dot_CNK = slots.dots(q_CNE, ws)
+                gate_CNK = dot_CNK > 0
+                dw[b, t0:t1, u] = torch.bmm(dot_CNK.relu_(), g_CK[:, :, None]).squeeze(-1)
+                # the ReLU'd dots are no longer needed: their buffer takes the coefficients
+                coef_CNK = torch.mul(w_BTUN[b, t0:t1, u, :, None], g_CK[:, None, :], out=dot_CNK)
+                coef_CNK.mul_(gate_CNK)
+                dq[b, t0:t1] += torch.bmm(coef_CNK, slots.k_CKE)
+                dk_CKE = ws.get("dk", q_CNE, C, K, E)
+                torch.bmm(coef_CNK.transpose(1, 2), q_CNE, out=dk_CKE)
+                dk_SE.index_add_(0, slots.rows, dk_CKE.view(-1, E))
 
-        run_on_workers([lambda i=i: run(i) for i in range(len(runs))])
+        run_on_workers(
+            [
+                lambda run=run, dk=dk: _run_chunks(lambda *c: job(*c, dk_SE=dk[c[0]]), run)
+                for run, dk in zip(runs, dk_W, strict=True)
+            ]
+        )
         for dk in dk_W[1:]:
             dk_W[0] += dk
         return dq, dk_W[0], dw, None, None
 
 
-def _slot_chunks(T: int, K: int, N: int) -> list[tuple[int, int]]:
-    """Query ranges whose gathered slot keys and ReLU terms stay near _CHUNK_ELEMENTS."""
-    size = max(1, _CHUNK_ELEMENTS // (N * K))
-    return [(t0, min(t0 + size, T)) for t0 in range(0, T, size)]
+def _slot_runs(B: int, T: int, K: int) -> list[list[tuple[int, int, int]]]:
+    """(batch, t0, t1) chunks of about _CHUNK_SLOTS slots, cut into one run per worker."""
+    size = max(1, _CHUNK_SLOTS // K)
+    chunks = [(b, t0, min(t0 + size, T)) for b in range(B) for t0 in range(0, T, size)]
+    runs = _split([1] * len(chunks), max(1, min(torch.get_num_threads(), len(chunks))))
+    return [[chunks[i] for i in run] for run in runs]
 
 
 def indexer_scores_torch(
