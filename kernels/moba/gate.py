@@ -12,7 +12,8 @@ top_k - 1). A query with fewer candidates keeps all of them. The same functions 
 (every position) and decoding (new positions against a cache of block means).
 Legend: B batch, T time (queries), HQ query heads, H KV heads, G group size HQ // H, D head
 dim, N block means, R routed slots top_k - 1, L queries of one query block, J candidate blocks
-of a query block, W workers.
+of a query block, X score rows of one KV head in a query block (L·G), Y all score rows of a
+query block (B·H·X).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ..nsa.selection import _run_workers
 __all__ = ["block_means", "route_blocks"]
 
 _OP = "route_blocks"
-# Query positions per worker below which a second worker costs more than it saves (the loop
-# runs a few small ops per query block).
+# Query positions a worker needs (a heuristic floor: the loop runs a few small ops per query
+# block, so a short sequence is routed faster on the caller's thread alone).
 _MIN_QUERIES_PER_WORKER = 4096
 _MAX_WORKERS = 8
 
@@ -86,7 +87,7 @@ def _validate(
         raise ValueError(f"{_OP}: q is on {q_BTHD.device}, kmean on {kmean_BNHD.device}")
 
 
-def _top_first(scores_XJ: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_first(scores_YJ: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The n largest scores per row, descending, ties to the lower index; overwrites the input.
 
     n passes of ``max``, which returns the first maximal index (documented), each followed by
@@ -95,11 +96,11 @@ def _top_first(scores_XJ: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
     """
     values, picks = [], []
     for r in range(n):
-        value_X, pick_X = scores_XJ.max(dim=-1)
-        values.append(value_X)
-        picks.append(pick_X)
+        value_Y, pick_Y = scores_YJ.max(dim=-1)
+        values.append(value_Y)
+        picks.append(pick_Y)
         if r + 1 < n:
-            scores_XJ.scatter_(-1, pick_X[:, None], float("-inf"))
+            scores_YJ.scatter_(-1, pick_Y[:, None], float("-inf"))
     return torch.stack(values, dim=-1), torch.stack(picks, dim=-1)
 
 

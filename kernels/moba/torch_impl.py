@@ -2,8 +2,10 @@
 
 Every query attends its own block (token-causal) and its routed past blocks under one softmax,
 computed in parts merged by log-sum-exp:
-- own part: all query blocks of a range at once, one causal flash call over [blocks, HQ, L, D]
-  views of q, k, v (GQA native, no copies), which returns the output and its log-sum-exp;
+- own part: all query blocks of a range at once, as flash calls over strided views of q, k, v
+  (GQA native, no copies) that return the output and its log-sum-exp: one causal call over
+  64-key sub-blocks, then one non-causal call per sub-block position against the earlier keys
+  of its block (see ``_own_forward``);
 - routed parts, mixture-of-experts style: per (batch, KV head, block) "expert", the query rows
   (b, t, query head) that routed to the block, with all query heads of the group folded into
   the rows, are gathered and attended against the block's keys in one non-causal flash call;
@@ -18,7 +20,8 @@ worker and summed in worker order, so results are deterministic.
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of
 a block (block_size, fewer in the tail block), N blocks ceil(T / block_size), R routed slots,
 Q query rows B·T·HQ (flat, row (b·T + t)·HQ + h), M rows of one chunk, P routed pairs, W
-workers, X any number of blocks.
+workers, X any number of blocks, S sub-block length, Y rows S·G of a folded sub-block, K keys
+of a block's first sub-blocks, r any trailing dims.
 """
 
 from __future__ import annotations
@@ -37,17 +40,23 @@ __all__ = ["moba_attention_torch"]
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-# Query rows per routed flash call. Measured at 16k tokens, G = 16, block 512 on 2 cores:
-# 4096 to 16384 rows run within noise; the gathered rows, partial outputs and merge temporaries
-# of one chunk stay a few MB.
+# Query rows per routed flash call: enough that a call's fixed cost is small next to its
+# rows x block_size scores (~16 ms of flash per call at block 512, D = 64, one core), few
+# enough that a chunk's gathered rows, output and merge temporaries stay ~2 MB each.
 _CHUNK_ROWS = 8192
-# Attended (query, key) pairs per worker below which a second worker does not pay for itself.
+# Attended (query, key) pairs a worker needs (4M: ~1 GFLOP at D = 64, ~10 ms of flash on one
+# core), so that its thread, routing sort and Python loop stay a small share of its time.
 _MIN_PAIRS_PER_WORKER = 1 << 22
 # A routed part may outweigh its row's reference (the own part's lse) by at most e^_HEADROOM
 # before the row is rebased; sums of a few such terms stay far from fp32's limit (e^88).
 _HEADROOM = 40.0
 # Sub-block length of the own part (see ``_own_forward``); tests shrink it.
 _OWN_TILE = 64
+# Whole blocks per own-part flash call: its output (and in the backward its dq) is a fresh
+# tensor copied into place, so a worker's whole range at once would hold a second copy of its
+# share of q (measured at 16k tokens: fwd+bwd peak 545 MB, dense 387 MB); two blocks keep it
+# at 4 MB (block 512, 16 heads, D = 64), and the calls stay large (16 x 16 sub-block heads).
+_OWN_SLAB = 2
 _MAX_WORKERS = 8
 
 
@@ -77,12 +86,13 @@ def _block_rows(x_BTHD: torch.Tensor, b: int, t0: int, t1: int, L: int) -> torch
 
 
 def _own_segments(first: int, end: int, T: int, block_size: int) -> list[tuple[int, int, int]]:
-    """(t0, t1, L) runs of equal-length blocks covering query blocks first .. end - 1: the whole
-    blocks, then the partial tail block if the range holds it."""
+    """(t0, t1, L) runs of equal-length blocks covering query blocks first .. end - 1: slabs of
+    at most ``_OWN_SLAB`` whole blocks, then the partial tail block if the range holds it."""
     full_end = min(end, T // block_size)
-    segments = []
-    if full_end > first:
-        segments.append((first * block_size, full_end * block_size, block_size))
+    segments = [
+        (j * block_size, min(j + _OWN_SLAB, full_end) * block_size, block_size)
+        for j in range(first, full_end, _OWN_SLAB)
+    ]
     if end * block_size > T and T % block_size:
         segments.append((T - T % block_size, T, T % block_size))
     return segments
@@ -109,11 +119,11 @@ def _fold(x_XSHr: torch.Tensor, H: int) -> torch.Tensor:
     return x_XHSGr.reshape(X, H, S * (HQ // H), *rest)
 
 
-def _unfold(x_XHRr: torch.Tensor, S: int) -> torch.Tensor:
+def _unfold(x_XHYr: torch.Tensor, S: int) -> torch.Tensor:
     """Inverse of ``_fold``: [X, H, S·G, *rest] -> [X, S, HQ, *rest]."""
-    X, H, R, *rest = x_XHRr.shape
-    x_XSHGr = x_XHRr.reshape(X, H, S, R // S, *rest).transpose(1, 2)
-    return x_XSHGr.reshape(X, S, H * (R // S), *rest)
+    X, H, Y, *rest = x_XHYr.shape
+    x_XSHGr = x_XHYr.reshape(X, H, S, Y // S, *rest).transpose(1, 2)
+    return x_XSHGr.reshape(X, S, H * (Y // S), *rest)
 
 
 def _prefix_rows(x_BTHD: torch.Tensor, b: int, t0: int, t1: int, L: int, keys: int) -> torch.Tensor:
@@ -150,18 +160,18 @@ def _own_forward(
     _block_rows(o_BTHD, b, t0, t1, tile).copy_(out_XHSD)
     lse_BTH[b, t0:t1].view(-1, tile, HQ).copy_(lse_XHS.transpose(1, 2))
     for s in range(1, n):
-        out_XHRD, lse_XHR = _flash(
+        out_XHYD, lse_XHY = _flash(
             _fold(_sub_block(q_BTHD, b, t0, t1, L, n, s), H),
             _prefix_rows(k_BTHD, b, t0, t1, L, s * tile),
             _prefix_rows(v_BTHD, b, t0, t1, L, s * tile),
             scale=scale,
         )
         ref_XSH = _sub_block(lse_BTH, b, t0, t1, L, n, s)
-        part_XSH = _unfold(lse_XHR, tile)
+        part_XSH = _unfold(lse_XHY, tile)
         new_XSH = torch.logaddexp(ref_XSH, part_XSH)
         o_XSHD = _sub_block(o_BTHD, b, t0, t1, L, n, s)
         o_XSHD.mul_((ref_XSH - new_XSH).exp_()[..., None])
-        o_XSHD.add_(_unfold(out_XHRD, tile) * (part_XSH - new_XSH).exp_()[..., None])
+        o_XSHD.add_(_unfold(out_XHYD, tile) * (part_XSH - new_XSH).exp_()[..., None])
         ref_XSH.copy_(new_XSH)
 
 
@@ -197,7 +207,7 @@ def _own_backward(
         rows = [
             _fold(_sub_block(x, b, t0, t1, L, n, s), H) for x in (do_BTHD, q_BTHD, o_BTHD, lse_BTH)
         ]
-        dq_XHRD, dk_XHKD, dv_XHKD = _flash_backward(
+        dq_XHYD, dk_XHKD, dv_XHKD = _flash_backward(
             rows[0],
             rows[1],
             _prefix_rows(k_BTHD, b, t0, t1, L, s * tile),
@@ -208,7 +218,7 @@ def _own_backward(
             False,
             scale=scale,
         )
-        _sub_block(dq_BTHD, b, t0, t1, L, n, s).add_(_unfold(dq_XHRD, tile))
+        _sub_block(dq_BTHD, b, t0, t1, L, n, s).add_(_unfold(dq_XHYD, tile))
         _prefix_rows(dk_BTHD, b, t0, t1, L, s * tile).add_(dk_XHKD)
         _prefix_rows(dv_BTHD, b, t0, t1, L, s * tile).add_(dv_XHKD)
 
