@@ -16,6 +16,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import optuna
+from matplotlib.axes import Axes
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 from optuna.visualization import matplotlib as optuna_plots
@@ -43,9 +44,9 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: sign * t.values[0])
 
 
-def _save(ax: object, path: Path) -> Path:
+def _save(ax: Axes, path: Path) -> Path:
     """Save the figure an Optuna matplotlib plot drew into and release it."""
-    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure  # type: ignore[attr-defined]
+    fig = ax.figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -190,7 +190,7 @@ def parse_storage(url: Any) -> str:
             f"storage {url!r} is not a URL; use sqlite:///PATH.db, "
             "postgresql+psycopg2://USER:PASS@HOST/DB, mysql+pymysql://... or journal:PATH"
         ) from exc
-    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql", "oracle", "mssql"):
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
         raise ConfigError(
             f"storage {url!r}: unknown database {parsed.get_backend_name()!r}; use "
             "sqlite:///PATH.db, postgresql+psycopg2://..., mysql+pymysql://... or journal:PATH"
