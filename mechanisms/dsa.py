@@ -20,8 +20,8 @@ gradient, so the LM loss never reaches the indexer and the KL never reaches the 
 
 Decoding keeps the indexer keys in the cache; each step scores the context, selects k tokens
 and reads only their K/V rows. Legend: B batch, T time (new tokens), S keys, C d_model, HQ query
-heads, H KV heads, G = HQ // H, D head dim, N indexer heads, E indexer head dim, R rope dims of
-the indexer, U key sets per query (1 shared, or H), K top-k slots, M sampled query rows.
+heads, H KV heads, G = HQ // H, D head dim, N indexer heads, E indexer head dim, U key sets
+per query (1 shared, or H), K top-k slots, M sampled query rows.
 """
 
 from __future__ import annotations
@@ -301,9 +301,11 @@ class DeepSeekSparseAttention(AttentionMechanism):
             o_BTHD = self.sdpa(q_BTHD, k_BTHD, v_BTHD, is_causal=True)
         else:
             idx = indexer_topk(q_idx, k_idx, w, p.topk, self.index_scale, backend=p.backend)
-            o_BTHD, probs = sparse_attention(
-                q_BTHD, k_BTHD, v_BTHD, idx, self.scale, return_probs=True, backend=p.backend
+            # the slot probabilities are the KL target: needed in training only
+            out = sparse_attention(
+                q_BTHD, k_BTHD, v_BTHD, idx, self.scale, self.training, backend=p.backend
             )
+            o_BTHD, probs = out if self.training else (out, None)
         self.stats = {
             "density": torch.tensor(1.0 if idx is None else _density(p.topk, 0, T)),
             "stage": torch.tensor(float(self.stage == "sparse")),

@@ -270,6 +270,21 @@ def test_cost_model() -> None:
     assert _dsa(warmup_steps=1).cost(5000).keys == 5000
 
 
+@pytest.mark.parametrize(
+    ("name", "topk", "dims"), [("dsa", 2048, (4, 64)), ("dsa_cpu", 64, (4, 16))]
+)
+def test_mechanism_configs_build(name: str, topk: int, dims: tuple[int, int]) -> None:
+    """The paper (k = 2048, indexer 4 x 64) and CPU configs build DSA layers."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    small = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=1", "model.n_heads=2"]
+    cfg = load_config(configs / "mechanism" / f"{name}.yaml", [*small, "model.n_kv_heads=1"])
+    model = SparseLM.from_config(cfg)
+    attn = model.blocks[0].attn
+    assert isinstance(attn, DeepSeekSparseAttention)
+    assert attn.params.topk == topk and (attn.params.index_heads, attn.params.index_dim) == dims
+    assert attn.params.sharing == "shared" and attn.params.warmup_steps > 0
+
+
 class _StartFrom(Callback):
     """Load a dense run's weights into the model at fit start (the indexer keeps its init)."""
 
