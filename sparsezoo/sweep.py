@@ -7,7 +7,8 @@ config, the ``key=value`` overrides and the sampled values, and then
 
 - is *invalid* when the config does not validate (a mechanism's block rules, ranges) or breaks a
   constraint: it never trains, Optuna records it PRUNED with the reason as the ``invalid`` user
-  attribute (so TPE learns to avoid the region), and MLflow gets a FAILED child run saying why;
+  attribute and a violated trial constraint (so TPE learns to avoid the region), and MLflow
+  gets a FAILED child run saying why;
 - otherwise trains with :func:`sparsezoo.train.train` as a child run of the study's parent run,
   reporting the validation loss at ``trainer.global_step`` to the pruner (:class:`TrialReporter`).
 
@@ -248,6 +249,8 @@ class SweepObjective:
         """An invalid point: a FAILED child run with the reason; the trial ends PRUNED."""
         log.info("trial %d is invalid: %s", trial.number, reason)
         trial.set_user_attr(INVALID_ATTR, reason)
+        # Optuna 5's channel for infeasible points: TPE ranks them below every feasible trial
+        trial.set_constraint(INVALID_ATTR, 1.0)
         mechanism = str(trial.params.get("attention.mechanism", mechanism_tag(self.sweep.base)))
         tags = {
             **self._tags(trial),

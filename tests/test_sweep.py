@@ -106,6 +106,8 @@ def test_sweep_prunes_and_never_trains_invalid_points(
     assert set(good.intermediate_values) == {3, 6}
     assert "invalid" not in pruned.user_attrs
     assert "block_size=12 must be a multiple of stride=8" in bad_blocks.user_attrs["invalid"]
+    assert bad_blocks.constraints == bad_window.constraints == {"invalid": 1.0}
+    assert good.constraints == pruned.constraints == {}
     assert bad_window.user_attrs["invalid"] == (
         "constraint violated: attention.params.nsa.window <= 16"
     )
