@@ -17,6 +17,7 @@ import sparsezoo
 from sparsezoo.config import load_config
 from sparsezoo.kernels.rope import apply_rope, rope_angles
 from sparsezoo.mechanisms import MechanismConfigError
+from sparsezoo.mechanisms import dsa as dsa_module
 from sparsezoo.mechanisms.base import causal_pairs
 from sparsezoo.mechanisms.dsa import DeepSeekSparseAttention, DSACache
 from sparsezoo.model import SparseLM
@@ -171,6 +172,24 @@ def test_kl_target_is_the_head_averaged_probability_not_logits() -> None:
         wrong = scores.mean(1).masked_fill(~causal, float("-inf")).softmax(-1)
     torch.testing.assert_close(attn.stats["kl"], kl)
     assert not torch.allclose(wrong, p, atol=1e-3)  # the logit-sum target would differ
+
+
+@pytest.mark.parametrize("sharing", ["shared", "kv_group"])
+def test_warmup_kl_by_checkpointed_chunks_equals_one_chunk(
+    monkeypatch: pytest.MonkeyPatch, sharing: str
+) -> None:
+    """Long warm-up sequences compute the KL by checkpointed query chunks: same KL, recall
+    and indexer gradients as one chunk."""
+    results = []
+    for chunk_elements in (1 << 22, 2000):
+        monkeypatch.setattr(dsa_module, "_CHUNK_ELEMENTS", chunk_elements)
+        attn = _dsa(**{**SPARSE, "warmup_steps": 5, "sharing": sharing}).train()
+        attn(_x(2, 60))
+        kl = attn.aux_losses["indexer_kl"]
+        grads = torch.autograd.grad(kl, list(attn.indexer.parameters()))
+        results.append([kl, attn.stats["recall"], *grads])
+    for one, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, one)
 
 
 def test_stats_density_recall_and_kl_coefficient() -> None:
