@@ -2,11 +2,13 @@
 
 The T newest queries sit at positions S - T .. S - 1 of S cached tokens. Each attends its own
 block's keys up to itself and the keys of its routed past blocks (from ``route_blocks`` over the
-cache's block means), under one softmax. Own-block keys are one contiguous slice of the cache
-(from the first new query's block start); routed blocks are gathered per (query, query head),
-so nothing outside own + routed blocks is read.
+cache's block means), under one softmax. Per KV head, the step reads the own-block slice (from
+the first new query's block start) and each block in the union of its query heads' routes once,
+as views of the cache (contiguous runs in a head-major cache), with no gather copies: nothing
+outside own + routed blocks is read, and the reads match the rows a decode step reports.
 Legend: B batch, T new queries, S cached tokens, HQ query heads, H KV heads, G group size
-HQ // H, D head dim, R routed slots, O own-block keys (slice), K routed keys R·block_size.
+HQ // H, D head dim, R routed slots, O own-block keys (slice), L keys of one block, K keys of
+one part (O or L).
 """
 
 from __future__ import annotations
@@ -24,32 +26,6 @@ __all__ = ["moba_decode_attention", "own_block_start"]
 def own_block_start(length: int, n_new: int, block_size: int) -> int:
     """First cached row the own blocks of the ``n_new`` newest of ``length`` tokens can reach."""
     return (length - n_new) // block_size * block_size
-
-
-def _gather_rows(
-    x_BSHD: torch.Tensor, b_X: torch.Tensor, s_X: torch.Tensor, h_X: torch.Tensor
-) -> torch.Tensor:
-    """x_BSHD[b, s, h] for broadcast index tensors, as [X, D], with one ``index_select``.
-
-    The D-vectors are addressed as rows of the underlying storage (any layout whose strides
-    are multiples of D, e.g. token-major [B, S, H, D] or a head-major cache viewed as one), so
-    a head-major cache reads each routed block as one contiguous run. Advanced indexing with
-    three index tensors was ~30x slower at 64k tokens.
-    """
-    D = x_BSHD.shape[3]
-    if x_BSHD.stride(3) != 1 or any(
-        n > 1 and st % D for n, st in zip(x_BSHD.shape[:3], x_BSHD.stride()[:3], strict=True)
-    ):
-        x_BSHD = x_BSHD.contiguous()
-    B, S, H, _ = x_BSHD.shape
-    # a size-1 dim is only ever indexed at 0, whatever its stride
-    sb, ss, sh = (
-        st if n > 1 else 0 for n, st in zip(x_BSHD.shape[:3], x_BSHD.stride()[:3], strict=True)
-    )
-    n_rows = ((B - 1) * sb + (S - 1) * ss + (H - 1) * sh) // D + 1
-    rows_RD = x_BSHD.as_strided((n_rows, D), (D, 1))
-    row_X = ((b_X * sb + s_X * ss + h_X * sh) // D).flatten()
-    return rows_RD.index_select(0, row_X)
 
 
 def moba_decode_attention(
@@ -106,44 +82,41 @@ def _decode_into(
     block_size: int,
     scale: float,
 ) -> None:
-    """The decode step on validated inputs; appends o_BTHD to ``out``."""
+    """The decode step on validated inputs, one (batch, KV head) at a time; appends o_BTHD.
+
+    The group's query rows (t, g) score the own-block slice and every block any of them
+    routed to; a row's scores on a block it did not route to (and own-block keys outside its
+    own block or after it) are masked, then one softmax spans all parts.
+    """
     B, T, HQ, D = q_BTHD.shape
     S, H = k_BSHD.shape[1], k_BSHD.shape[2]
     G = HQ // H
     device = q_BTHD.device
     pos_T = torch.arange(S - T, S, device=device)
-    own_T = pos_T // block_size
-    q_BTHGD = q_BTHD.float().view(B, T, H, G, D)
-
     lo = own_block_start(S, T, block_size)
     kpos_O = torch.arange(lo, S, device=device)
-    own_TO = (kpos_O[None, :] // block_size == own_T[:, None]) & (kpos_O[None, :] <= pos_T[:, None])
-    s_own = torch.einsum("bthgd,bohd->bthgo", q_BTHGD, k_BSHD[:, lo:].float()) * scale
-    s_own = s_own.masked_fill(~own_TO[None, :, None, None, :], float("-inf")).flatten(2, 3)
-
-    R = block_indices_BTHR.shape[-1]
-    # unused slots read block 0 (clamped into a short cache) and are masked out below
-    key_BTHK = (
-        (
-            block_indices_BTHR.clamp(min=0)[..., None] * block_size
-            + torch.arange(block_size, device=device)
-        )
-        .flatten(3)
-        .clamp(max=S - 1)
-    )
-    b_B111 = torch.arange(B, device=device).view(B, 1, 1, 1)
-    h_111H1 = (torch.arange(HQ, device=device) // G).view(1, 1, HQ, 1)
-    k_BTHKD, v_BTHKD = (
-        _gather_rows(x, b_B111, key_BTHK, h_111H1).view(B, T, HQ, -1, D).float()
-        for x in (k_BSHD, v_BSHD)
-    )
-    s_routed = torch.einsum("bthd,bthkd->bthk", q_BTHD.float(), k_BTHKD) * scale
-    routed_BTHK = (block_indices_BTHR >= 0).repeat_interleave(block_size, dim=-1)
-    s_routed = s_routed.masked_fill(~routed_BTHK.view(B, T, HQ, R * block_size), float("-inf"))
-
-    # one softmax over the union: own keys then routed keys
-    probs = torch.softmax(torch.cat([s_own, s_routed], dim=-1), dim=-1)
-    p_own, p_routed = probs.split([s_own.shape[-1], s_routed.shape[-1]], dim=-1)
-    o_BTHGD = torch.einsum("bthgo,bohd->bthgd", p_own.view(B, T, H, G, -1), v_BSHD[:, lo:].float())
-    o_BTHD = o_BTHGD.reshape(B, T, HQ, D) + torch.einsum("bthk,bthkd->bthd", p_routed, v_BTHKD)
+    own_T11O = (kpos_O // block_size == (pos_T // block_size)[:, None]) & (kpos_O <= pos_T[:, None])
+    own_T11O = own_T11O[:, None, :]
+    o_BTHD = torch.empty(B, T, HQ, D, device=device)
+    for b in range(B):
+        for h in range(H):
+            heads = slice(h * G, (h + 1) * G)
+            q_TGD = q_BTHD[b, :, heads].float()
+            idx_TGR = block_indices_BTHR[b, :, heads]
+            blocks = idx_TGR[idx_TGR >= 0].unique().tolist()
+            spans = [(lo, S)] + [(j * block_size, (j + 1) * block_size) for j in blocks]
+            masks = [own_T11O] + [(idx_TGR == j).any(dim=-1, keepdim=True) for j in blocks]
+            scores = [
+                torch.matmul(q_TGD, k_BSHD[b, s0:s1, h].float().T)
+                .mul_(scale)
+                .masked_fill_(~visible_TGK, float("-inf"))
+                for (s0, s1), visible_TGK in zip(spans, masks, strict=True)
+            ]
+            probs_TGK = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+            parts = probs_TGK.split([s1 - s0 for s0, s1 in spans], dim=-1)
+            o_TGD = sum(
+                torch.matmul(p_TGK, v_BSHD[b, s0:s1, h].float())
+                for p_TGK, (s0, s1) in zip(parts, spans, strict=True)
+            )
+            o_BTHD[b, :, heads] = o_TGD
     out.append(o_BTHD.to(q_BTHD.dtype))

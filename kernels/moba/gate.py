@@ -190,7 +190,8 @@ def route_blocks(
     workers = 1
     if q_BTHD.device.type == "cpu":
         workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, T // _MIN_QUERIES_PER_WORKER))
-    kmeanT_BHDN = kmean_BNHD.detach().float().permute(0, 2, 3, 1).contiguous()
+    # a transposed view, no copy: a decode step would otherwise copy every cached mean
+    kmeanT_BHDN = kmean_BNHD.detach().float().permute(0, 2, 3, 1)
     args = (q_BTHD.detach(), kmeanT_BHDN, block_size, R, start)
     _run_workers(
         [
