@@ -79,6 +79,8 @@ class DataConfig:
     # fraction of training rows replaced by synthetic passkey sequences (loss on the answer only)
     passkey_mix: float = 0.0
     passkey_len: int = 5  # digits per passkey, in training rows and in the passkey eval
+    # share of passkey rows with a log-uniform needle-to-query distance instead of uniform depth
+    passkey_near: float = 0.0
 
 
 @dataclass
@@ -354,6 +356,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check(256 < d.vocab_size <= 65535, "data.vocab_size", d.vocab_size, "257..65535")
     _check(0.0 <= d.passkey_mix <= 1.0, "data.passkey_mix", d.passkey_mix, "0..1 (0 = text only)")
     _check(d.passkey_len >= 1, "data.passkey_len", d.passkey_len, ">= 1")
+    _check(0.0 <= d.passkey_near <= 1.0, "data.passkey_near", d.passkey_near, "0..1")
     if d.passkey_mix > 0:
         vocab = m.vocab_size or d.vocab_size
         _check_spec("data.passkey_mix", PasskeySpec, vocab, d.seq_len, 0.0, d.passkey_len)

@@ -237,9 +237,8 @@ class LMDataModule(L.LightningDataModule):
         d = self.cfg.data
         rows: Dataset = windows
         if d.passkey_mix > 0:
-            rows = PasskeyMix(
-                windows, d.passkey_mix, self.cfg.model.vocab_size, d.passkey_len, self.cfg.seed
-            )
+            vocab, seed = self.cfg.model.vocab_size, self.cfg.seed
+            rows = PasskeyMix(windows, d.passkey_mix, vocab, d.passkey_len, seed, d.passkey_near)
         done = self.trainer.global_step * t.batch_size if self.trainer else 0
         remaining = max(t.batch_size, t.max_steps * t.batch_size - done)
         return DataLoader(_OffsetWindows(rows, done, remaining), batch_size=t.batch_size)

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from sparsezoo import registry
-from sparsezoo.config import ConfigError, ExperimentConfig, load_config
+from sparsezoo.ablate import load_ablation
+from sparsezoo.config import (
+    EVAL_SUITES,
+    ConfigError,
+    ExperimentConfig,
+    attention_shape,
+    load_config,
+)
 from sparsezoo.data.dataset import TOKEN_DTYPE
 from sparsezoo.data.synthetic import NEEDLE_MARKER, QUERY_MARKER
 from sparsezoo.eval import SUITES, CannotRun, EvalContext
@@ -22,6 +29,7 @@ from sparsezoo.eval.mqar import mqar_task
 from sparsezoo.eval.passkey import passkey_task
 from sparsezoo.mechanisms.dense import DenseAttention
 from sparsezoo.model import SparseLM
+from sparsezoo.registry import get_mechanism
 from sparsezoo.train import token_losses
 
 VOCAB = 64
@@ -274,8 +282,6 @@ def test_a_mechanism_that_cannot_run_at_a_length_is_reported(short_dense: str) -
 
 
 def test_every_configured_suite_is_registered() -> None:
-    from sparsezoo.config import EVAL_SUITES
-
     assert tuple(SUITES) == EVAL_SUITES
 
 
@@ -305,6 +311,7 @@ def test_every_configured_suite_is_registered() -> None:
         ),
         (["data.passkey_mix=1.5"], "data.passkey_mix"),
         (["data.passkey_len=0"], "data.passkey_len"),
+        (["data.passkey_near=2"], "data.passkey_near"),
         (["data.passkey_mix=0.5", "data.seq_len=12"], "data.passkey_mix"),
     ],
 )
@@ -317,3 +324,21 @@ def test_unused_suite_settings_are_not_checked() -> None:
     # the default MQAR grid (64 pairs) does not fit 64 tokens, but no suite runs MQAR
     cfg = tiny_cfg("eval.suites=[passkey]")
     assert cfg.eval.mqar.n_pairs == [4, 16, 64]
+
+
+def test_passkey_4k_experiment_trains_every_mechanism_sparse_at_4k() -> None:
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    ablation = load_ablation(root / "passkey_4k.yaml")
+    assert (root / "passkey_4k.md").is_file()
+    names = [cfg.attention.mechanism for cfg in ablation.configs]
+    assert names == ["dense", "sliding_window", "nsa", "moba", "dsa"]
+    for cfg in ablation.configs:
+        assert cfg.data.seq_len == 4096 and cfg.data.passkey_mix > 0
+        assert "passkey" in cfg.eval.suites and 4096 in cfg.eval.passkey.lengths
+        assert cfg.eval.passkey.depths[0] == 0 and cfg.eval.passkey.depths[-1] == 100
+        if cfg.attention.mechanism != "dense":
+            # the sparse mechanisms read a small share of the keys at 4k (analytic cost model)
+            cls = get_mechanism(cfg.attention.mechanism)
+            params = cls.Params.from_dict(cfg.attention.params[cfg.attention.mechanism])
+            keys = cls(attention_shape(cfg), params).cost(4096).keys
+            assert keys < 0.25 * 4096, cfg.attention.mechanism

@@ -64,11 +64,34 @@ def test_the_mix_is_deterministic_and_seeded(windows: TokenWindows) -> None:
     assert not torch.equal(a[1]["input_ids"], c[1]["input_ids"])
 
 
+def _needle_distances(mix: PasskeyMix) -> list[int]:
+    """Tokens from each passkey row's needle to its query marker."""
+    out = []
+    for i in range(len(mix)):
+        ids = mix[i]["input_ids"].tolist()
+        needle = next(t for t in range(len(ids)) if tuple(ids[t : t + 2]) == NEEDLE_MARKER)
+        out.append(ids.index(QUERY_MARKER) - needle)
+    return out
+
+
+def test_near_rows_put_the_needle_close_to_the_query_on_a_log_scale(
+    windows: TokenWindows,
+) -> None:
+    uniform = _needle_distances(PasskeyMix(windows, 1.0, 300, 5, seed=0))
+    near = _needle_distances(PasskeyMix(windows, 1.0, 300, 5, seed=0, near=1.0))
+    # 96 tokens: 83 of filler, the needle ends 7 tokens before the query at depth 100%
+    assert all(7 <= d <= 90 for d in uniform + near)
+    assert np.median(near) < 25 < np.median(uniform)
+    assert min(near) == 7 and max(near) > 45  # short and long distances both occur
+
+
 def test_bad_mix_arguments_name_the_argument(windows: TokenWindows) -> None:
     with pytest.raises(ValueError, match="fraction"):
         PasskeyMix(windows, 1.5, 300, 5, seed=0)
     with pytest.raises(ValueError, match="seed"):
         PasskeyMix(windows, 0.5, 300, 5, seed=-1)
+    with pytest.raises(ValueError, match="near"):
+        PasskeyMix(windows, 0.5, 300, 5, seed=0, near=-0.1)
     with pytest.raises(ValueError, match="vocab_size"):
         PasskeyMix(windows, 0.5, 10, 5, seed=0)
     with pytest.raises(ValueError, match="seq_len"):

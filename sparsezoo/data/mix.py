@@ -25,17 +25,28 @@ class PasskeyMix(Dataset):
 
     That rule makes every prefix of the stream hold ``floor(n * fraction)`` synthetic rows,
     spread evenly, so each batch carries about the same share. A synthetic row has its needle at
-    a depth drawn uniformly from [0, 1] and digits and filler drawn from ids below `vocab_size`,
-    all seeded with ``[seed, i]``; items are ``{"input_ids", "labels"}`` like the text windows,
-    with `IGNORE_INDEX` labels everywhere but the answer.
+    a depth drawn uniformly from [0, 1], except for a share `near` of them whose distance from
+    the needle to the query is drawn log-uniformly from [1, filler length]: a needle a few
+    tokens back gives a strong gradient to the retrieval path before it has formed, while a
+    uniform depth mostly asks for the whole context. Digits and filler are ids below
+    `vocab_size`; everything is seeded with ``[seed, i]``. Items are ``{"input_ids", "labels"}``
+    like the text windows, with `IGNORE_INDEX` labels everywhere but the answer.
     """
 
     def __init__(
-        self, windows: TokenWindows, fraction: float, vocab_size: int, passkey_len: int, seed: int
+        self,
+        windows: TokenWindows,
+        fraction: float,
+        vocab_size: int,
+        passkey_len: int,
+        seed: int,
+        near: float = 0.0,
     ) -> None:
         """Wrap `windows`; the passkey rows have the windows' length and `passkey_len` digits."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if not 0.0 <= near <= 1.0:
+            raise ValueError(f"near must be in [0, 1], got {near}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         # validates vocab_size, seq_len and passkey_len once, before any row is drawn
@@ -45,6 +56,7 @@ class PasskeyMix(Dataset):
         self.vocab_size = vocab_size
         self.passkey_len = passkey_len
         self.seed = seed
+        self.near = near
 
     def __len__(self) -> int:
         """As many rows as the wrapped windows."""
@@ -61,8 +73,11 @@ class PasskeyMix(Dataset):
         if not self.is_passkey(index):
             return self.windows[index]
         rng = np.random.default_rng([self.seed, index])
-        spec = PasskeySpec(
-            self.vocab_size, self.windows.seq_len, float(rng.uniform()), self.passkey_len
-        )
+        spec = PasskeySpec(self.vocab_size, self.windows.seq_len, 0.0, self.passkey_len)
+        if rng.uniform() < self.near:
+            distance = math.expm1(rng.uniform(0.0, math.log1p(spec.n_filler)))
+            spec.depth = 1.0 - distance / max(1, spec.n_filler)
+        else:
+            spec.depth = float(rng.uniform())
         row = make_passkey(spec, 1, int(rng.integers(2**62)))
         return {"input_ids": row.input_ids[0], "labels": row.labels[0]}
