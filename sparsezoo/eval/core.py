@@ -74,6 +74,7 @@ class EvalContext:
         val_path: Callable[[], Path],
         label: str,
     ) -> None:
+        """Score ``model`` (on its own device) under ``cfg``'s eval settings."""
         self.model = model
         self.cfg = cfg
         self.val_path = val_path

@@ -15,8 +15,9 @@ import json
 import logging
 import pickle
 import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +40,6 @@ SUITES: dict[str, Callable[[EvalContext], SuiteOutput]] = {
     "loss_by_position": loss_by_position.run,
     "extrapolation": extrapolation.run,
 }
-assert tuple(SUITES) == EVAL_SUITES  # the config schema validates names against EVAL_SUITES
 
 ARTIFACT_DIR = "eval"
 RESULTS_FILE = "results.json"
@@ -66,7 +66,6 @@ class EvalResult:
     files: list[Path]
     run_id: str | None
     step: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def evaluate_model(
@@ -79,7 +78,8 @@ def evaluate_model(
     client: MlflowClient | None = None,
     run_id: str | None = None,
 ) -> EvalResult:
-    """Run ``cfg.eval.suites`` on ``model``; write figures and results into ``out_dir``.
+    """Run ``cfg.eval.suites`` (names of :data:`SUITES`) on ``model``; write figures and
+    results into ``out_dir``.
 
     ``val_path`` gives the held-out token file (called only when loss_by_position runs). With
     ``client`` and ``run_id`` the metrics (at ``step``), the files (under ``eval/``) and tags
@@ -122,7 +122,8 @@ def _log(
     suites: Sequence[str],
 ) -> None:
     """Metrics, files and tags of one evaluation into an MLflow run."""
-    metrics = [Metric(k, v, 0, step) for k, v in sorted(out.metrics.items())]
+    now_ms = int(time.time() * 1000)
+    metrics = [Metric(k, v, now_ms, step) for k, v in sorted(out.metrics.items())]
     for i in range(0, len(metrics), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + _METRICS_PER_BATCH])
     for path in files:
