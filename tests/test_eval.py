@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 
-from sparsezoo import registry
+from sparsezoo import registry, tracking
 from sparsezoo.ablate import load_ablation
 from sparsezoo.config import (
     EVAL_SUITES,
@@ -22,11 +23,12 @@ from sparsezoo.config import (
 )
 from sparsezoo.data.dataset import TOKEN_DTYPE
 from sparsezoo.data.synthetic import NEEDLE_MARKER, QUERY_MARKER
-from sparsezoo.eval import SUITES, CannotRun, EvalContext
+from sparsezoo.eval import SUITES, CannotRun, EvalContext, evaluate_model
 from sparsezoo.eval.extrapolation import run as run_extrapolation
 from sparsezoo.eval.loss_by_position import loss_by_position_task
 from sparsezoo.eval.mqar import mqar_task
 from sparsezoo.eval.passkey import passkey_task
+from sparsezoo.eval.runner import TAG_CANNOT_RUN
 from sparsezoo.mechanisms.dense import DenseAttention
 from sparsezoo.model import SparseLM
 from sparsezoo.registry import get_mechanism
@@ -345,3 +347,32 @@ def test_passkey_4k_experiment_trains_every_mechanism_sparse_at_4k() -> None:
             module.set_step(cfg.train.max_steps)
             keys = module.cost(4096).keys
             assert keys < 0.25 * 4096, cfg.attention.mechanism
+
+
+def test_cannot_run_is_tagged_on_the_run_and_cleared_by_a_clean_rerun(
+    short_dense: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracking.create_run(client, "test", "run", {"sparsezoo.kind": "train"})
+    settings = [
+        f"attention.mechanism={short_dense}",
+        "eval.suites=[extrapolation]",
+        "eval.extrapolation.factors=[2]",
+        "eval.extrapolation.tasks=[passkey]",
+        "eval.passkey.depths=[100]",
+        "eval.passkey.samples=1",
+    ]
+    for seq_len, runs in ((64, False), (48, True)):  # 2 x 64 = 128 > 100; 2 x 48 = 96 fits
+        cfg = tiny_cfg(*settings, f"data.seq_len={seq_len}")
+        result = evaluate_model(
+            SparseLM.from_config(cfg),
+            cfg,
+            out_dir=tmp_path / "eval",
+            val_path=Path,
+            client=client,
+            run_id=run_id,
+        )
+        tags = client.get_run(run_id).data.tags
+        assert (TAG_CANNOT_RUN in tags) is not runs
+        assert bool(result.skipped) is not runs
+    assert "eval/extrapolation/passkey/x2/acc" in client.get_run(run_id).data.metrics

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from sparsezoo import tracking
 from sparsezoo.cli import main
 from sparsezoo.config import ExperimentConfig, flatten, load_config, to_yaml
-from sparsezoo.eval.runner import TAG_EVALUATED, TAG_SUITES
+from sparsezoo.eval.runner import TAG_CANNOT_RUN, TAG_EVALUATED, TAG_SUITES
 from sparsezoo.model import SparseLM
 from sparsezoo.train import CONFIG_FILE, RUN_FILE, prepare_run_data, train
 
@@ -91,7 +91,8 @@ def test_eval_of_a_run_dir_logs_metrics_and_heatmap_into_the_run(
     assert metrics["eval/loss_by_position/L64/loss"] > 0
     assert {f"eval/loss_by_position/L64/P{p}" for p in (0, 16, 32, 48)} <= set(metrics)
     assert [m.step for m in client.get_metric_history(run_id, "eval/passkey/acc")] == [STEP]
-    assert logged.data.tags[TAG_SUITES] == "passkey,loss_by_position"
+    assert logged.data.tags[TAG_SUITES] == "loss_by_position,passkey"
+    assert TAG_CANNOT_RUN not in logged.data.tags
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {
         "eval/passkey_heatmap.png",
@@ -104,7 +105,16 @@ def test_eval_of_a_run_dir_logs_metrics_and_heatmap_into_the_run(
     assert results["metrics"] == pytest.approx(
         {k: v for k, v in metrics.items() if k.startswith("eval/")}
     )
-    assert results["step"] == STEP
+    assert results["suites"] == {"passkey": STEP, "loss_by_position": STEP}
+    # a later evaluation with another suite adds to the results; a rerun replaces its own
+    assert main(["eval", str(run_dir), "--suite", "mqar", *SMALL_GRIDS]) == 0
+    assert main(["eval", str(run_dir), "--suite", "passkey", "eval.passkey.depths=[50]"]) == 0
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["suites"]) == {"passkey", "loss_by_position", "mqar"}
+    assert "eval/mqar/acc" in results["metrics"]
+    assert "eval/loss_by_position/loss" in results["metrics"]
+    assert "eval/passkey/L64/D50" in results["metrics"]
+    assert "eval/passkey/L64/D0" not in results["metrics"]
 
 
 def test_eval_by_run_id_and_by_checkpoint_into_a_new_linked_run(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from mlflow.entities import Metric
@@ -100,37 +101,59 @@ def evaluate_model(
     for stem, fig in total.figures.items():
         files.append(out_dir / f"{stem}.png")
         fig.savefig(files[-1], dpi=110, bbox_inches="tight")
-    results = {
-        "suites": list(cfg.eval.suites),
-        "step": step,
-        "metrics": total.metrics,
-        "cannot_run": total.skipped,
-    }
     files.append(out_dir / RESULTS_FILE)
-    files[-1].write_text(json.dumps(results, indent=2, sort_keys=True))
+    results = _update_results(files[-1], cfg.eval.suites, step, total)
     if client is not None and run_id is not None:
-        _log(client, run_id, total, files, step, cfg.eval.suites)
+        _log(client, run_id, total.metrics, files, step, results)
     return EvalResult(total.metrics, total.skipped, files, run_id, step)
+
+
+def _update_results(
+    path: Path, suites: Sequence[str], step: int, out: SuiteOutput
+) -> dict[str, dict[str, Any]]:
+    """Write this evaluation into ``results.json``, keeping what other suites wrote there.
+
+    The file holds the run's latest result of every suite evaluated so far (``suites`` maps a
+    suite to the training step it scored): a suite that runs again replaces its own entries.
+    Returns the file's new content.
+    """
+    results = {"suites": {}, "metrics": {}, "cannot_run": {}}
+    if path.is_file():
+        results = json.loads(path.read_text())
+    rerun = tuple(f"eval/{name}/" for name in suites)
+    for section, new in (("metrics", out.metrics), ("cannot_run", out.skipped)):
+        kept = {k: v for k, v in results[section].items() if not k.startswith(rerun)}
+        results[section] = kept | new
+    results["suites"] |= dict.fromkeys(suites, step)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    return results
 
 
 def _log(
     client: MlflowClient,
     run_id: str,
-    out: SuiteOutput,
+    metrics: dict[str, float],
     files: list[Path],
     step: int,
-    suites: Sequence[str],
+    results: dict[str, dict[str, Any]],
 ) -> None:
-    """Metrics, files and tags of one evaluation into an MLflow run."""
+    """One evaluation's metrics and files into an MLflow run; tags from all its results.
+
+    The tags name every suite evaluated so far and every length a mechanism cannot run at
+    (the tag goes away when a rerun finds none).
+    """
     now_ms = int(time.time() * 1000)
-    metrics = [Metric(k, v, now_ms, step) for k, v in sorted(out.metrics.items())]
-    for i in range(0, len(metrics), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + _METRICS_PER_BATCH])
+    batch = [Metric(k, v, now_ms, step) for k, v in sorted(metrics.items())]
+    for i in range(0, len(batch), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
     for path in files:
         client.log_artifact(run_id, str(path), ARTIFACT_DIR)
-    tags = {TAG_SUITES: ",".join(suites)}
-    if out.skipped:
-        tags[TAG_CANNOT_RUN] = "; ".join(f"{k}: {why}" for k, why in out.skipped.items())
+    tags = {TAG_SUITES: ",".join(sorted(results["suites"]))}
+    cannot_run = results["cannot_run"]
+    if cannot_run:
+        tags[TAG_CANNOT_RUN] = "; ".join(f"{k}: {why}" for k, why in cannot_run.items())
+    elif TAG_CANNOT_RUN in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, TAG_CANNOT_RUN)
     tracking.set_tags(client, run_id, tags)
 
 
