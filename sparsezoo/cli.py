@@ -106,6 +106,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(
         path,
         args.n_trials,
+        study_trials=args.study_trials,
         storage=args.storage,
         study_name=args.study,
         overrides=overrides,
@@ -222,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run trials of an Optuna sweep over config values")
     p.add_argument("items", nargs="*", help="SWEEP.yaml [key=value ...]")
-    p.add_argument("--n-trials", type=int, required=True, help="trials to run in this call")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--n-trials", type=int, help="trials to run in this call")
+    budget.add_argument(
+        "--study-trials",
+        type=int,
+        help="run until the study has N finished trials, shared with every worker on it",
+    )
     p.add_argument("--storage", default=None, help="Optuna storage URL or journal:PATH")
     p.add_argument("--study", default=None, help="study name (default: sweep.study, file stem)")
     p.add_argument("--timeout", type=float, default=None, help="start no trial after S seconds")

@@ -203,6 +203,10 @@ class ExperimentConfig:
 
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Lightning strategy names sparsezoo runs and tests: ddp (one process per device, gloo on CPU,
+# nccl on GPUs; multi-node with num_nodes) and fsdp (sharded parameters, GPUs)
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -367,7 +371,23 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 disables)")
     _check(t.precision in PRECISIONS, "train.precision", t.precision, ", ".join(PRECISIONS))
-    for key in ("val_every", "val_batches", "log_every", "checkpoint_every", "devices"):
+    _check(
+        t.accelerator in ACCELERATORS, "train.accelerator", t.accelerator, ", ".join(ACCELERATORS)
+    )
+    _check(t.strategy in STRATEGIES, "train.strategy", t.strategy, ", ".join(STRATEGIES))
+    if t.strategy == "fsdp" and t.accelerator == "cpu":
+        raise ConfigError(
+            "train.strategy=fsdp needs GPUs (Lightning 2.6 rejects FSDP on accelerator=cpu); "
+            "use train.strategy=ddp on CPU"
+        )
+    for key in (
+        "val_every",
+        "val_batches",
+        "log_every",
+        "checkpoint_every",
+        "devices",
+        "num_nodes",
+    ):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), ">= 1")
     try:
         shape = attention_shape(cfg)

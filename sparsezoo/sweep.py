@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,6 +54,7 @@ from sparsezoo.sweep_artifacts import (
     write_plots,
     write_study_files,
 )
+from sparsezoo.sweep_budget import SURPLUS_ATTR, SurplusTrial, is_surplus, run_until
 from sparsezoo.sweep_space import SearchSpace, nested, parse_space
 from sparsezoo.sweep_study import StudySettings, display_storage, open_storage, parse_settings
 from sparsezoo.train import mechanism_tag, train
@@ -62,6 +65,7 @@ PARENT_RUN_ATTR = "sparsezoo.mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 INVALID_ATTR = "invalid"
 ERROR_ATTR = "error"
+WORKER_ATTR = "worker"  # host:pid of the process that ran the trial
 STATE_TAG = "sparsezoo.trial_state"
 PARENT_WAIT_S = 30.0  # how long a joining worker waits for the study creator's parent run
 
@@ -202,9 +206,11 @@ class SweepResult:
 
 
 def trial_state(trial: FrozenTrial) -> str:
-    """``complete``, ``pruned``, ``invalid``, ``failed``, ``running`` or ``waiting``."""
+    """One of complete, pruned, invalid, failed, surplus, running, waiting."""
     if trial.state == TrialState.PRUNED and INVALID_ATTR in trial.user_attrs:
         return "invalid"
+    if trial.state == TrialState.FAIL and SURPLUS_ATTR in trial.user_attrs:
+        return "surplus"
     return {TrialState.FAIL: "failed"}.get(trial.state, trial.state.name.lower())
 
 
@@ -212,12 +218,18 @@ class SweepObjective:
     """The Optuna objective: sample, validate, train as a nested MLflow run, return the metrics."""
 
     def __init__(
-        self, sweep: Sweep, study: optuna.Study, client: MlflowClient, parent_run_id: str
+        self,
+        sweep: Sweep,
+        study: optuna.Study,
+        client: MlflowClient,
+        parent_run_id: str,
+        budget: int | None = None,
     ) -> None:
         self.sweep = sweep
         self.study = study
         self.client = client
         self.parent_run_id = parent_run_id
+        self.budget = budget
         self.trials_run: list[int] = []
 
     def _tags(self, trial: optuna.Trial) -> dict[str, str]:
@@ -267,8 +279,16 @@ class SweepObjective:
         trial.set_user_attr(RUN_ATTR, run_id)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        """Run one trial; raises TrialPruned for pruned and invalid points."""
+        """Run one trial; raises TrialPruned for pruned and invalid points.
+
+        With a study-wide budget, a trial beyond it raises SurplusTrial before anything else
+        (:mod:`sparsezoo.sweep_budget`).
+        """
+        if self.budget is not None and is_surplus(self.study, trial.number, self.budget):
+            trial.set_user_attr(SURPLUS_ATTR, f"the study's budget of {self.budget} is taken")
+            raise SurplusTrial(f"trial {trial.number}: study budget of {self.budget} reached")
         self.trials_run.append(trial.number)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         settings = self.sweep.settings
         # Draws outside the sampler's model (random, TPE's startup trials) come from the seed
         # plus the trial number: one worker reproduces its run, a resumed study does not replay
@@ -434,22 +454,30 @@ def _log_study_metrics(
 
 def run_sweep(
     path: str | Path,
-    n_trials: int,
+    n_trials: int | None = None,
     *,
+    study_trials: int | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     overrides: Sequence[str] = (),
     timeout: float | None = None,
 ) -> SweepResult:
-    """Run ``n_trials`` more trials of the study a sweep YAML describes; see the module docs.
+    """Run trials of the study a sweep YAML describes; see the module docs.
+
+    Give exactly one of ``n_trials`` (trials this call runs) and ``study_trials`` (run until
+    the study holds that many finished trials, sharing the work with every other worker on it:
+    :mod:`sparsezoo.sweep_budget`).
 
     Every input problem raises ConfigError (or TrackingError) before any trial. A trial whose
     training fails is recorded FAIL with its error and the study goes on. KeyboardInterrupt
     ends the current trial (FAIL, MLflow run KILLED) and returns with ``interrupted``; running
     the same command again continues the study.
     """
-    if n_trials < 1:
-        raise ConfigError(f"--n-trials={n_trials} must be >= 1")
+    if (n_trials is None) == (study_trials is None):
+        raise ConfigError("give exactly one of --n-trials and --study-trials")
+    for flag, value in (("--n-trials", n_trials), ("--study-trials", study_trials)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value} must be >= 1")
     sweep = load_sweep(path, overrides, storage=storage, study_name=study_name)
     settings = sweep.settings
     uri = tracking.resolve_tracking_uri(sweep.base.tracking.uri)
@@ -473,16 +501,19 @@ def run_sweep(
             parent,
             uri,
         )
-        objective = SweepObjective(sweep, study, client, parent)
+        objective = SweepObjective(sweep, study, client, parent, study_trials)
         interrupted = False
-        try:
+
+        def optimize(n: int | None, seconds: float | None) -> None:
             study.optimize(
-                objective,
-                n_trials=n_trials,
-                timeout=timeout,
-                catch=(Exception,),
-                gc_after_trial=True,
+                objective, n_trials=n, timeout=seconds, catch=(Exception,), gc_after_trial=True
             )
+
+        try:
+            if study_trials is None:
+                optimize(n_trials, timeout)
+            else:
+                run_until(study, lambda: optimize(1, None), study_trials, timeout=timeout)
         except KeyboardInterrupt:
             interrupted = True
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

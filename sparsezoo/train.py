@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparsezoo import tracking
 from sparsezoo.config import ExperimentConfig, flatten, load_config, parse_layer_spec, to_yaml
@@ -36,6 +37,12 @@ from sparsezoo.data import (
     TokenWindows,
     default_cache_dir,
     prepare_data,
+)
+from sparsezoo.distributed import (
+    RUN_NAME_ENV,
+    is_launcher_process,
+    resolve_strategy,
+    shared_run_name,
 )
 from sparsezoo.model import SparseLM
 from sparsezoo.perf import process_peak_rss_mb
@@ -231,17 +238,38 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Windows for the remaining steps (after a resume, continuing where the run stopped)."""
         t = self.cfg.train
+        # batch_size is per process: a step consumes batch_size * world rows of one stream,
+        # which Lightning's distributed sampler deals out, so a DDP run sees the same rows per
+        # step as one process with the global batch
+        rows_per_step = t.batch_size * self._world()
         windows = TokenWindows(
-            self.data.train_path, self.cfg.data.seq_len, t.max_steps * t.batch_size, self.cfg.seed
+            self.data.train_path, self.cfg.data.seq_len, t.max_steps * rows_per_step, self.cfg.seed
         )
         d = self.cfg.data
         rows: Dataset = windows
         if d.passkey_mix > 0:
             vocab, seed = self.cfg.model.vocab_size, self.cfg.seed
             rows = PasskeyMix(windows, d.passkey_mix, vocab, d.passkey_len, seed, d.passkey_near)
-        done = self.trainer.global_step * t.batch_size if self.trainer else 0
-        remaining = max(t.batch_size, t.max_steps * t.batch_size - done)
-        return DataLoader(_OffsetWindows(rows, done, remaining), batch_size=t.batch_size)
+        done = self.trainer.global_step * rows_per_step if self.trainer else 0
+        remaining = max(rows_per_step, t.max_steps * rows_per_step - done)
+        return self._loader(_OffsetWindows(rows, done, remaining))
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
+
+    def _loader(self, rows: Dataset) -> DataLoader:
+        """Batches of ``rows`` in order; with several processes, rank r takes rows r, r + W, ...
+
+        The sampler is explicit (Lightning's own distributed sampler is off): Lightning would
+        shuffle the training rows, and then a DDP step would not see the rows of the same step
+        of a single-process run.
+        """
+        sampler = None
+        if self._world() > 1:
+            sampler = DistributedSampler(
+                rows, num_replicas=self._world(), rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(rows, batch_size=self.cfg.train.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """The same validation windows at every evaluation, so val losses are comparable."""
@@ -249,10 +277,10 @@ class LMDataModule(L.LightningDataModule):
         windows = TokenWindows(
             self.data.val_path,
             self.cfg.data.seq_len,
-            t.val_batches * t.batch_size,
+            t.val_batches * t.batch_size * self._world(),
             self.cfg.seed + 1,
         )
-        return DataLoader(windows, batch_size=t.batch_size)
+        return self._loader(windows)
 
 
 @dataclass
@@ -339,7 +367,8 @@ def train(
     (``overrides`` may extend it, e.g. more steps) and training continues from the checkpoint
     into the same MLflow run. Extra Lightning ``callbacks`` are added to the trainer. A new run
     gets the extra ``tags`` and, with ``parent_run_id``, is nested under that run (ablation
-    grid points and sweep trials).
+    grid points and sweep trials). Under a multi-process strategy only the launcher process
+    (global rank 0) creates and closes the MLflow run (:mod:`sparsezoo.distributed`).
     """
     record: dict[str, Any] = {}
     ckpt: Path | None = None
@@ -347,15 +376,17 @@ def train(
         cfg, run_dir, ckpt, record = load_run_dir(resume, overrides)
     elif cfg is None:
         cfg = load_config(None, overrides)
+    owner = is_launcher_process()
     if cfg.run_name is None:
-        cfg.run_name = default_run_name(cfg)
+        cfg.run_name = (None if owner else os.environ.get(RUN_NAME_ENV)) or default_run_name(cfg)
     if resume is None:
         run_dir = Path(cfg.output_dir) / cfg.experiment / cfg.run_name
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     uri = tracking.resolve_tracking_uri(record.get("tracking_uri") or cfg.tracking.uri)
-    if cfg.tracking.enabled:
+    tracked = cfg.tracking.enabled and owner
+    if tracked:
         tracking.check_tracking(uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("preparing data: corpus %s, vocab %d", list(cfg.data.corpus), cfg.data.vocab_size)
@@ -371,9 +402,10 @@ def train(
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    if owner:
+        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
 
-    client = MlflowClient(uri) if cfg.tracking.enabled else None
+    client = MlflowClient(uri) if tracked else None
     run_id = record.get("run_id")
     if client is not None and run_id is None:
         run_id = tracking.create_run(
@@ -388,7 +420,8 @@ def train(
         client.log_artifact(run_id, str(data.tokenizer_path))
     elif client is not None:
         client.update_run(run_id, status="RUNNING")
-    (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    if owner:
+        (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
 
     def fit() -> TrainResult:
         module = LMModule(cfg)
@@ -408,7 +441,7 @@ def train(
             accelerator=t.accelerator,
             devices=t.devices,
             num_nodes=t.num_nodes,
-            strategy=t.strategy,
+            strategy=resolve_strategy(cfg),
             precision=resolve_precision(cfg),
             gradient_clip_val=t.grad_clip or None,
             val_check_interval=t.val_every,
@@ -425,9 +458,11 @@ def train(
             enable_progress_bar=t.progress_bar,
             enable_model_summary=False,
             default_root_dir=run_dir,
+            use_distributed_sampler=False,  # LMDataModule deals rows to processes itself
         )
         datamodule = LMDataModule(cfg, data)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        with shared_run_name(cfg):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
         if t.max_steps % t.val_every:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import sysconfig
 from pathlib import Path
 
 import pytest
+import services
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -48,6 +48,4 @@ def tiny_overrides(tmp_path: Path, data_cache: Path) -> list[str]:
 @pytest.fixture
 def free_port() -> int:
     """A TCP port on loopback that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return services.free_port()

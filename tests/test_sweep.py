@@ -33,6 +33,7 @@ from sparsezoo import tracking
 from sparsezoo.cli import main
 from sparsezoo.config import ConfigError, load_config
 from sparsezoo.sweep import load_sweep, run_sweep
+from sparsezoo.sweep_budget import is_surplus, run_until
 from sparsezoo.sweep_space import Constraint
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -431,6 +432,11 @@ BAD_INPUT = [
         ["--n-trials", "0"],
         "--n-trials=0 must be >= 1",
     ),
+    (
+        {"space": {"train.lr": [0.1]}},
+        ["--study-trials", "0"],
+        "--study-trials=0 must be >= 1",
+    ),
 ]
 
 
@@ -444,7 +450,8 @@ def test_bad_sweep_input_fails_before_training(
     message: str,
 ) -> None:
     path = write_sweep(tmp_path, section)
-    n_trials = [] if "--n-trials" in extra else ["--n-trials", "2"]
+    budgeted = "--n-trials" in extra or "--study-trials" in extra
+    n_trials = [] if budgeted else ["--n-trials", "2"]
     storage = [] if "--storage" in extra else ["--storage", f"sqlite:///{tmp_path / 'o.db'}"]
     rc = main(["sweep", str(path), *n_trials, *storage, *extra, *tiny_overrides])
     err = capsys.readouterr().err
@@ -534,3 +541,41 @@ def test_two_workers_share_a_journal_study_and_one_parent(
     assert len(parents) == 1
     client = MlflowClient(_uri(tiny_overrides))
     assert sorted(_children(client, parents.iloc[0]["run_id"])) == [0, 1]
+
+
+@pytest.mark.parametrize("flags", [[], ["--n-trials", "1", "--study-trials", "2"]])
+def test_sweep_needs_exactly_one_trial_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    path = write_sweep(tmp_path, {"space": {"train.lr": [0.1]}})
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", str(path), *flags])
+    assert info.value.code == 2
+    assert "--n-trials" in capsys.readouterr().err
+
+
+def test_surplus_is_decided_by_trial_number_among_trials_that_did_not_fail(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    trials = [study.ask() for _ in range(3)]  # three workers start at once, budget 2
+    assert [is_surplus(study, t.number, 2) for t in trials] == [False, False, True]
+    study.tell(trials[0], state=TrialState.FAIL)  # a dead worker's trial frees its slot
+    assert not is_surplus(study, trials[2].number, 2)
+
+
+def test_run_until_finishes_exactly_the_budget_and_runs_queued_retries(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    study.enqueue_trial({"x": 0.5})  # a retry waiting for a worker
+    calls = []
+
+    def run_one() -> None:
+        calls.append(1)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+    run_until(study, run_one, 3, poll_s=0.01)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3 and len(calls) == 2
+    assert study.trials[2].params == {"x": 0.5}
+    run_until(study, run_one, 3, poll_s=0.01)  # nothing left: returns at once
+    assert len(calls) == 2
