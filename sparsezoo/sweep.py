@@ -39,7 +39,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
@@ -513,7 +513,14 @@ def run_sweep(
             if study_trials is None:
                 optimize(n_trials, timeout)
             else:
-                run_until(study, lambda: optimize(1, None), study_trials, timeout=timeout)
+                beats = settings.heartbeat is not None and isinstance(study_storage, RDBStorage)
+                run_until(
+                    study,
+                    lambda: optimize(1, None),
+                    study_trials,
+                    timeout=timeout,
+                    heartbeats=beats,
+                )
         except KeyboardInterrupt:
             interrupted = True
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -54,13 +54,16 @@ def run_until(
     *,
     timeout: float | None = None,
     poll_s: float = 2.0,
+    heartbeats: bool = True,
 ) -> None:
     """Start trials with ``run_one`` until the study has ``budget`` finished trials.
 
     Returns early when ``timeout`` seconds have passed (no new trial starts after it). While
     every remaining slot is held by another worker's running trial it polls every ``poll_s``
-    seconds; on storages with heartbeats each poll fails the trials whose worker stopped beating
-    (their retries are queued as WAITING trials, which this worker then runs).
+    seconds; on storages with ``heartbeats`` each poll fails the trials whose worker stopped
+    beating (their retries are queued as WAITING trials, which this worker then runs). Without
+    heartbeats (a journal file) a dead worker's trial cannot be told from a slow one, so the
+    wait says so once: such a trial holds its slot until someone marks it failed.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting_logged = False
@@ -84,5 +87,12 @@ def run_until(
                 budget,
                 running,
             )
+            if not heartbeats:
+                log.warning(
+                    "study %s: this storage has no heartbeats, so a trial whose worker died "
+                    "stays RUNNING and keeps its slot; use an RDB storage (sqlite:///, "
+                    "postgresql://) for crash-safe shared budgets",
+                    study.study_name,
+                )
             waiting_logged = True
         time.sleep(poll_s)

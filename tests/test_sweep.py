@@ -579,3 +579,16 @@ def test_run_until_finishes_exactly_the_budget_and_runs_queued_retries(tmp_path:
     assert study.trials[2].params == {"x": 0.5}
     run_until(study, run_one, 3, poll_s=0.01)  # nothing left: returns at once
     assert len(calls) == 2
+
+
+def test_run_until_waits_for_other_workers_and_warns_without_heartbeats(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    study.ask()  # another worker's trial holds the only slot
+    calls = []
+    with caplog.at_level("INFO", logger="sparsezoo.sweep_budget"):
+        run_until(study, lambda: calls.append(1), 1, timeout=0.3, poll_s=0.05, heartbeats=False)
+    assert calls == []  # nothing to start: it waited until the timeout
+    assert "0/1 trials finished, 1 running elsewhere; waiting" in caplog.text
+    assert "no heartbeats" in caplog.text
