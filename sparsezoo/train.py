@@ -239,8 +239,8 @@ class LMDataModule(L.LightningDataModule):
         """Windows for the remaining steps (after a resume, continuing where the run stopped)."""
         t = self.cfg.train
         # batch_size is per process: a step consumes batch_size * world rows of one stream,
-        # which Lightning's distributed sampler deals out, so a DDP run sees the same rows per
-        # step as one process with the global batch
+        # dealt out to the processes by _loader, so a DDP run sees the same rows per step as
+        # one process with the global batch
         rows_per_step = t.batch_size * self._world()
         windows = TokenWindows(
             self.data.train_path, self.cfg.data.seq_len, t.max_steps * rows_per_step, self.cfg.seed
@@ -377,6 +377,7 @@ def train(
     elif cfg is None:
         cfg = load_config(None, overrides)
     owner = is_launcher_process()
+    strategy = resolve_strategy(cfg)  # a strategy this machine cannot run fails before the run
     if cfg.run_name is None:
         cfg.run_name = (None if owner else os.environ.get(RUN_NAME_ENV)) or default_run_name(cfg)
     if resume is None:
@@ -441,7 +442,7 @@ def train(
             accelerator=t.accelerator,
             devices=t.devices,
             num_nodes=t.num_nodes,
-            strategy=resolve_strategy(cfg),
+            strategy=strategy,
             precision=resolve_precision(cfg),
             gradient_clip_val=t.grad_clip or None,
             val_check_interval=t.val_every,

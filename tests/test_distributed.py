@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from sparsezoo.config import ConfigError, load_config
 from sparsezoo.distributed import is_launcher_process, resolve_strategy
-from sparsezoo.train import RUN_FILE
+from sparsezoo.train import RUN_FILE, train
 
 DROPPED = ("train.batch_size=", "experiment=", "train.max_steps=", "train.val_every=")
 
@@ -87,9 +87,13 @@ def test_ddp_expects_unused_parameters_only_for_phased_mechanisms() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_fsdp_without_cuda_is_refused_before_training() -> None:
+def test_fsdp_without_cuda_is_refused_before_any_run(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     with pytest.raises(ConfigError, match="fsdp needs CUDA"):
-        resolve_strategy(load_config(None, ["train.strategy=fsdp"]))
+        train(load_config(None, [*tiny_overrides, "train.strategy=fsdp"]))
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(
