@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..nsa.selection import _Workspace
+from ..cpu_workers import Workspace
 from .indexer import _positions, _split, run_on_workers
 
 __all__ = ["sparse_attention", "sparse_attention_naive", "sparse_attention_torch"]
@@ -195,7 +195,7 @@ class _Slots:
         H: int,
         idx_CK: torch.Tensor,
         pos_C: torch.Tensor,
-        ws: _Workspace,
+        ws: Workspace,
     ) -> None:
         C, K = idx_CK.shape
         D = k_RD.shape[1]
@@ -211,7 +211,7 @@ class _Slots:
         # most chunks use every slot, and then need no masking at all
         self.all_used = bool(self.used_CK.all())
 
-    def scores(self, q_CGD: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    def scores(self, q_CGD: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """Scaled scores [C, G, K] (``q_CGD`` comes scaled) in a workspace buffer; unused -inf.
 
         Query-major: with the keys-major [C, K, G] layout the matmul alone is faster for
@@ -231,14 +231,14 @@ def _flat_rows(x_BSHD: torch.Tensor) -> torch.Tensor:
     return x_BSHD.float().contiguous().view(B, S * H, D)
 
 
-def _scaled(q_CGD: torch.Tensor, scale: float, ws: _Workspace) -> torch.Tensor:
+def _scaled(q_CGD: torch.Tensor, scale: float, ws: Workspace) -> torch.Tensor:
     """scale · q of one chunk in a workspace buffer (a scaled copy of all of q would cost a
     q-sized allocation per call)."""
     return torch.mul(q_CGD, scale, out=ws.get("q", q_CGD, *q_CGD.shape))
 
 
 def _forward_chunk(
-    slots: _Slots, q_CGD: torch.Tensor, ws: _Workspace, want_probs: bool
+    slots: _Slots, q_CGD: torch.Tensor, ws: Workspace, want_probs: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Softmax over one chunk's slots: (o [C, G, D], lse [C, G], probs [C, K] or None), the
     probabilities averaged over the group."""
@@ -279,7 +279,7 @@ def _forward(
     probs_BTHK = torch.empty(B, T, H, K, device=q_BTHD.device) if want_probs else None
 
     def run(chunks: list[tuple[int, int, int]]) -> None:
-        ws = _Workspace()
+        ws = Workspace()
         for b, t0, t1 in chunks:
             for h in range(H):
                 slots = _Slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
@@ -325,7 +325,7 @@ def _backward(
     dv_W = [k.new_zeros(B, H, S, D) for _ in runs]
 
     def run(i: int) -> None:
-        ws = _Workspace()
+        ws = Workspace()
         for b, t0, t1 in runs[i]:
             for h in range(H):
                 slots = _Slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)

@@ -29,7 +29,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..nsa.selection import _run_workers, _Workspace
+from ..cpu_workers import Workspace, run_workers
 
 __all__ = [
     "default_index_scale",
@@ -301,18 +301,18 @@ def _chunks(T: int, S: int, N: int, first: int = 0) -> list[tuple[int, int]]:
 
 
 def run_on_workers(jobs: list[Callable[[], object]]) -> None:
-    """Run the jobs on worker threads (``_run_workers``: one each, single-threaded ops) in
+    """Run the jobs on worker threads (``run_workers``: one each, single-threaded ops) in
     the caller's inference mode, which is per thread: without it a worker could not write
     into tensors the caller created under ``torch.inference_mode``."""
     if not torch.is_inference_mode_enabled():
-        _run_workers(jobs)
+        run_workers(jobs)
         return
 
     def in_mode(job: Callable[[], object]) -> None:
         with torch.inference_mode():
             job()
 
-    _run_workers([lambda job=job: in_mode(job) for job in jobs])
+    run_workers([lambda job=job: in_mode(job) for job in jobs])
 
 
 def _split(costs: list[int], workers: int) -> list[list[int]]:
@@ -362,7 +362,7 @@ def indexer_topk_torch(
     q, k = q_idx_BTNE.float(), k_idx_BSE.float()
     out_BTUK, first = _topk_output(B, T, S, U, topk, q.device)
 
-    def job(b: int, t0: int, t1: int, ws: _Workspace) -> None:
+    def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
         C, P = t1 - t0, S - T + t1
         relu_CNP = _chunk_relu(q[b, t0:t1], k[b, :P].T, out=ws.get("relu", q, C * N, P))
         scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP, out=ws.get("scores", q, C, U, P))
@@ -379,10 +379,10 @@ def indexer_topk_torch(
 
 
 def _run_chunks(
-    job: Callable[[int, int, int, _Workspace], None], chunks: list[tuple[int, int, int]]
+    job: Callable[[int, int, int, Workspace], None], chunks: list[tuple[int, int, int]]
 ) -> None:
     """One worker: run ``job`` on its (batch, t0, t1) chunks with one reused workspace."""
-    ws = _Workspace()
+    ws = Workspace()
     for chunk in chunks:
         job(*chunk, ws)
 
@@ -451,7 +451,7 @@ class _SlotKeys:
     with the clamped key positions ``rows`` and the used-slot mask (idx >= 0, not future)."""
 
     def __init__(
-        self, k_SE: torch.Tensor, idx_CK: torch.Tensor, pos_C: torch.Tensor, ws: _Workspace
+        self, k_SE: torch.Tensor, idx_CK: torch.Tensor, pos_C: torch.Tensor, ws: Workspace
     ) -> None:
         C, K = idx_CK.shape
         E = k_SE.shape[1]
@@ -460,7 +460,7 @@ class _SlotKeys:
         self.k_CKE = k_RE.view(C, K, E)
         self.used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
 
-    def dots(self, q_CNE: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    def dots(self, q_CNE: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """q_j · k of every head and slot, [C, N, K], in a workspace buffer."""
         C, N, _ = q_CNE.shape
         out = ws.get("dots", q_CNE, C, N, self.k_CKE.shape[1])
@@ -485,7 +485,7 @@ class _GatheredScores(torch.autograd.Function):
         out_BTUK = torch.empty(B, T, U, K, device=q_BTNE.device)
         pos_T = _positions(T, S, q_BTNE.device)
 
-        def job(b: int, t0: int, t1: int, ws: _Workspace) -> None:
+        def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
             for u in range(U):
                 slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
                 relu_CNK = slots.dots(q_BTNE[b, t0:t1], ws).relu_()
@@ -513,7 +513,7 @@ class _GatheredScores(torch.autograd.Function):
         runs = _slot_runs(B, T, K)
         dk_W = [torch.zeros_like(k_BSE) for _ in runs]
 
-        def job(b: int, t0: int, t1: int, ws: _Workspace, dk_SE: torch.Tensor) -> None:
+        def job(b: int, t0: int, t1: int, ws: Workspace, dk_SE: torch.Tensor) -> None:
             q_CNE = q_BTNE[b, t0:t1]
             C = t1 - t0
             for u in range(U):

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ..nsa.selection import _run_workers
+from ..cpu_workers import run_workers
 from .gate import check_block_args
 
 __all__ = ["moba_decode_attention", "own_block_start"]
@@ -66,10 +66,10 @@ def moba_decode_attention(
             "moba_decode_attention: block_indices must name strictly past blocks (or -1)"
         )
     out: list[torch.Tensor] = []
-    # single-threaded ops (see _run_workers): the step is a few dozen small ops, and on a
+    # single-threaded ops (see run_workers): the step is a few dozen small ops, and on a
     # loaded machine each multi-threaded one can wait ~10 ms on a barrier
     args = (q_BTHD, k_BSHD, v_BSHD, block_indices_BTHR, block_size, scale)
-    _run_workers([functools.partial(_decode_into, out, *args)])
+    run_workers([functools.partial(_decode_into, out, *args)])
     return out[0]
 
 

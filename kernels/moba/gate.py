@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ..nsa.selection import _run_workers
+from ..cpu_workers import run_workers
 
 __all__ = ["block_means", "route_blocks"]
 
@@ -177,7 +177,7 @@ def route_blocks(
     [B, T, HQ, top_k - 1], ids ascending, -1 padding at the end for queries with fewer
     candidates. margin_BTH is the fp32 gap between the weakest routed and the strongest
     unrouted score (0 on a tie at the cut, +inf where every candidate is routed). Work is split
-    over worker threads on CPU (see ``kernels.nsa.selection._run_workers``). Raises ValueError
+    over worker threads on CPU (see ``kernels.nsa.selection.run_workers``). Raises ValueError
     naming the argument for bad sizes, shapes or devices.
     """
     _validate(q_BTHD, kmean_BNHD, block_size, top_k, start)
@@ -193,7 +193,7 @@ def route_blocks(
     # a transposed view, no copy: a decode step would otherwise copy every cached mean
     kmeanT_BHDN = kmean_BNHD.detach().float().permute(0, 2, 3, 1)
     args = (q_BTHD.detach(), kmeanT_BHDN, block_size, R, start)
-    _run_workers(
+    run_workers(
         [
             functools.partial(_route_rows, *args, lo, hi, idx_BTHR, margin_BTH)
             for lo, hi in _split_rows(T, start, block_size, workers)

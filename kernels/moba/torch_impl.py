@@ -14,7 +14,7 @@ The backward is exact: aten's flash backward recomputes each part's probabilitie
 exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged output, which is
 the gradient of the one softmax over the union. Nothing of size [T, T], [T, N] or per query
 head copies of K/V is ever built. Work is split over worker threads that own disjoint ranges of
-query blocks (``kernels.nsa.selection._run_workers``: single-threaded ops per worker, because
+query blocks (``kernels.nsa.selection.run_workers``: single-threaded ops per worker, because
 small multi-threaded ops wait on barriers on a loaded machine); dk and dv are accumulated per
 worker and summed in worker order, so results are deterministic.
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..nsa.selection import _run_workers
+from ..cpu_workers import run_workers
 
 __all__ = ["moba_attention_torch"]
 
@@ -419,7 +419,7 @@ class _MobaAttention(torch.autograd.Function):
         ranges = _split_blocks(block_indices_BTHR, block_size)
         slots: list[list[_Share]] = [[] for _ in ranges]
         inputs = (q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale, o_BTHD, lse_BTH)
-        _run_workers(
+        run_workers(
             [
                 functools.partial(_forward_share, slot, first, end, *inputs)
                 for slot, (first, end) in zip(slots, ranges, strict=True)
@@ -444,7 +444,7 @@ class _MobaAttention(torch.autograd.Function):
         dk_W = [torch.zeros(k_BTHD.shape, **fp32) for _ in ctx.shares]
         dv_W = [torch.zeros(v_BTHD.shape, **fp32) for _ in ctx.shares]
         inputs = (do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, ctx.block_size, ctx.scale)
-        _run_workers(
+        run_workers(
             [
                 functools.partial(_backward_share, share, *inputs, dq_BTHD, dk_BTHD, dv_BTHD)
                 for share, dk_BTHD, dv_BTHD in zip(ctx.shares, dk_W, dv_W, strict=True)
@@ -476,6 +476,6 @@ def moba_attention_torch(
     Inputs are validated by the caller (CPU tensors of one floating dtype, routing from
     ``route_blocks``). Returns o_BTHD in q's dtype; parts are merged in fp32. Uses
     ``torch.get_num_threads()`` worker threads and must not be called from several threads at
-    once (see ``_run_workers``).
+    once (see ``run_workers``).
     """
     return _MobaAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)

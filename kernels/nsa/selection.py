@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, resolve_backend
+from ..cpu_workers import Workspace, run_workers
 
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
 
@@ -48,7 +47,7 @@ _CHUNK_ROWS = 8192
 # million keys) is recomputed exactly, so that no term that matters can underflow (e^-103).
 _HEADROOM = 40.0
 _UNDERFLOW = 50.0
-# Worker threads of the torch path (see _run_workers): a worker needs this many selections to
+# Worker threads of the torch path (see run_workers): a worker needs this many selections to
 # pay for its thread, and more than a few workers contend for the Python interpreter lock.
 _MIN_PAIRS_PER_WORKER = 4096
 _MAX_WORKERS = 8
@@ -186,26 +185,6 @@ class _Chunk:
             x_QX.index_copy_(0, self.rows_M, src_MX)
 
 
-class _Workspace:
-    """One worker's scratch buffers, reused by every chunk, so the chunk loop allocates little.
-
-    Fresh multi-MB temporaries per chunk made glibc keep freed memory in each worker thread's
-    malloc arena: measured at 16k tokens, reusing buffers cut the forward+backward RSS growth
-    by ~20% of the size of q.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        """A contiguous [*shape] tensor of ``like``'s dtype and device, reusing buffer ``name``."""
-        numel = math.prod(shape)
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[name] = like.new_empty(numel)
-        return buffer[:numel].view(shape)
-
-
 @dataclass(frozen=True)
 class _Expert:
     """One worker's share of the queries that selected block j of KV head ``h`` in batch ``b``.
@@ -314,37 +293,6 @@ def _workers(block_indices_BTHS: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
 
 
-def _run_workers(jobs: list[Callable[[], None]]) -> None:
-    """Run the jobs concurrently, one thread each (the caller's thread runs the first).
-
-    The chunk loop issues thousands of small ops; OpenMP-parallel small ops pay a barrier
-    each, and on a loaded machine a barrier waits for a descheduled thread (measured 4x slower
-    than one thread). So every worker runs single-threaded ops and the parallelism comes from
-    the workers (torch releases the GIL inside ops). torch's thread count is set to 1 for the
-    duration, which fresh threads inherit, and restored afterwards; calling the op from
-    several threads at once is therefore not supported.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if len(jobs) == 1:
-            _no_grad_call(jobs[0])
-            return
-        with ThreadPoolExecutor(max_workers=len(jobs) - 1) as pool:
-            futures = [pool.submit(_no_grad_call, job) for job in jobs[1:]]
-            _no_grad_call(jobs[0])
-            for future in futures:
-                future.result()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _no_grad_call(job: Callable[[], None]) -> None:
-    """Call ``job`` with autograd off: grad mode is per thread and on in fresh threads."""
-    with torch.no_grad():
-        job()
-
-
 def _future_mask(block_size: int, device: torch.device) -> torch.Tensor:
     """[block_size, block_size] mask of the keys after each position of a block: column > row."""
     return torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
@@ -367,7 +315,7 @@ def _chunk_scores(
     q_QF: torch.Tensor,
     kscaled_T_DL: torch.Tensor,
     future_NL: torch.Tensor,
-    ws: _Workspace,
+    ws: Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's query rows and scaled scores against its block: (q_RD, scores_RL), the
     latter (and gathered rows) in workspace buffers valid until the next chunk.
@@ -419,7 +367,7 @@ def _accumulate_experts(
     """
     G = ref_HQG.shape[2]
     shifted = bool(ref_HQG.any())
-    ws = _Workspace()
+    ws = Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         v_LD = _block_keys(ex, v_BTHD)
@@ -446,7 +394,7 @@ def _row_max_experts(
 ) -> None:
     """One worker's exact row maxima of the scores over its selected keys, into ``max_HQG``."""
     G = max_HQG.shape[2]
-    ws = _Workspace()
+    ws = Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         q_QF, max_QG = q_HQF[ex.h], max_HQG[ex.h]
@@ -515,7 +463,7 @@ def _forward(
     acc_HQF = torch.zeros_like(q_HQF)
     sum_HQG = torch.zeros_like(ref_HQG)
     inputs = (q_HQF, k_BTHD, v_BTHD, scale, ref_HQG, acc_HQF, sum_HQG, future_NL)
-    _run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
+    run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
 
     redo_HQ = routing.has_keys_HQ & (sum_HQG < math.exp(-_UNDERFLOW)).any(dim=-1)
     if redo_HQ.any():
@@ -525,10 +473,10 @@ def _forward(
         experts = redo.experts_W[0]
         ref_HQG[redo_HQ] = float("-inf")
         max_inputs = (q_HQF, k_BTHD, scale, ref_HQG, future_NL)
-        _run_workers([functools.partial(_row_max_experts, experts, *max_inputs)])
+        run_workers([functools.partial(_row_max_experts, experts, *max_inputs)])
         acc_HQF[redo_HQ] = 0.0
         sum_HQG[redo_HQ] = 0.0
-        _run_workers([functools.partial(_accumulate_experts, experts, *inputs)])
+        run_workers([functools.partial(_accumulate_experts, experts, *inputs)])
     # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
     norm_HQG1 = sum_HQG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     o_HQF = acc_HQF.view(H, B * T, HQ // H, D).div_(norm_HQG1).view(H, B * T, -1)
@@ -555,7 +503,7 @@ def _backward_experts(
     into the chunk's query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
     """
     G = lse_delta_HQG2.shape[2]
-    ws = _Workspace()
+    ws = Workspace()
     for ex in experts:
         kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
         kscaled_LD, v_LD = kscaled_T_DL.T, _block_keys(ex, v_BTHD)
@@ -615,7 +563,7 @@ def _backward(
     dv_W = [torch.zeros_like(v_BTHD) for _ in routing.experts_W]
     future_NL = _future_mask(block_size, q_HQF.device)
     shared = (q_HQF, do_HQF, k_BTHD, v_BTHD, scale, lse_delta_HQG2, dq_HQF)
-    _run_workers(
+    run_workers(
         [
             functools.partial(_backward_experts, experts, *shared, dk_BTHD, dv_BTHD, future_NL)
             for experts, dk_BTHD, dv_BTHD in zip(routing.experts_W, dk_W, dv_W, strict=True)
@@ -681,7 +629,7 @@ def selected_attention_torch(
     fixed per-row reference derived from a score bound (rows that underflow are redone against
     their exact maxima); the backward recomputes probabilities from the saved row lse (the
     FlashAttention recipe). Work is split over ``torch.get_num_threads()`` worker threads that
-    own disjoint query rows (see ``_run_workers``). fp32 accumulation; returns o_BTHD in q's
+    own disjoint query rows (see ``run_workers``). fp32 accumulation; returns o_BTHD in q's
     dtype.
     """
     return _SelectedAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
