@@ -72,3 +72,13 @@ def check_attention_shapes(
             f"{op}: query heads HQ={HQ} must be a multiple of KV heads H={H} (GQA), "
             f"with T >= 1 and D >= 1"
         )
+
+
+def oracle_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a ``naive`` oracle computes in for input ``x``: fp32, or fp64 for fp64 input.
+
+    Oracles upcast half-precision inputs to fp32 so they are references for every dtype, and
+    keep fp64 so a test can compare an fp32 kernel with a reference whose own rounding is
+    negligible (then every difference is the kernel's).
+    """
+    return torch.promote_types(x.dtype, torch.float32)

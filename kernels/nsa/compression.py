@@ -21,7 +21,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..backend import resolve_backend
+from ..backend import oracle_dtype, resolve_backend
 
 __all__ = ["compress_kv", "compressed_attention"]
 
@@ -208,13 +208,15 @@ def _compressed_attention_naive(
     stride: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Oracle: fp32 scores of every query against every token, the explicit mask, a softmax."""
+    """Oracle: scores of every query against every token (fp32, or fp64 for fp64 input), the
+    explicit mask, a softmax."""
     T, HQ = q_BTHD.shape[1:3]
     N, H = kcmp_BNHD.shape[1], kcmp_BNHD.shape[2]
     G = HQ // H
-    k_BNQD = kcmp_BNHD.float().repeat_interleave(G, dim=2)
-    v_BNQD = vcmp_BNHD.float().repeat_interleave(G, dim=2)
-    scores_BQTN = torch.einsum("btqd,bnqd->bqtn", q_BTHD.float(), k_BNQD) * scale
+    dtype = oracle_dtype(q_BTHD)
+    k_BNQD = kcmp_BNHD.to(dtype).repeat_interleave(G, dim=2)
+    v_BNQD = vcmp_BNHD.to(dtype).repeat_interleave(G, dim=2)
+    scores_BQTN = torch.einsum("btqd,bnqd->bqtn", q_BTHD.to(dtype), k_BNQD) * scale
     visible_TN = visible_mask(torch.arange(T, device=q_BTHD.device)[:, None], N, block_size, stride)
     sees_T1 = visible_TN.any(dim=-1, keepdim=True)
     lse_BQT = torch.logsumexp(scores_BQTN.detach().masked_fill(~visible_TN, float("-inf")), -1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..backend import check_attention_shapes, resolve_backend
+from ..backend import check_attention_shapes, oracle_dtype, resolve_backend
 from ..cpu_workers import Workspace, run_workers
 
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
@@ -114,12 +114,13 @@ def selected_attention_naive(
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """Selected-block attention written out step by step in fp32 (the oracle); returns q's dtype.
+    """Selected-block attention written out step by step (the oracle); returns q's dtype.
 
-    Inputs are validated by the caller. The selected blocks of every (b, t, h) become a [T] key
-    mask (a block id per key, looked up in the row's selected set), intersected with the causal
-    mask; scores over all T keys are masked and normalised by one softmax. A row with no visible
-    key outputs 0 and gets zero gradients. Memory is O(B·HQ·T²): only for tests and small inputs.
+    Computes in fp32, or fp64 for fp64 inputs. Inputs are validated by the caller. The selected
+    blocks of every (b, t, h) become a [T] key mask (a block id per key, looked up in the row's
+    selected set), intersected with the causal mask; scores over all T keys are masked and
+    normalised by one softmax. A row with no visible key outputs 0 and gets zero gradients.
+    Memory is O(B·HQ·T²): only for tests and small inputs.
     """
     B, T, HQ = q_BTHD.shape[:3]
     H = k_BTHD.shape[2]
@@ -135,9 +136,10 @@ def selected_attention_naive(
     mask_BTHT = selected_BTHN[..., block_of_key_T] & causal_TT[None, :, None, :]
     mask_BHTT = mask_BTHT.permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
 
-    q = q_BTHD.float()
-    k = k_BTHD.float().repeat_interleave(G, dim=2)
-    v = v_BTHD.float().repeat_interleave(G, dim=2)
+    dtype = oracle_dtype(q_BTHD)
+    q = q_BTHD.to(dtype)
+    k = k_BTHD.to(dtype).repeat_interleave(G, dim=2)
+    v = v_BTHD.to(dtype).repeat_interleave(G, dim=2)
     scores_BHTT = torch.einsum("bthd,bshd->bhts", q, k) * scale
     scores_BHTT = scores_BHTT.masked_fill(~mask_BHTT, float("-inf"))
     # softmax of an all -inf row is NaN (also in backward): give it finite scores, then zero it
