@@ -177,7 +177,7 @@ def route_blocks(
     [B, T, HQ, top_k - 1], ids ascending, -1 padding at the end for queries with fewer
     candidates. margin_BTH is the fp32 gap between the weakest routed and the strongest
     unrouted score (0 on a tie at the cut, +inf where every candidate is routed). Work is split
-    over worker threads on CPU (see ``kernels.nsa.selection.run_workers``). Raises ValueError
+    over worker threads on CPU (see ``kernels.cpu_workers.run_workers``). Raises ValueError
     naming the argument for bad sizes, shapes or devices.
     """
     _validate(q_BTHD, kmean_BNHD, block_size, top_k, start)

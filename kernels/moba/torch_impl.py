@@ -14,7 +14,7 @@ The backward is exact: aten's flash backward recomputes each part's probabilitie
 exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged output, which is
 the gradient of the one softmax over the union. Nothing of size [T, T], [T, N] or per query
 head copies of K/V is ever built. Work is split over worker threads that own disjoint ranges of
-query blocks (``kernels.nsa.selection.run_workers``: single-threaded ops per worker, because
+query blocks (``kernels.cpu_workers.run_workers``: single-threaded ops per worker, because
 small multi-threaded ops wait on barriers on a loaded machine); dk and dv are accumulated per
 worker and summed in worker order, so results are deterministic.
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of

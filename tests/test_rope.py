@@ -1,0 +1,57 @@
+"""RoPE: the chunked rotation equals the rotate-half formula, forward and backward, any dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsezoo.kernels import rope
+from sparsezoo.kernels.rope import apply_rope, apply_rope_reference, rope_angles
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows, so short inputs cross many chunk borders (and a partial last one)."""
+    monkeypatch.setattr(rope, "_CHUNK_ELEMENTS", 3 * 2 * 3 * 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_apply_rope_matches_the_rotate_half_formula(small_chunks: None, dtype: torch.dtype) -> None:
+    """Outputs equal the reference at odd T and offset positions; the input is left unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x_BTHD = torch.randn(2, 37, 3, 8, generator=gen).to(dtype)
+    before = x_BTHD.clone()
+    cos_TD, sin_TD = rope_angles(torch.arange(1000, 1037), 8)
+    expected = apply_rope_reference(x_BTHD, cos_TD, sin_TD)
+    actual = apply_rope(x_BTHD, cos_TD, sin_TD)
+    assert actual.dtype == dtype
+    # both round one fp32 result to the output dtype: bf16 may differ by one unit in the last place
+    rtol = 2**-7 if dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6)
+    assert torch.equal(x_BTHD, before)
+
+
+def test_apply_rope_gradient_is_the_inverse_rotation(small_chunks: None) -> None:
+    """Gradients equal autograd through the reference, on a strided slice, and pass gradcheck."""
+    gen = torch.Generator().manual_seed(1)
+    base_BTHE = torch.randn(1, 23, 2, 12, generator=gen, dtype=torch.float64)
+    cos_TD, sin_TD = rope_angles(torch.arange(23), 8)
+    x_fast = base_BTHE[..., :8].clone().requires_grad_()
+    x_ref = base_BTHE[..., :8].clone().requires_grad_()
+    dy_BTHD = torch.randn(1, 23, 2, 8, generator=gen, dtype=torch.float64)
+    apply_rope(x_fast, cos_TD, sin_TD).backward(dy_BTHD)
+    apply_rope_reference(x_ref, cos_TD.double(), sin_TD.double()).backward(dy_BTHD)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    strided = base_BTHE[..., 2:10].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos_TD, sin_TD), (strided,))
+
+
+def test_apply_rope_rejects_mismatched_shapes() -> None:
+    """A 3-d input, an odd head dim or tables for another length raise a clear ValueError."""
+    cos_TD, sin_TD = rope_angles(torch.arange(5), 4)
+    with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
+        apply_rope(torch.zeros(5, 2, 4), cos_TD, sin_TD)
+    with pytest.raises(ValueError, match="cos"):
+        apply_rope(torch.zeros(1, 6, 2, 4), cos_TD, sin_TD)
+    with pytest.raises(ValueError, match="even"):
+        rope_angles(torch.arange(5), 5)
