@@ -6,8 +6,9 @@ SiLU MLP whose weights all heads share. A length-T sequence has N = floor((T - l
 compressed tokens, none when T < l. Causality: token i is visible to query t iff its whole block
 is in the past, i·d + l - 1 <= t; the first l - 1 queries see no token, their output is exactly
 zero and their log-sum-exp -inf. Backends: ``naive`` (explicit per-block slices and an explicit
-fp32 mask; the oracle), ``torch`` (fast CPU path) and, for the attention, ``triton`` (GPU),
-chosen through ``resolve_backend``.
+fp32 mask; the oracle), ``torch`` (fast CPU path) and ``triton`` (GPU; phi in
+kernels/nsa/triton_compress_kv.py, the attention in kernels/nsa/triton_compression.py), chosen
+through ``resolve_backend``.
 Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads (HQ % H == 0),
 G group size HQ // H, D head dim, L block length l, I phi input width l·D, F phi hidden width,
 X flattened rows; torch path: r the d query offsets that share one visible prefix, R = H·d·G
@@ -25,9 +26,7 @@ from ..backend import oracle_dtype, resolve_backend
 
 __all__ = ["compress_kv", "compressed_attention"]
 
-_AVAILABLE = ("naive", "torch")
-# compressed attention also has a Triton kernel (kernels/nsa/triton_compression.py); the
-# compressor phi is two small matmuls, which the torch path already runs at full speed on GPUs
+_AVAILABLE = ("naive", "torch", "triton")
 _ATTENTION_AVAILABLE = ("naive", "torch", "triton")
 # Device types whose aten flash-attention kernel also returns the log-sum-exp; elsewhere SDPA
 # gives the output and a chunked no-grad pass the lse (tests empty it to exercise that path).
@@ -111,18 +110,18 @@ def _compress_kv_naive(
     block_size: int,
     stride: int,
 ) -> torch.Tensor:
-    """Oracle phi in fp32: slice every block explicitly, add positions, flatten, apply the MLP."""
+    """Oracle phi in fp32 (fp64 for fp64 x): slice every block, add positions, flatten, MLP."""
     B, T, H, D = x_BTHD.shape
     N = num_compressed(T, block_size, stride)
-    x = x_BTHD.float()
+    x = x_BTHD.to(oracle_dtype(x_BTHD))
     blocks = [x[:, i * stride : i * stride + block_size] for i in range(N)]
     # stack needs at least one block; an empty slice of x keeps the empty result in x's graph
     blocks_BNLHD = (
         torch.stack(blocks, dim=1) if blocks else x[:, :0, None].expand(B, 0, block_size, H, D)
     )
-    blocks_BNLHD = blocks_BNLHD + pos_LD.float()[:, None, :]
+    blocks_BNLHD = blocks_BNLHD + pos_LD.to(x.dtype)[:, None, :]
     flat_XI = blocks_BNLHD.permute(0, 1, 3, 2, 4).reshape(B * N * H, block_size * D)
-    out_XD = _phi(flat_XI, *(w.float() for w in weights))
+    out_XD = _phi(flat_XI, *(w.to(x.dtype) for w in weights))
     return out_XD.reshape(B, N, H, D).to(x_BTHD.dtype)
 
 
@@ -161,10 +160,12 @@ def compress_kv(
     the block flattened position-major to I = l·D numbers and the same weights for every head.
     Returns x_BNHD of shape [B, N, H, D] with N = floor((T - l) / d) + 1, or an empty
     [B, 0, H, D] tensor when T < l, in x's dtype; it is differentiable in x and every weight.
-    ``backend`` is ``naive`` (per-block slices, in fp32), ``torch`` (torch's type promotion and
-    autocast apply) or ``auto`` (torch). Raises ValueError naming the argument when block_size
-    or stride is not an int >= 1, block_size % stride != 0, x is not 4-d, or pos_LD, w1_IF,
-    b1_F, w2_FD, b2_D are not [l, D], [l·D, F], [F], [F, D], [D].
+    ``backend`` is ``naive`` (per-block slices, in fp32, or fp64 for fp64 x), ``torch``
+    (torch's type promotion and autocast apply), ``triton`` (CUDA, or CPU under
+    TRITON_INTERPRET=1; dots in x's dtype with fp32 accumulation) or ``auto`` (triton on CUDA,
+    torch elsewhere). Raises ValueError naming the argument when block_size or stride is not an
+    int >= 1, block_size % stride != 0, x is not 4-d, or pos_LD, w1_IF, b1_F, w2_FD, b2_D are
+    not [l, D], [l·D, F], [F], [F, D], [D].
     """
     op = "compress_kv"
     validate_blocks(op, block_size, stride)
@@ -187,7 +188,12 @@ def compress_kv(
     chosen = resolve_backend(op, backend, _AVAILABLE, x_BTHD)
     if chosen == "naive":
         return _compress_kv_naive(x_BTHD, pos_LD, weights, block_size, stride)
-    return _compress_kv_torch(x_BTHD, pos_LD, weights, block_size, stride)
+    if chosen == "torch":
+        return _compress_kv_torch(x_BTHD, pos_LD, weights, block_size, stride)
+    # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+    from .triton_compress_kv import compress_kv_triton
+
+    return compress_kv_triton(x_BTHD, pos_LD, *weights, block_size, stride)
 
 
 def visible_mask(t_T1: torch.Tensor, N: int, block_size: int, stride: int) -> torch.Tensor:

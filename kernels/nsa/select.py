@@ -8,7 +8,8 @@ Block 0 and the query's own and previous blocks are forced in and count toward n
 legal for query t iff j·l' <= t. Ties go to the lower block index. Output indices per
 (b, t, KV head) are sorted ascending, padded with -1 at the end when fewer than n blocks are
 legal. Indices carry no gradient: everything runs under no_grad. Backends: ``naive`` (full fp32
-tensors, the oracle) and ``torch`` (query chunks, the fast CPU path). ``topn_blocks`` applies the
+tensors, the oracle), ``torch`` (query chunks, the fast CPU path) and ``triton`` (GPU, streamed
+importances and a running top-n; kernels/nsa/triton_select.py). ``topn_blocks`` applies the
 same forced/legal/top-n rules to importances computed elsewhere (e.g. while decoding).
 Legend: B batch, T time, N compressed tokens, S selection blocks ceil(T / l'), HQ query heads,
 H KV heads, G group size HQ // H, D head dim, E = D + 1, C queries per chunk, R = G·C score rows
@@ -30,7 +31,7 @@ from .compression import validate_blocks, validate_qkv, visible_mask
 __all__ = ["block_importance", "overlap_weights", "select_blocks", "topn_blocks"]
 
 _OP = "select_blocks"
-_AVAILABLE = ("naive", "torch")
+_AVAILABLE = ("naive", "torch", "triton")
 # Elements of the largest per-chunk fp32 probability tile [B, HQ, C, N] of the torch path
 # (8 MiB; T = 32k never holds [B, T, HQ, N]). The tile is written, exponentiated and summed in
 # turn, so it should stay cache-resident: at T = 16k on one thread it took 0.47 s of CPU against
@@ -280,8 +281,9 @@ def select_blocks(
     never are, and ties go to the lower block index. Each row lists the chosen ids in ascending
     order, followed by -1 for the slots left when fewer than n_select blocks are legal. lse_BTH
     [B, T, HQ] is ``compressed_attention``'s lse for the same q and kcmp. No gradient, no graph.
-    ``scale`` defaults to D**-0.5; ``backend`` is ``naive`` (full fp32 tensors), ``torch`` or
-    ``auto`` (torch). Raises ValueError naming the knob unless block_size % stride == 0,
+    ``scale`` defaults to D**-0.5; ``backend`` is ``naive`` (full fp32 tensors), ``torch``,
+    ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1) or ``auto`` (triton on CUDA, torch
+    elsewhere). Raises ValueError naming the knob unless block_size % stride == 0,
     select_size % stride == 0, block_size <= select_size and n_select >= 3, or naming the
     argument for shapes that disagree or a wrong number of compressed tokens.
     """
@@ -290,7 +292,14 @@ def select_blocks(
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q_BTHD, kcmp_BNHD, lse_BTH, block_size, stride, select_size, n_select, scale)
     with torch.no_grad():
-        return _select_naive(*args) if chosen == "naive" else _select_torch(*args)
+        if chosen == "naive":
+            return _select_naive(*args)
+        if chosen == "torch":
+            return _select_torch(*args)
+        # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+        from .triton_select import select_blocks_triton
+
+        return select_blocks_triton(*args)
 
 
 def topn_blocks(
