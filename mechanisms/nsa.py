@@ -191,12 +191,6 @@ class NativeSparseAttention(AttentionMechanism):
         nn.init.normal_(self.gate[2].weight, std=0.02 * p.gate_hidden**-0.5)
         nn.init.zeros_(self.gate[2].bias)
 
-    @property
-    def _torch_level_backend(self) -> str:
-        """Backend for phi and block selection, which have naive and torch paths only: both are
-        small matmuls and sorts that torch already runs at full speed on a GPU."""
-        return "auto" if self.params.backend == "triton" else self.params.backend
-
     # ----- projections -------------------------------------------------------------------
 
     def _project(
@@ -231,8 +225,8 @@ class NativeSparseAttention(AttentionMechanism):
         """Compressed K (rotated at each block's last position) and V; ``first`` is the index
         of the first compressed token the raw slice starts at."""
         p = self.params
-        kcmp_BNHD = self.compress_k(raw_k_BTHD, p.stride, self._torch_level_backend)
-        vcmp_BNHD = self.compress_v(raw_v_BTHD, p.stride, self._torch_level_backend)
+        kcmp_BNHD = self.compress_k(raw_k_BTHD, p.stride, p.backend)
+        vcmp_BNHD = self.compress_v(raw_v_BTHD, p.stride, p.backend)
         idx = torch.arange(first, first + kcmp_BNHD.shape[1], device=raw_k_BTHD.device)
         return self.rope_at(kcmp_BNHD, idx * p.stride + p.block_size - 1), vcmp_BNHD
 
@@ -288,7 +282,7 @@ class NativeSparseAttention(AttentionMechanism):
             select_size=p.select_size,
             n_select=p.n_select,
             scale=self.scale,
-            backend=self._torch_level_backend,
+            backend=p.backend,
         )
         o_slc = selected_attention(
             q_BTHD, kv["slc_k"], kv["slc_v"], idx_BTHK, p.select_size, scale=self.scale,

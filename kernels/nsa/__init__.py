@@ -8,8 +8,8 @@
   rule, top-n, -1 padding;
 - ``selected_attention``: attention over the selected blocks, shared by a GQA group;
 - ``sliding_window_attention``: the project's one window definition (re-exported).
-Each op has a ``naive`` oracle and a fast ``torch`` path; compressed, selected and window
-attention also have ``triton`` kernels. Layout [B, T, H, D] throughout.
+Each op has a ``naive`` oracle, a fast ``torch`` path and ``triton`` kernels (``topn_blocks``,
+``overlap_weights`` and ``block_importance`` are small torch helpers). Layout [B, T, H, D].
 """
 
 from ..window import sliding_window_attention
