@@ -178,38 +178,19 @@ def _worker_runs(B: int, T: int, K: int) -> list[list[tuple[int, int, int]]]:
 
 
 class _Slots:
-    """One chunk's slot keys and values for KV head h, gathered once: k, v [C, K, D].
+    """One chunk's slot keys and values for one KV head, k, v [C, K, D] (views of gathers).
 
-    ``k_RD`` and ``v_RD`` are one sequence's keys and values as contiguous [S·H, D] rows, so
-    a gather reads contiguous rows whatever H (gathering from a strided [S, D] head slice
-    was measured ~50x slower). The gathers land in workspace buffers (valid until the next
-    chunk): fresh multi-MB tensors per chunk cost more in page faults than the gather itself
-    (measured 14x). ``rows`` holds the (clamped) key positions of the slots.
+    ``rows`` holds the (clamped) key positions of the slots, ``used_CK`` which slots are valid
+    (a position at or before the query's). Built by ``_head_slots`` (one KV head's rows) or
+    ``_shared_slots`` (one gather serving every KV head when they share the indices).
     """
 
     def __init__(
-        self,
-        k_RD: torch.Tensor,
-        v_RD: torch.Tensor,
-        h: int,
-        H: int,
-        idx_CK: torch.Tensor,
-        pos_C: torch.Tensor,
-        ws: Workspace,
+        self, k_CKD: torch.Tensor, v_CKD: torch.Tensor, rows: torch.Tensor, used_CK: torch.Tensor
     ) -> None:
-        C, K = idx_CK.shape
-        D = k_RD.shape[1]
-        self.rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
-        flat = (
-            self.rows if H == 1 else torch.add(self.rows * H, h, out=ws.get("flat", idx_CK, C * K))
-        )
-        self.k_CKD = torch.index_select(k_RD, 0, flat, out=ws.get("k", k_RD, C * K, D))
-        self.k_CKD = self.k_CKD.view(C, K, D)
-        self.v_CKD = torch.index_select(v_RD, 0, flat, out=ws.get("v", v_RD, C * K, D))
-        self.v_CKD = self.v_CKD.view(C, K, D)
-        self.used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
+        self.k_CKD, self.v_CKD, self.rows, self.used_CK = k_CKD, v_CKD, rows, used_CK
         # most chunks use every slot, and then need no masking at all
-        self.all_used = bool(self.used_CK.all())
+        self.all_used = bool(used_CK.all())
 
     def scores(self, q_CGD: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """Scaled scores [C, G, K] (``q_CGD`` comes scaled) in a workspace buffer; unused -inf.
@@ -223,6 +204,54 @@ class _Slots:
         if not self.all_used:
             s_CGK.masked_fill_(~self.used_CK[:, None, :], float("-inf"))
         return s_CGK
+
+
+def _head_slots(
+    k_RD: torch.Tensor,
+    v_RD: torch.Tensor,
+    h: int,
+    H: int,
+    idx_CK: torch.Tensor,
+    pos_C: torch.Tensor,
+    ws: Workspace,
+) -> _Slots:
+    """KV head h's slots of one chunk, gathered from one sequence's contiguous [S·H, D] rows.
+
+    A gather reads contiguous rows whatever H (gathering from a strided [S, D] head slice was
+    measured ~50x slower). The gathers land in workspace buffers (valid until the next chunk):
+    fresh multi-MB tensors per chunk cost more in page faults than the gather itself (14x).
+    """
+    C, K = idx_CK.shape
+    D = k_RD.shape[1]
+    rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
+    flat = rows if H == 1 else torch.add(rows * H, h, out=ws.get("flat", idx_CK, C * K))
+    k_CKD = torch.index_select(k_RD, 0, flat, out=ws.get("k", k_RD, C * K, D)).view(C, K, D)
+    v_CKD = torch.index_select(v_RD, 0, flat, out=ws.get("v", v_RD, C * K, D)).view(C, K, D)
+    return _Slots(k_CKD, v_CKD, rows, (idx_CK >= 0) & (idx_CK <= pos_C[:, None]))
+
+
+def _shared_slots(
+    k_RD: torch.Tensor,
+    v_RD: torch.Tensor,
+    H: int,
+    idx_CK: torch.Tensor,
+    pos_C: torch.Tensor,
+    ws: Workspace,
+) -> list[_Slots]:
+    """Every KV head's slots of one chunk whose heads share the indices: one gather of whole
+    tokens (H·D contiguous numbers each) instead of H gathers of D. Each head's k, v are
+    strided views into it, which the batched matmuls read directly. A decode step at 64k
+    tokens, 4 KV heads of 128, 2048 slots: the gathers took ~1 ms each per head and K/V.
+    """
+    C, K = idx_CK.shape
+    D = k_RD.shape[1]
+    rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
+    tokens_k, tokens_v = k_RD.view(-1, H * D), v_RD.view(-1, H * D)
+    k_CKHD = torch.index_select(tokens_k, 0, rows, out=ws.get("k", k_RD, C * K, H * D))
+    v_CKHD = torch.index_select(tokens_v, 0, rows, out=ws.get("v", v_RD, C * K, H * D))
+    k_CKHD, v_CKHD = k_CKHD.view(C, K, H, D), v_CKHD.view(C, K, H, D)
+    used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
+    return [_Slots(k_CKHD[:, :, h], v_CKHD[:, :, h], rows, used_CK) for h in range(H)]
 
 
 def _flat_rows(x_BSHD: torch.Tensor) -> torch.Tensor:
@@ -277,12 +306,20 @@ def _forward(
     o_BTHGD = torch.empty(B, T, H, G, D, device=q_BTHD.device)
     lse_BTHG = torch.empty(B, T, H, G, device=q_BTHD.device)
     probs_BTHK = torch.empty(B, T, H, K, device=q_BTHD.device) if want_probs else None
+    # indices shared by all KV heads arrive as a stride-0 expansion over H
+    shared = H > 1 and idx_BTHK.stride(2) == 0
 
     def run(chunks: list[tuple[int, int, int]]) -> None:
         ws = Workspace()
         for b, t0, t1 in chunks:
+            if shared:
+                per_head = _shared_slots(k[b], v[b], H, idx_BTHK[b, t0:t1, 0], pos_T[t0:t1], ws)
             for h in range(H):
-                slots = _Slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
+                slots = (
+                    per_head[h]
+                    if shared
+                    else _head_slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
+                )
                 q_CGD = _scaled(q_BTHGD[b, t0:t1, h], scale, ws)
                 o_CGD, lse_CG, probs_CK = _forward_chunk(slots, q_CGD, ws, want_probs)
                 o_BTHGD[b, t0:t1, h] = o_CGD
@@ -328,7 +365,7 @@ def _backward(
         ws = Workspace()
         for b, t0, t1 in runs[i]:
             for h in range(H):
-                slots = _Slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
+                slots = _head_slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
                 q_CGD = _scaled(q_BTHGD[b, t0:t1, h], scale, ws)
                 do_CGD = do_BTHGD[b, t0:t1, h]
                 lse_CG1 = lse_BTHG[b, t0:t1, h, :, None]
