@@ -26,8 +26,8 @@ from ..backend import oracle_dtype, resolve_backend
 
 __all__ = ["compress_kv", "compressed_attention"]
 
+# both ops (phi and the attention) have every backend
 _AVAILABLE = ("naive", "torch", "triton")
-_ATTENTION_AVAILABLE = ("naive", "torch", "triton")
 # Device types whose aten flash-attention kernel also returns the log-sum-exp; elsewhere SDPA
 # gives the output and a chunked no-grad pass the lse (tests empty it to exercise that path).
 _FLASH_LSE_DEVICES = ("cpu",)
@@ -363,7 +363,7 @@ def compressed_attention(
         )
     if vcmp_BNHD.device != q_BTHD.device:
         raise ValueError(f"{op}: vcmp_BNHD is on {vcmp_BNHD.device}, q_BTHD on {q_BTHD.device}")
-    chosen = resolve_backend(op, backend, _ATTENTION_AVAILABLE, q_BTHD)
+    chosen = resolve_backend(op, backend, _AVAILABLE, q_BTHD)
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "naive":
         return _compressed_attention_naive(q_BTHD, kcmp_BNHD, vcmp_BNHD, block_size, stride, scale)
