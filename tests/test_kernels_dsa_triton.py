@@ -7,16 +7,13 @@ span several tiles and slot blocks. Legend as in test_kernels_dsa.py.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from kernel_utils import interpreted_report
 from test_kernels_dsa import (
     assert_all_close,
     assert_same_selection,
@@ -106,16 +103,7 @@ def compare_triton_with_naive() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def triton_report() -> dict[str, str]:
     """Per-case results of ``compare_triton_with_naive`` from one interpreted child process."""
-    child = (
-        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "import test_kernels_dsa_triton as t; print(json.dumps(t.compare_triton_with_naive()))"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_report("test_kernels_dsa_triton")
 
 
 @needs_triton

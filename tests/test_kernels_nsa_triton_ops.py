@@ -6,16 +6,13 @@ D head dim, L block length l, F phi hidden width, n selected blocks.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from kernel_utils import interpreted_report
 from test_kernels_nsa_compression import make_phi, phi_output_and_grads
 from test_kernels_nsa_select import (
     assert_same_picks,
@@ -187,16 +184,7 @@ def _hidden_huge_mismatch() -> str:
 @pytest.fixture(scope="module")
 def triton_report() -> dict[str, str]:
     """Per-case results of ``compare_triton_with_naive`` from one interpreted child process."""
-    child = (
-        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "import test_kernels_nsa_triton_ops as t; print(json.dumps(t.compare_triton_with_naive()))"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreted_report("test_kernels_nsa_triton_ops")
 
 
 @needs_triton
