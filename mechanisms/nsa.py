@@ -252,8 +252,13 @@ class NativeSparseAttention(AttentionMechanism):
 
     def _mix(self, outs: tuple[torch.Tensor, ...], gates_BTH3: torch.Tensor) -> torch.Tensor:
         """Eq. 5: the gate-weighted sum of the branch outputs; records each branch's mean gate."""
-        gates = gates_BTH3.unbind(-1)
-        o_BTHD = sum(g[..., None] * o for g, o in zip(gates, outs, strict=True))
+        # gate-major contiguous copy, then one multiply and in-place multiply-adds: the
+        # broadcast products of strided gate views plus ``sum`` took 0.2-0.7 s at T = 32k
+        # (fresh full-size temporaries per term) against 0.05 s for this
+        gates_3BTH1 = gates_BTH3.permute(3, 0, 1, 2).contiguous()[..., None]
+        o_BTHD = outs[0] * gates_3BTH1[0]
+        for gate_BTH1, o in zip(gates_3BTH1[1:], outs[1:], strict=True):
+            o_BTHD.addcmul_(o, gate_BTH1)
         g = gates_BTH3.detach().float().mean(dim=(0, 1, 2))
         self.stats.update({f"gate_{b}": g[i] for i, b in enumerate(BRANCHES)})
         return o_BTHD

@@ -257,6 +257,22 @@ def test_topn_blocks_hand_example() -> None:
         topn_blocks(importance_BTHS, torch.tensor([24, 13, 2]), 4, 4)
 
 
+def test_top_blocks_orders_like_a_stable_sort() -> None:
+    """The integer-key top-n equals a stable descending sort: ties (many), negatives, +-inf,
+    -0.0 against 0.0, padding for -inf picks, and n larger than the row."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, -0.0, 1.5, -2.0, 1e-38, 3.0, float("inf"), float("-inf")])
+    scores_XS = values[torch.randint(0, len(values), (400, 37), generator=gen)]
+    for n in (3, 16, 37, 40):
+        order_XS = torch.sort(scores_XS, dim=-1, descending=True, stable=True).indices[:, :n]
+        illegal_Xn = scores_XS.gather(-1, order_XS) == float("-inf")
+        expected_Xn = order_XS.masked_fill(illegal_Xn, 99).sort(dim=-1).values
+        expected_Xn = torch.nn.functional.pad(
+            expected_Xn.masked_fill(expected_Xn == 99, -1), (0, n - expected_Xn.shape[-1]), value=-1
+        )
+        assert torch.equal(select._top_blocks(scores_XS, n), expected_Xn), n
+
+
 def check_selection_rules(idx_BTHS: torch.Tensor, ls: int, n: int) -> None:
     """Per row: ascending ids then -1 padding, min(n, legal) of them, forced ones present once."""
     B, T, H, _ = idx_BTHS.shape
