@@ -30,8 +30,7 @@ from torch import nn
 from sparsezoo.kernels.nsa import (
     block_importance,
     compress_kv,
-    compressed_attention,
-    select_blocks,
+    compressed_select,
     selected_attention,
     sliding_window_attention,
     topn_blocks,
@@ -269,19 +268,11 @@ class NativeSparseAttention(AttentionMechanism):
         p = self.params
         T = q_BTHD.shape[1]
         kcmp_BNHD, vcmp_BNHD = self._compress(kv["raw_k"], kv["raw_v"], 0)
-        o_cmp, lse_BTH = compressed_attention(
+        # one score pass serves the compression output and the block selection (Eq. 8-11)
+        o_cmp, _, idx_BTHK = compressed_select(
             q_BTHD,
             kcmp_BNHD,
             vcmp_BNHD,
-            p.block_size,
-            p.stride,
-            scale=self.scale,
-            backend=p.backend,
-        )
-        idx_BTHK = select_blocks(
-            q_BTHD,
-            kcmp_BNHD,
-            lse_BTH,
             block_size=p.block_size,
             stride=p.stride,
             select_size=p.select_size,

@@ -6,6 +6,8 @@
 - ``select_blocks`` / ``topn_blocks`` / ``overlap_weights`` / ``block_importance``: Eq. 9
   overlap mapping, GQA group sum of probabilities, forced initial and local blocks, legal-block
   rule, top-n, -1 padding;
+- ``compressed_select``: compressed attention and block selection in one pass over the scores
+  (what the mechanism calls);
 - ``selected_attention``: attention over the selected blocks, shared by a GQA group;
 - ``sliding_window_attention``: the project's one window definition (re-exported).
 Each op has a ``naive`` oracle, a fast ``torch`` path and ``triton`` kernels (``topn_blocks``,
@@ -13,6 +15,7 @@ Each op has a ``naive`` oracle, a fast ``torch`` path and ``triton`` kernels (``
 """
 
 from ..window import sliding_window_attention
+from .compressed_select import compressed_select
 from .compression import compress_kv, compressed_attention
 from .select import block_importance, overlap_weights, select_blocks, topn_blocks
 from .selection import selected_attention
@@ -21,6 +24,7 @@ __all__ = [
     "block_importance",
     "compress_kv",
     "compressed_attention",
+    "compressed_select",
     "overlap_weights",
     "select_blocks",
     "selected_attention",

@@ -86,6 +86,32 @@ def validate_qkv(
         raise ValueError(f"{op}: kcmp_BNHD is on {kcmp_BNHD.device}, q_BTHD on {q_BTHD.device}")
 
 
+def validate_attention(
+    op: str,
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    vcmp_BNHD: torch.Tensor,
+    block_size: int,
+    stride: int,
+) -> None:
+    """Raise ValueError naming the knob or argument unless compressed attention's inputs fit:
+    ``validate_blocks``, ``validate_qkv``, vcmp shaped like kcmp, one dtype, one device."""
+    validate_blocks(op, block_size, stride)
+    validate_qkv(op, q_BTHD, kcmp_BNHD, block_size, stride)
+    if vcmp_BNHD.shape != kcmp_BNHD.shape:
+        raise ValueError(
+            f"{op}: vcmp_BNHD must have kcmp_BNHD's shape {list(kcmp_BNHD.shape)}, "
+            f"got {list(vcmp_BNHD.shape)}"
+        )
+    if not (q_BTHD.dtype == kcmp_BNHD.dtype == vcmp_BNHD.dtype):
+        raise ValueError(
+            f"{op}: q, kcmp, vcmp dtypes differ: {q_BTHD.dtype}, {kcmp_BNHD.dtype}, "
+            f"{vcmp_BNHD.dtype}"
+        )
+    if vcmp_BNHD.device != q_BTHD.device:
+        raise ValueError(f"{op}: vcmp_BNHD is on {vcmp_BNHD.device}, q_BTHD on {q_BTHD.device}")
+
+
 def _check_shape(op: str, name: str, x: torch.Tensor, expected: tuple[int, ...]) -> None:
     """Raise ValueError naming argument ``name`` when ``x`` does not have shape ``expected``."""
     if tuple(x.shape) != expected:
@@ -349,20 +375,7 @@ def compressed_attention(
     stride, shapes that disagree, a wrong N, or mismatched dtypes or devices.
     """
     op = "compressed_attention"
-    validate_blocks(op, block_size, stride)
-    validate_qkv(op, q_BTHD, kcmp_BNHD, block_size, stride)
-    if vcmp_BNHD.shape != kcmp_BNHD.shape:
-        raise ValueError(
-            f"{op}: vcmp_BNHD must have kcmp_BNHD's shape {list(kcmp_BNHD.shape)}, "
-            f"got {list(vcmp_BNHD.shape)}"
-        )
-    if not (q_BTHD.dtype == kcmp_BNHD.dtype == vcmp_BNHD.dtype):
-        raise ValueError(
-            f"{op}: q, kcmp, vcmp dtypes differ: {q_BTHD.dtype}, {kcmp_BNHD.dtype}, "
-            f"{vcmp_BNHD.dtype}"
-        )
-    if vcmp_BNHD.device != q_BTHD.device:
-        raise ValueError(f"{op}: vcmp_BNHD is on {vcmp_BNHD.device}, q_BTHD on {q_BTHD.device}")
+    validate_attention(op, q_BTHD, kcmp_BNHD, vcmp_BNHD, block_size, stride)
     chosen = resolve_backend(op, backend, _AVAILABLE, q_BTHD)
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
     if chosen == "naive":

@@ -73,6 +73,23 @@ def overlap_weights(
     return (high_NS - low_NS).clamp(min=0).float() / stride
 
 
+def validate_select_knobs(
+    op: str, block_size: int, stride: int, select_size: int, n_select: int
+) -> None:
+    """Raise ValueError naming the knob unless l, d are valid (``validate_blocks``), l' and n are
+    ints >= 1 and >= 3, l' is a multiple of d and l' >= l."""
+    validate_blocks(op, block_size, stride)
+    for name, value, low in (("select_size", select_size, 1), ("n_select", n_select, 3)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            reason = " (block 0 and the two local blocks are forced in)" if low == 3 else ""
+            raise ValueError(f"{op}: {name} must be an int >= {low}{reason}, got {value!r}")
+    if select_size % stride or select_size < block_size:
+        raise ValueError(
+            f"{op}: select_size={select_size} must be a multiple of stride={stride} and "
+            f">= block_size={block_size}"
+        )
+
+
 def _validate(
     q_BTHD: torch.Tensor,
     kcmp_BNHD: torch.Tensor,
@@ -83,16 +100,7 @@ def _validate(
     n_select: int,
 ) -> None:
     """Raise ValueError naming the knob or argument when the inputs do not fit select_blocks."""
-    validate_blocks(_OP, block_size, stride)
-    for name, value, low in (("select_size", select_size, 1), ("n_select", n_select, 3)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            reason = " (block 0 and the two local blocks are forced in)" if low == 3 else ""
-            raise ValueError(f"{_OP}: {name} must be an int >= {low}{reason}, got {value!r}")
-    if select_size % stride or select_size < block_size:
-        raise ValueError(
-            f"{_OP}: select_size={select_size} must be a multiple of stride={stride} and "
-            f">= block_size={block_size}"
-        )
+    validate_select_knobs(_OP, block_size, stride, select_size, n_select)
     validate_qkv(_OP, q_BTHD, kcmp_BNHD, block_size, stride)
     if lse_BTH.shape != q_BTHD.shape[:3]:
         raise ValueError(
