@@ -192,9 +192,9 @@ class MixtureOfBlockAttention(QKVAttention):
             n_finite = finite_BTH.sum()
             margin_sum = torch.where(finite_BTH, margin_BTH, 0.0).sum()
             stats["gate_margin"] = (margin_sum / n_finite.clamp(min=1) * self.scale).float()
-            shares = counts[1:] / picks.clamp(min=1)
+            shares = (counts[1:] / picks.clamp(min=1)).float().unbind()
             for (_, label), share in zip(DISTANCE_BINS, shares, strict=True):
-                stats[f"dist_{label}"] = share.float()
+                stats[f"dist_{label}"] = share
             self.stats = stats
 
     def new_cache(

@@ -151,6 +151,9 @@ def _route_rows(
 def _split_rows(T: int, start: int, block_size: int, workers: int) -> list[tuple[int, int]]:
     """Cut query rows 0 .. T - 1 into ``workers`` ranges of about equal gate work, at block
     borders (a row in block i scores i candidates)."""
+    if workers == 1:
+        # a decode step: no tensor ops for a split that has one range
+        return [(0, T)]
     pos_T = torch.arange(start, start + T)
     cum_T = (pos_T // block_size + 1).cumsum(0)
     targets = torch.arange(1, workers) * int(cum_T[-1]) // workers
