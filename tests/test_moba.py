@@ -6,17 +6,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import pytest
 import torch
+from train_utils import train_tiny_and_check_it_learns
 
 import sparsezoo
-from sparsezoo.config import load_config
 from sparsezoo.kernels.moba import block_means, route_blocks
 from sparsezoo.mechanisms import MechanismConfigError
 from sparsezoo.mechanisms.moba import DISTANCE_BINS, MoBACache
-from sparsezoo.train import train
 
 PAPER = {"block_size": 512, "top_k": 3}
 
@@ -138,39 +135,8 @@ def test_routing_is_per_query_head() -> None:
 
 @pytest.mark.slow
 def test_tiny_moba_learns_on_stdlib_and_logs_stats(tmp_path: Path, data_cache: Path) -> None:
-    cfg = load_config(
-        Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",
-        [
-            "attention.mechanism=moba",
-            "attention.params.moba.block_size=32",
-            "attention.params.moba.top_k=3",
-            "data.max_bytes=1500000",
-            "data.vocab_size=1024",
-            "data.seq_len=256",
-            f"data.cache_dir={data_cache}",
-            "train.max_steps=150",
-            "train.batch_size=8",
-            "train.val_every=75",
-            "train.progress_bar=false",
-            f"output_dir={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
-    )
-    result = train(cfg)
-    # unigram baseline: the entropy of the training tokens' empirical distribution
-    from sparsezoo.data import prepare_data
-
-    data = prepare_data(
-        ["stdlib"], vocab_size=1024, val_fraction=0.05, seed=0, cache_dir=data_cache,
-        max_bytes=1_500_000,
-    )  # fmt: skip
-    counts = np.bincount(np.memmap(data.train_path, dtype=np.uint16, mode="r"), minlength=1024)
-    p = counts[counts > 0] / counts.sum()
-    unigram = float(-(p * np.log(p)).sum())
-    assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics["val/loss"], unigram)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["demo"]).iloc[0]
-    assert run["tags.sparsezoo.mechanism"] == "moba"
+    params = {"block_size": 32, "top_k": 3}
+    run = train_tiny_and_check_it_learns(tmp_path, data_cache, "moba", params)
     for _, label in DISTANCE_BINS:
         assert math.isfinite(run[f"metrics.attn/moba/dist_{label}"])
     assert run["metrics.attn/moba/gate_margin"] > 0

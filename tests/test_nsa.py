@@ -9,18 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import pytest
 import torch
+from train_utils import train_tiny_and_check_it_learns
 
 import sparsezoo
-from sparsezoo.config import load_config
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.mechanisms import MechanismConfigError
 from sparsezoo.mechanisms.nsa import NSACache
 from sparsezoo.testing import check_mechanism
-from sparsezoo.train import train
 
 PAPER = {"block_size": 32, "stride": 16, "select_size": 64, "n_select": 16, "window": 512}
 
@@ -96,42 +93,8 @@ def test_shared_kv_mode_conforms_and_has_fewer_parameters() -> None:
 
 @pytest.mark.slow
 def test_tiny_nsa_learns_on_stdlib_and_logs_stats(tmp_path: Path, data_cache: Path) -> None:
-    cfg = load_config(
-        Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",
-        [
-            "attention.mechanism=nsa",
-            "attention.params.nsa.block_size=16",
-            "attention.params.nsa.stride=8",
-            "attention.params.nsa.select_size=16",
-            "attention.params.nsa.n_select=4",
-            "attention.params.nsa.window=32",
-            "data.max_bytes=1500000",
-            "data.vocab_size=1024",
-            "data.seq_len=256",
-            f"data.cache_dir={data_cache}",
-            "train.max_steps=150",
-            "train.batch_size=8",
-            "train.val_every=75",
-            "train.progress_bar=false",
-            f"output_dir={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
-    )
-    result = train(cfg)
-    # unigram baseline: the entropy of the training tokens' empirical distribution
-    from sparsezoo.data import prepare_data
-
-    data = prepare_data(
-        ["stdlib"], vocab_size=1024, val_fraction=0.05, seed=0, cache_dir=data_cache,
-        max_bytes=1_500_000,
-    )  # fmt: skip
-    counts = np.bincount(np.memmap(data.train_path, dtype=np.uint16, mode="r"), minlength=1024)
-    p = counts[counts > 0] / counts.sum()
-    unigram = float(-(p * np.log(p)).sum())
-    assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics["val/loss"], unigram)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["demo"]).iloc[0]
-    assert run["tags.sparsezoo.mechanism"] == "nsa"
+    params = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 32}
+    run = train_tiny_and_check_it_learns(tmp_path, data_cache, "nsa", params)
     for key in (
         "attn/nsa/gate_cmp",
         "attn/nsa/gate_slc",
