@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from sparsezoo.data.synthetic import MQARSpec, PasskeySpec
+from sparsezoo.data.synthetic import N_DIGITS, MQARSpec, PasskeySpec
 from sparsezoo.mechanisms.base import AttentionShape, MechanismConfigError
 from sparsezoo.registry import UnknownMechanismError, get_mechanism
 
@@ -62,11 +62,28 @@ class AttentionConfig:
 
 
 @dataclass
+class CurriculumPhase:
+    """A phase of a length curriculum: ``steps`` steps of rows of ``seq_len`` tokens.
+
+    ``batch_size`` 0 means ``train.batch_size``; ``passkey_mix`` and ``passkey_near`` null mean
+    the ``data`` section's values.
+    """
+
+    seq_len: int = 256
+    steps: int = 100
+    batch_size: int = 0
+    passkey_mix: float | None = None
+    passkey_near: float | None = None
+
+
+@dataclass
 class DataConfig:
     """Corpus, tokenizer and sequence length.
 
     ``corpus`` is ``["stdlib"]`` (the running interpreter's standard-library sources, offline) or
-    a list of text/JSONL files, directories or globs.
+    a list of text/JSONL files, directories or globs. ``curriculum`` lists phases trained first,
+    in order, at shorter lengths (cheap steps, where retrieval circuits form fast); the steps
+    left of ``train.max_steps`` then train at ``seq_len`` with ``train.batch_size``.
     """
 
     corpus: list[str] = field(default_factory=lambda: ["stdlib"])
@@ -81,6 +98,10 @@ class DataConfig:
     passkey_len: int = 5  # digits per passkey, in training rows and in the passkey eval
     # share of passkey rows with a log-uniform needle-to-query distance instead of uniform depth
     passkey_near: float = 0.0
+    # all digits of a passkey different (training rows and the passkey eval): no repeated digit
+    # to disambiguate when copying, so what is measured is finding the needle
+    passkey_distinct: bool = False
+    curriculum: list[CurriculumPhase] = field(default_factory=list)
 
 
 @dataclass
@@ -240,11 +261,31 @@ def _valid_keys(key_path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def _list_item_path(item_cls: Any, cls: Any = None, prefix: str = "") -> str | None:
+    """The schema path of the list whose items are ``item_cls`` (``data.curriculum[]``), if any."""
+    for name, hint in typing.get_type_hints(cls or ExperimentConfig).items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is list and args and args[0] is item_cls:
+            return f"{prefix}{name}[]"
+        if dataclasses.is_dataclass(hint):
+            found = _list_item_path(item_cls, hint, f"{prefix}{name}.")
+            if found:
+                return found
+    return None
+
+
 def _explain(exc: OmegaConfBaseException) -> ConfigError:
     """Turn an OmegaConf error into a ConfigError naming the key path and what is allowed."""
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
     if isinstance(exc, ConfigKeyError):
-        valid = _valid_keys(str(key))
+        owner = getattr(exc, "object_type", None)
+        item_path = _list_item_path(owner) if dataclasses.is_dataclass(owner) else None
+        if item_path is not None and "." not in str(key):
+            # OmegaConf reports a key inside a list item without its path
+            valid = [f.name for f in dataclasses.fields(owner)]
+            key = f"{item_path}.{key}"
+        else:
+            valid = _valid_keys(str(key))
         return ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
@@ -360,11 +401,26 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _check(256 < d.vocab_size <= 65535, "data.vocab_size", d.vocab_size, "257..65535")
     _check(0.0 <= d.passkey_mix <= 1.0, "data.passkey_mix", d.passkey_mix, "0..1 (0 = text only)")
     _check(d.passkey_len >= 1, "data.passkey_len", d.passkey_len, ">= 1")
+    _check(
+        not d.passkey_distinct or d.passkey_len <= N_DIGITS,
+        "data.passkey_len",
+        d.passkey_len,
+        f"<= {N_DIGITS} with data.passkey_distinct (a passkey's digits are all different)",
+    )
     _check(0.0 <= d.passkey_near <= 1.0, "data.passkey_near", d.passkey_near, "0..1")
     if d.passkey_mix > 0:
         vocab = m.vocab_size or d.vocab_size
-        _check_spec("data.passkey_mix", PasskeySpec, vocab, d.seq_len, 0.0, d.passkey_len)
+        _check_spec(
+            "data.passkey_mix",
+            PasskeySpec,
+            vocab,
+            d.seq_len,
+            0.0,
+            d.passkey_len,
+            d.passkey_distinct,
+        )
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _validate_curriculum(cfg)
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     _check(t.lr > 0, "train.lr", t.lr, "> 0")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "0..1")
@@ -404,6 +460,46 @@ def validate_config(cfg: ExperimentConfig) -> None:
         except (MechanismConfigError, TypeError) as exc:
             raise ConfigError(f"attention.params.{name}: {exc}") from exc
     _validate_eval(cfg)
+
+
+def _validate_curriculum(cfg: ExperimentConfig) -> None:
+    """Each phase's length, steps, batch size and passkey mix; the last phase keeps >= 1 step."""
+    d, t = cfg.data, cfg.train
+    vocab = cfg.model.vocab_size or d.vocab_size
+    for i, phase in enumerate(d.curriculum):
+        key = f"data.curriculum[{i}]"
+        _check(
+            1 <= phase.seq_len <= d.seq_len,
+            f"{key}.seq_len",
+            phase.seq_len,
+            f"1 .. data.seq_len={d.seq_len} (the model is built for data.seq_len)",
+        )
+        _check(phase.steps >= 1, f"{key}.steps", phase.steps, ">= 1")
+        _check(phase.batch_size >= 0, f"{key}.batch_size", phase.batch_size, ">= 0 (0 = train's)")
+        for name in ("passkey_mix", "passkey_near"):
+            value = getattr(phase, name)
+            _check(value is None or 0.0 <= value <= 1.0, f"{key}.{name}", value, "0..1 or null")
+        if phase_passkey_mix(cfg, phase) > 0:
+            spec = (vocab, phase.seq_len, 0.0, d.passkey_len, d.passkey_distinct)
+            _check_spec(f"{key}.seq_len", PasskeySpec, *spec)
+    steps = sum(phase.steps for phase in d.curriculum)
+    _check(
+        steps < t.max_steps,
+        "train.max_steps",
+        t.max_steps,
+        f"> the data.curriculum phases' {steps} steps (the rest train at data.seq_len)",
+    )
+
+
+def phase_passkey_mix(cfg: ExperimentConfig, phase: CurriculumPhase) -> float:
+    """A curriculum phase's share of passkey rows (its own, else ``data.passkey_mix``)."""
+    return cfg.data.passkey_mix if phase.passkey_mix is None else phase.passkey_mix
+
+
+def trains_on_passkeys(cfg: ExperimentConfig) -> bool:
+    """Whether any training step has passkey rows (then the loss is averaged per row)."""
+    mixes = [cfg.data.passkey_mix, *(phase_passkey_mix(cfg, p) for p in cfg.data.curriculum)]
+    return max(mixes) > 0
 
 
 def eval_lengths(cfg: ExperimentConfig, task: str) -> list[int]:
@@ -469,7 +565,8 @@ def _validate_eval_task(cfg: ExperimentConfig, task: str, lengths: list[int]) ->
     if task == "passkey":
         _check_items(section.depths, f"{key}.depths", lambda p: 0 <= p <= 100, "percents 0..100")
         for n in lengths:
-            _check_spec(f"{key} at length {n}", PasskeySpec, vocab, n, 0.0, cfg.data.passkey_len)
+            spec = (vocab, n, 0.0, cfg.data.passkey_len, cfg.data.passkey_distinct)
+            _check_spec(f"{key} at length {n}", PasskeySpec, *spec)
     elif task == "mqar":
         _check_items(section.n_pairs, f"{key}.n_pairs", lambda p: p >= 1, "integers >= 1")
         for n in lengths:

@@ -5,7 +5,8 @@ reopens the MLflow run, trains with Lightning (AdamW, warmup + cosine, grad clip
 validation, checkpoints), runs the eval suites the config names (``eval.suites``) on the trained
 model and ends the run FINISHED, FAILED or KILLED. ``resume`` continues an interrupted run from
 its last checkpoint into the same MLflow run. With ``data.passkey_mix`` > 0 a share of the
-training rows are synthetic passkey sequences and the loss is averaged per row.
+training rows are synthetic passkey sequences and the loss is averaged per row; with
+``data.curriculum`` the first steps train on shorter rows, phase by phase.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparsezoo import tracking
-from sparsezoo.config import ExperimentConfig, flatten, load_config, parse_layer_spec, to_yaml
+from sparsezoo.config import (
+    ExperimentConfig,
+    flatten,
+    load_config,
+    parse_layer_spec,
+    phase_passkey_mix,
+    to_yaml,
+    trains_on_passkeys,
+)
 from sparsezoo.data import (
     IGNORE_INDEX,
     DataBundle,
@@ -38,6 +47,7 @@ from sparsezoo.data import (
     default_cache_dir,
     prepare_data,
 )
+from sparsezoo.data.curriculum import Phase, PhasedBatches
 from sparsezoo.distributed import (
     RUN_NAME_ENV,
     is_launcher_process,
@@ -71,7 +81,7 @@ class LMModule(L.LightningModule):
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits_BTV = self.model(batch["input_ids"])
-        if self.cfg.data.passkey_mix > 0:
+        if trains_on_passkeys(self.cfg):
             # a passkey row has passkey_len labels against a text row's seq_len: averaging per
             # row gives its answer the weight of a whole text row
             return row_mean_loss(token_losses(logits_BTV, batch["labels"]), batch["labels"])
@@ -166,15 +176,16 @@ class PerfMonitor(Callback):
 
     Step time is wall-clock from batch start to batch end (forward, backward, optimizer step),
     averaged over the steps since the last log; the first step of a fit is excluded because it
-    includes one-off warm-up costs. Peak memory is the device's peak allocation on CUDA and the
+    includes one-off warm-up costs. Tokens are counted from the batches themselves (a length
+    curriculum changes them). Peak memory is the device's peak allocation on CUDA and the
     process's peak resident set size on CPU.
     """
 
-    def __init__(self, log_every: int, tokens_per_step: int) -> None:
+    def __init__(self, log_every: int) -> None:
         self.log_every = log_every
-        self.tokens_per_step = tokens_per_step
         self._start = 0.0
         self._times: list[float] = []
+        self._tokens = 0
         self._first = True
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -182,7 +193,12 @@ class PerfMonitor(Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, torch.Tensor],
+        batch_idx: int,
     ) -> None:
         """Stop the timer and log averages every ``log_every`` steps."""
         elapsed = time.perf_counter() - self._start
@@ -190,15 +206,18 @@ class PerfMonitor(Callback):
             self._first = False
             return
         self._times.append(elapsed)
+        self._tokens += batch["input_ids"].numel()
         if trainer.global_step % self.log_every and trainer.global_step != trainer.max_steps:
             return
-        step_s = sum(self._times) / len(self._times)
+        seconds = sum(self._times)
+        step_s = seconds / len(self._times)
+        tokens, self._tokens = self._tokens, 0
         self._times.clear()
         world = trainer.world_size
         pl_module.log_dict(
             {
                 "perf/step_ms": 1000.0 * step_s,
-                "perf/tokens_per_s": self.tokens_per_step * world / step_s,
+                "perf/tokens_per_s": tokens * world / seconds,
                 "perf/peak_mem_mb": peak_memory_mb(pl_module.device),
             }
         )
@@ -237,6 +256,8 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Windows for the remaining steps (after a resume, continuing where the run stopped)."""
+        if self.cfg.data.curriculum:
+            return self._curriculum_loader()
         t = self.cfg.train
         # batch_size is per process: a step consumes batch_size * world rows of one stream,
         # dealt out to the processes by _loader, so a DDP run sees the same rows per step as
@@ -249,10 +270,52 @@ class LMDataModule(L.LightningDataModule):
         rows: Dataset = windows
         if d.passkey_mix > 0:
             vocab, seed = self.cfg.model.vocab_size, self.cfg.seed
-            rows = PasskeyMix(windows, d.passkey_mix, vocab, d.passkey_len, seed, d.passkey_near)
+            rows = PasskeyMix(
+                windows,
+                d.passkey_mix,
+                vocab,
+                d.passkey_len,
+                seed,
+                d.passkey_near,
+                d.passkey_distinct,
+            )
         done = self.trainer.global_step * rows_per_step if self.trainer else 0
         remaining = max(rows_per_step, t.max_steps * rows_per_step - done)
         return self._loader(_OffsetWindows(rows, done, remaining))
+
+    def _curriculum_loader(self) -> DataLoader:
+        """Whole steps of the ``data.curriculum`` phases, then of ``data.seq_len`` rows.
+
+        All phases index one stream of rows (phase k starts where phase k-1 ended), so no two
+        steps share a row's text window seed or passkey draw.
+        """
+        cfg, world = self.cfg, self._world()
+        d, t = cfg.data, cfg.train
+        specs = [
+            (
+                p.seq_len,
+                p.steps,
+                p.batch_size or t.batch_size,
+                phase_passkey_mix(cfg, p),
+                d.passkey_near if p.passkey_near is None else p.passkey_near,
+            )
+            for p in d.curriculum
+        ]
+        rest = t.max_steps - sum(p.steps for p in d.curriculum)
+        specs.append((d.seq_len, rest, t.batch_size, d.passkey_mix, d.passkey_near))
+        total_rows = sum(steps * batch * world for _, steps, batch, _, _ in specs)
+        phases, first = [], 0
+        for seq_len, steps, batch, mix, near in specs:
+            rows: Dataset = TokenWindows(self.data.train_path, seq_len, total_rows, cfg.seed)
+            if mix > 0:
+                vocab, digits = cfg.model.vocab_size, d.passkey_len
+                rows = PasskeyMix(rows, mix, vocab, digits, cfg.seed, near, d.passkey_distinct)
+            phases.append(Phase(rows, steps, batch * world, first))
+            first += steps * batch * world
+        done = self.trainer.global_step if self.trainer else 0
+        rank = self.trainer.global_rank if self.trainer else 0
+        batches = PhasedBatches(phases, min(done, t.max_steps - 1), rank, world)
+        return DataLoader(batches, batch_size=None)
 
     def _world(self) -> int:
         return self.trainer.world_size if self.trainer else 1
@@ -453,7 +516,7 @@ def train(
             logger=logger,
             callbacks=[
                 checkpoint,
-                PerfMonitor(t.log_every, t.batch_size * cfg.data.seq_len),
+                PerfMonitor(t.log_every),
                 *callbacks,
             ],
             enable_progress_bar=t.progress_bar,

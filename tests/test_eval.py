@@ -114,6 +114,27 @@ def test_passkey_perfect_retrieval_scores_one_everywhere() -> None:
     assert set(result.figures) == {"passkey_heatmap"}
 
 
+def test_passkey_eval_uses_distinct_digits_when_training_did() -> None:
+    seen: list[torch.Tensor] = []
+
+    class Recording(PasskeyOracle):
+        def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+            seen.append(ids_BT[:, -5:])
+            return super().forward(ids_BT)
+
+    for distinct in (False, True):
+        seen.clear()
+        cfg = tiny_cfg(
+            "eval.passkey.samples=32",
+            "eval.passkey.depths=[50]",
+            f"data.passkey_distinct={distinct}",
+        )
+        result = passkey_task(context(Recording(5), cfg), [64])
+        assert result.metrics["L64/D50"] == 1.0
+        repeats = sum(len(set(row)) < 5 for batch in seen for row in batch.tolist())
+        assert (repeats == 0) == distinct
+
+
 def test_passkey_off_by_one_digits_score_zero() -> None:
     cfg = tiny_cfg("eval.passkey.depths=[0,100]", "eval.passkey.samples=6")
     result = passkey_task(context(PasskeyOracle(5, shift=1), cfg), [64])

@@ -64,6 +64,16 @@ def test_the_mix_is_deterministic_and_seeded(windows: TokenWindows) -> None:
     assert not torch.equal(a[1]["input_ids"], c[1]["input_ids"])
 
 
+def test_distinct_mix_rows_never_repeat_a_digit(windows: TokenWindows) -> None:
+    mix = PasskeyMix(windows, 1.0, 300, 5, seed=0, distinct=True)
+    answers = [row["labels"][row["labels"] != IGNORE_INDEX].tolist() for row in mix]
+    assert all(len(a) == 5 and len(set(a)) == 5 for a in answers)
+    plain = PasskeyMix(windows, 1.0, 300, 5, seed=0)
+    assert any(len(set(r["labels"][r["labels"] != IGNORE_INDEX].tolist())) < 5 for r in plain)
+    with pytest.raises(ValueError, match="distinct digits"):
+        PasskeyMix(windows, 1.0, 300, 11, seed=0, distinct=True)
+
+
 def _needle_distances(mix: PasskeyMix) -> list[int]:
     """Tokens from each passkey row's needle to its query marker."""
     out = []

@@ -134,6 +134,29 @@ def test_passkey_is_deterministic_and_seeded():
     assert len({tuple(r) for r in a.answer_ids.tolist()}) > 1
 
 
+def test_distinct_passkeys_never_repeat_a_digit():
+    spec = PasskeySpec(vocab_size=50, seq_len=120, depth=0.3, passkey_len=5, distinct=True)
+    batch = make_passkey(spec, 200, 0)
+    answers = batch.answer_ids.tolist()
+    assert all(len(set(a)) == 5 for a in answers)
+    assert all(N_RESERVED <= d < N_RESERVED + N_DIGITS for a in answers for d in a)
+    assert len({tuple(a) for a in answers}) > 150  # still many different passkeys
+    # the needle holds the same digits, and the generator stays seeded
+    needle = batch.input_ids[:, batch.needle_start + 2 : batch.needle_start + 7]
+    assert torch.equal(needle, batch.answer_ids)
+    assert torch.equal(make_passkey(spec, 200, 0).input_ids, batch.input_ids)
+    # without `distinct`, 5 uniform digits repeat one in about 70% of passkeys
+    plain = make_passkey(PasskeySpec(50, 120, 0.3, 5), 200, 0).answer_ids.tolist()
+    assert sum(len(set(a)) < 5 for a in plain) > 100
+    every_digit = make_passkey(PasskeySpec(50, 120, 0.3, N_DIGITS, distinct=True), 3, 1)
+    assert all(
+        sorted(a) == list(range(N_RESERVED, N_RESERVED + N_DIGITS))
+        for a in every_digit.answer_ids.tolist()
+    )
+    with pytest.raises(ValueError, match="passkey_len must be <= 10 with distinct digits"):
+        PasskeySpec(50, 120, 0.3, N_DIGITS + 1, distinct=True)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

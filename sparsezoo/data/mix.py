@@ -41,8 +41,10 @@ class PasskeyMix(Dataset):
         passkey_len: int,
         seed: int,
         near: float = 0.0,
+        distinct: bool = False,
     ) -> None:
-        """Wrap `windows`; the passkey rows have the windows' length and `passkey_len` digits."""
+        """Wrap `windows`; the passkey rows have the windows' length and `passkey_len` digits
+        (all different with `distinct`, see `PasskeySpec`)."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         if not 0.0 <= near <= 1.0:
@@ -50,13 +52,14 @@ class PasskeyMix(Dataset):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         # validates vocab_size, seq_len and passkey_len once, before any row is drawn
-        PasskeySpec(vocab_size, windows.seq_len, 0.0, passkey_len)
+        PasskeySpec(vocab_size, windows.seq_len, 0.0, passkey_len, distinct)
         self.windows = windows
         self.fraction = fraction
         self.vocab_size = vocab_size
         self.passkey_len = passkey_len
         self.seed = seed
         self.near = near
+        self.distinct = distinct
 
     def __len__(self) -> int:
         """As many rows as the wrapped windows."""
@@ -73,7 +76,9 @@ class PasskeyMix(Dataset):
         if not self.is_passkey(index):
             return self.windows[index]
         rng = np.random.default_rng([self.seed, index])
-        spec = PasskeySpec(self.vocab_size, self.windows.seq_len, 0.0, self.passkey_len)
+        spec = PasskeySpec(
+            self.vocab_size, self.windows.seq_len, 0.0, self.passkey_len, self.distinct
+        )
         if rng.uniform() < self.near:
             distance = math.expm1(rng.uniform(0.0, math.log1p(spec.n_filler)))
             spec.depth = 1.0 - distance / max(1, spec.n_filler)

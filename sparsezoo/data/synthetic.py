@@ -131,13 +131,17 @@ class PasskeySpec:
     A needle (`NEEDLE_MARKER` then `passkey_len` digit tokens) sits at fraction `depth` of the
     filler (0 = first token, 1 = just before the query); the sequence ends with `QUERY_MARKER`
     and the passkey again, which the model must copy. Digits are `N_DIGITS` ids right after the
-    reserved ones; filler is uniform over the remaining ids. Validated on construction.
+    reserved ones; filler is uniform over the remaining ids. With `distinct` the digits of a
+    passkey are all different (``passkey_len <= N_DIGITS``): each answer digit then follows a
+    unique needle digit, so copying needs no disambiguation of repeated digits, only the
+    retrieval of the needle. Validated on construction.
     """
 
     vocab_size: int
     seq_len: int
     depth: float
     passkey_len: int = 5
+    distinct: bool = False
 
     def __post_init__(self) -> None:
         """Validate the spec."""
@@ -152,6 +156,10 @@ class PasskeySpec:
         """Raise ValueError naming the first field that makes the task impossible."""
         if self.passkey_len < 1:
             raise ValueError(f"passkey_len must be >= 1, got {self.passkey_len}")
+        if self.distinct and self.passkey_len > N_DIGITS:
+            raise ValueError(
+                f"passkey_len must be <= {N_DIGITS} with distinct digits, got {self.passkey_len}"
+            )
         if not (math.isfinite(self.depth) and 0.0 <= self.depth <= 1.0):
             raise ValueError(f"depth must be in [0, 1], got {self.depth}")
         if self.n_filler < 0:
@@ -191,7 +199,10 @@ def make_passkey(spec: PasskeySpec, n: int, seed: int) -> PasskeyBatch:
     _check_count_and_seed(n, seed)
     rng = np.random.default_rng(seed)
     k = spec.passkey_len
-    passkeys = rng.integers(_DIGIT_LO, _DIGIT_LO + N_DIGITS, size=(n, k))
+    if spec.distinct:
+        passkeys = _DIGIT_LO + rng.permuted(np.tile(np.arange(N_DIGITS), (n, 1)), axis=1)[:, :k]
+    else:
+        passkeys = rng.integers(_DIGIT_LO, _DIGIT_LO + N_DIGITS, size=(n, k))
     filler = rng.integers(_FILLER_LO, spec.vocab_size, size=(n, spec.n_filler))
 
     needle_start = round(spec.depth * spec.n_filler)

@@ -1,7 +1,8 @@
 """Passkey retrieval (needle in a haystack): accuracy over context length x needle depth.
 
 Each cell (length L, depth D percent of the filler) scores ``eval.passkey.samples`` seeded
-passkey sequences (``sparsezoo.data.synthetic``) by exact match: the model's greedy predictions
+passkey sequences (``sparsezoo.data.synthetic``; distinct digits with
+``data.passkey_distinct``, as in training) by exact match: the model's greedy predictions
 at the answer positions, given the true preceding tokens, must equal every passkey digit.
 Metrics (relative to the suite's prefix): ``L<len>/D<depth>`` per cell, ``L<len>/acc`` per
 length, ``acc`` over all cells and ``min_acc`` (the worst cell: "at every depth" targets);
@@ -33,11 +34,12 @@ def passkey_task(ctx: EvalContext, lengths: Sequence[int]) -> TaskResult:
     """Score the passkey grid at ``lengths`` with the depths and samples of ``eval.passkey``."""
     settings, result = ctx.cfg.eval.passkey, TaskResult("acc")
     vocab, digits = ctx.cfg.model.vocab_size, ctx.cfg.data.passkey_len
+    distinct = ctx.cfg.data.passkey_distinct
     grid: dict[tuple[int, float], float] = {}
     for length in lengths:
         batches = [
             make_passkey(
-                PasskeySpec(vocab, length, depth / 100, digits),
+                PasskeySpec(vocab, length, depth / 100, digits, distinct),
                 settings.samples,
                 ctx.seed(NAME, length, depth),
             )
