@@ -101,6 +101,8 @@ class DataConfig:
     # all digits of a passkey different (training rows and the passkey eval): no repeated digit
     # to disambiguate when copying, so what is measured is finding the needle
     passkey_distinct: bool = False
+    # share of passkey rows with the needle at depth 0 or 1 (the grid's 0% and 100% cells)
+    passkey_edges: float = 0.0
     curriculum: list[CurriculumPhase] = field(default_factory=list)
 
 
@@ -408,6 +410,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         f"<= {N_DIGITS} with data.passkey_distinct (a passkey's digits are all different)",
     )
     _check(0.0 <= d.passkey_near <= 1.0, "data.passkey_near", d.passkey_near, "0..1")
+    _check(0.0 <= d.passkey_edges <= 1.0, "data.passkey_edges", d.passkey_edges, "0..1")
     if d.passkey_mix > 0:
         vocab = m.vocab_size or d.vocab_size
         _check_spec(

@@ -309,7 +309,9 @@ class LMDataModule(L.LightningDataModule):
             rows: Dataset = TokenWindows(self.data.train_path, seq_len, total_rows, cfg.seed)
             if mix > 0:
                 vocab, digits = cfg.model.vocab_size, d.passkey_len
-                rows = PasskeyMix(rows, mix, vocab, digits, cfg.seed, near, d.passkey_distinct)
+                rows = PasskeyMix(
+                    rows, mix, vocab, digits, cfg.seed, near, d.passkey_distinct, d.passkey_edges
+                )
             phases.append(Phase(rows, steps, batch * world, first))
             first += steps * batch * world
         done = self.trainer.global_step if self.trainer else 0

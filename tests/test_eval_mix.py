@@ -74,6 +74,19 @@ def test_distinct_mix_rows_never_repeat_a_digit(windows: TokenWindows) -> None:
         PasskeyMix(windows, 1.0, 300, 11, seed=0, distinct=True)
 
 
+def test_edges_put_needles_first_or_right_before_the_query(windows: TokenWindows) -> None:
+    # 96-token rows: the query marker is token 90, so a needle at depth 0 (token 0) is 90
+    # tokens before it and one at depth 1 (right before it: marker 2 + digits 5) is 7
+    none = _needle_distances(PasskeyMix(windows, 1.0, 300, 5, seed=0))
+    assert not {7, 90} & set(none)
+    edges = _needle_distances(PasskeyMix(windows, 1.0, 300, 5, seed=0, edges=1.0))
+    assert set(edges) == {7, 90} and 10 <= edges.count(90) <= 30
+    some = _needle_distances(PasskeyMix(windows, 1.0, 300, 5, seed=0, near=0.5, edges=0.25))
+    assert 3 <= sum(d in (7, 90) for d in some) <= 20
+    with pytest.raises(ValueError, match="edges must be in"):
+        PasskeyMix(windows, 1.0, 300, 5, seed=0, edges=1.5)
+
+
 def _needle_distances(mix: PasskeyMix) -> list[int]:
     """Tokens from each passkey row's needle to its query marker."""
     out = []

@@ -28,7 +28,10 @@ class PasskeyMix(Dataset):
     a depth drawn uniformly from [0, 1], except for a share `near` of them whose distance from
     the needle to the query is drawn log-uniformly from [1, filler length]: a needle a few
     tokens back gives a strong gradient to the retrieval path before it has formed, while a
-    uniform depth mostly asks for the whole context. Digits and filler are ids below
+    uniform depth mostly asks for the whole context. A share `edges` of them (drawn first) puts
+    the needle at depth 0 or 1, half each: the first tokens of the row or right before the
+    query, two positions a continuous depth almost never draws but a depth grid scores (0% and
+    100%). Digits and filler are ids below
     `vocab_size`; everything is seeded with ``[seed, i]``. Items are ``{"input_ids", "labels"}``
     like the text windows, with `IGNORE_INDEX` labels everywhere but the answer.
     """
@@ -42,6 +45,7 @@ class PasskeyMix(Dataset):
         seed: int,
         near: float = 0.0,
         distinct: bool = False,
+        edges: float = 0.0,
     ) -> None:
         """Wrap `windows`; the passkey rows have the windows' length and `passkey_len` digits
         (all different with `distinct`, see `PasskeySpec`)."""
@@ -49,6 +53,8 @@ class PasskeyMix(Dataset):
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         if not 0.0 <= near <= 1.0:
             raise ValueError(f"near must be in [0, 1], got {near}")
+        if not 0.0 <= edges <= 1.0:
+            raise ValueError(f"edges must be in [0, 1], got {edges}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         # validates vocab_size, seq_len and passkey_len once, before any row is drawn
@@ -60,6 +66,7 @@ class PasskeyMix(Dataset):
         self.seed = seed
         self.near = near
         self.distinct = distinct
+        self.edges = edges
 
     def __len__(self) -> int:
         """As many rows as the wrapped windows."""
@@ -79,7 +86,9 @@ class PasskeyMix(Dataset):
         spec = PasskeySpec(
             self.vocab_size, self.windows.seq_len, 0.0, self.passkey_len, self.distinct
         )
-        if rng.uniform() < self.near:
+        if self.edges > 0 and rng.uniform() < self.edges:
+            spec.depth = float(rng.integers(2))
+        elif rng.uniform() < self.near:
             distance = math.expm1(rng.uniform(0.0, math.log1p(spec.n_filler)))
             spec.depth = 1.0 - distance / max(1, spec.n_filler)
         else:
