@@ -198,7 +198,26 @@ class KVCache:
         )
         self.v_BSHD = torch.zeros_like(self.k_BSHD)
         self.length = 0
+        self._deferred_rows: Callable[[], int] | None = None
         self.rows_read = 0
+
+    @property
+    def rows_read(self) -> int:
+        """KV rows per KV head the last decode step read; computed here, on first read, when
+        the step deferred it (:meth:`defer_rows_read`)."""
+        if self._deferred_rows is not None:
+            compute, self._deferred_rows = self._deferred_rows, None
+            self._rows_read = int(compute())
+        return self._rows_read
+
+    @rows_read.setter
+    def rows_read(self, value: int) -> None:
+        self._rows_read, self._deferred_rows = value, None
+
+    def defer_rows_read(self, compute: Callable[[], int]) -> None:
+        """Make ``rows_read`` of this step ``compute()``, run only if someone reads it: the
+        count is an audit, and its small ops and host sync need not slow every decode step."""
+        self._deferred_rows = compute
 
     def append(self, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
         """Store the keys and values of ``T`` new tokens after the cached ones."""
@@ -267,8 +286,31 @@ class AttentionMechanism(nn.Module, abc.ABC):
         self.shape = shape
         self.params = params
         self.scale = shape.head_dim**-0.5
-        self.stats: dict[str, torch.Tensor] = {}
+        self._deferred_stats: Callable[[], dict[str, torch.Tensor]] | None = None
+        self.stats = {}
         self.aux_losses: dict[str, torch.Tensor] = {}
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Detached scalars of the last forward (at least ``density``); when the forward
+        deferred them (:meth:`defer_stats`) they are computed here, on first read."""
+        if self._deferred_stats is not None:
+            compute, self._deferred_stats = self._deferred_stats, None
+            self._stats = compute()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, torch.Tensor]) -> None:
+        self._stats, self._deferred_stats = value, None
+
+    def defer_stats(self, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Make the stats of this forward ``compute()``, run only if someone reads them.
+
+        Diagnostics such as histograms are dozens of tiny ops: a training loop reads them when
+        it logs, an inference forward or decode step never does and should not pay for them.
+        ``compute`` must only use tensors that this forward created (nothing later mutates).
+        """
+        self._deferred_stats = compute
 
     @classmethod
     def dense_limit(cls, seq_len: int) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ D head dim, N block means, R routed slots k - 1.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -125,7 +126,7 @@ class MixtureOfBlockAttention(QKVAttention):
         o_BTHD = moba_routed_attention(
             q_BTHD, k_BTHD, v_BTHD, idx_BTHR, p.block_size, scale=self.scale, backend=p.backend
         )
-        self._routing_stats(idx_BTHR, margin_BTH, start=0)
+        self.defer_stats(functools.partial(self._routing_stats, idx_BTHR, margin_BTH, 0))
         return o_BTHD
 
     def decode(self, q_BTHD: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -145,8 +146,8 @@ class MixtureOfBlockAttention(QKVAttention):
             q_BTHD, cache.keys(), cache.values(), idx_BTHR, p.block_size, scale=self.scale
         )
         own_rows = S - own_block_start(S, T, p.block_size)
-        cache.rows_read = n_past + own_rows + self._routed_rows(idx_BTHR, n_past)
-        self._routing_stats(idx_BTHR, margin_BTH, start=S - T)
+        cache.defer_rows_read(lambda: n_past + own_rows + self._routed_rows(idx_BTHR, n_past))
+        self.defer_stats(functools.partial(self._routing_stats, idx_BTHR, margin_BTH, S - T))
         return o_BTHD
 
     def _routed_rows(self, idx_BTHR: torch.Tensor, n_past: int) -> int:
@@ -163,7 +164,9 @@ class MixtureOfBlockAttention(QKVAttention):
         routed_BHN.scatter_(2, slot_BHX, True)
         return int(routed_BHN[..., :n_past].sum(-1).max()) * self.params.block_size
 
-    def _routing_stats(self, idx_BTHR: torch.Tensor, margin_BTH: torch.Tensor, start: int) -> None:
+    def _routing_stats(
+        self, idx_BTHR: torch.Tensor, margin_BTH: torch.Tensor, start: int
+    ) -> dict[str, torch.Tensor]:
         """Measured density, the gate margin and the block-distance histogram of the routing.
 
         density: attended (query, key) pairs over causal pairs, averaged over query heads.
@@ -195,7 +198,7 @@ class MixtureOfBlockAttention(QKVAttention):
             shares = (counts[1:] / picks.clamp(min=1)).float().unbind()
             for (_, label), share in zip(DISTANCE_BINS, shares, strict=True):
                 stats[f"dist_{label}"] = share
-            self.stats = stats
+            return stats
 
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None

@@ -117,6 +117,39 @@ def test_stats_density_margin_and_distances() -> None:
         assert float(st[name]) == pytest.approx(counts[name] / len(distances), rel=1e-6)
 
 
+def test_stats_and_rows_read_are_computed_when_read_and_only_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forward or decode step defers the routing diagnostics: nothing runs until stats or
+    rows_read is read, then once, and a new forward replaces what the last one deferred."""
+    attn = _moba(n_heads=4, n_kv_heads=2, block_size=16, top_k=3)
+    calls = {"stats": 0, "rows": 0}
+    for name, key in (("_routing_stats", "stats"), ("_routed_rows", "rows")):
+        original = getattr(attn, name)
+
+        def counted(*args: object, _f=original, _k=key) -> object:
+            calls[_k] += 1
+            return _f(*args)
+
+        monkeypatch.setattr(attn, name, counted)
+    x = torch.randn(1, 120, 64)
+    with torch.no_grad():
+        attn(x)
+        attn(x)
+        assert calls == {"stats": 0, "rows": 0}
+        first = dict(attn.stats)
+        assert calls["stats"] == 1 and attn.stats == first and calls["stats"] == 1
+        cache = attn.new_cache(1, 121)
+        attn.fill_cache(x, cache)
+        attn(torch.randn(1, 1, 64), cache=cache)
+    assert calls == {"stats": 1, "rows": 0}
+    rows = cache.rows_read
+    assert rows == cache.rows_read and calls["rows"] == 1
+    assert set(attn.stats) == set(first) and calls["stats"] == 2
+    cache.rows_read = 5
+    assert cache.rows_read == 5 and calls["rows"] == 1
+
+
 def test_routing_is_per_query_head() -> None:
     """Heads of one GQA group route independently: their picks differ, and the decode step reads
     the union of the group's blocks."""
