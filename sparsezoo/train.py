@@ -382,6 +382,26 @@ def resolve_precision(cfg: ExperimentConfig) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+def _set_aside_checkpoints(run_dir: Path) -> None:
+    """Rename the checkpoints a previous run left in ``run_dir`` before a fresh run starts there.
+
+    A fresh run reuses a directory when its run name repeats (ablation points are named by
+    their index and point). Left in place, the old ``last.ckpt`` would stay the one that
+    resume and ``sparsezoo eval`` read while Lightning saved the new run's as ``last-v1.ckpt``;
+    renamed to ``checkpoints.previous-<time>`` nothing is lost and ``last.ckpt`` is this run's.
+    """
+    old = run_dir / "checkpoints"
+    if not old.is_dir() or not any(old.iterdir()):
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir / f"checkpoints.previous-{stamp}"
+    n = 1
+    while target.exists():
+        target, n = run_dir / f"checkpoints.previous-{stamp}-{n}", n + 1
+    old.rename(target)
+    log.warning("%s held another run's checkpoints: moved to %s", run_dir, target.name)
+
+
 def load_run_dir(
     path: str | Path, overrides: Sequence[str] = ()
 ) -> tuple[ExperimentConfig, Path, Path, dict[str, Any]]:
@@ -468,6 +488,8 @@ def train(
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = data.vocab_size
     run_dir.mkdir(parents=True, exist_ok=True)
+    if owner and resume is None:
+        _set_aside_checkpoints(run_dir)
     if owner:
         (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
 

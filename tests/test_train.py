@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from sparsezoo.config import load_config
@@ -132,3 +133,21 @@ def test_lr_schedule_warmup_then_cosine_to_min() -> None:
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.55)
     assert f(100) == pytest.approx(0.1)
+
+
+def test_a_fresh_run_in_a_used_directory_sets_the_old_checkpoints_aside(
+    tiny_overrides: list[str],
+) -> None:
+    """Training again under the same run name: the earlier checkpoints move to
+    checkpoints.previous-*, intact, and last.ckpt is the new run's (not a stale file next to a
+    last-v1.ckpt)."""
+    cfg = load_config(None, [*tiny_overrides, "run_name=same"])
+    first = train(cfg)
+    old_bytes = first.checkpoint.read_bytes()
+    second = train(load_config(None, [*tiny_overrides, "run_name=same", "train.max_steps=4"]))
+    assert second.run_dir == first.run_dir and second.run_id != first.run_id
+    ckpts = second.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
+    (previous,) = second.run_dir.glob("checkpoints.previous-*")
+    assert (previous / "last.ckpt").read_bytes() == old_bytes
