@@ -126,7 +126,10 @@ class MixtureOfBlockAttention(QKVAttention):
         o_BTHD = moba_routed_attention(
             q_BTHD, k_BTHD, v_BTHD, idx_BTHR, p.block_size, scale=self.scale, backend=p.backend
         )
-        self.defer_stats(functools.partial(self._routing_stats, idx_BTHR, margin_BTH, 0))
+        # reduced now, so the routing (8 MB at 32k tokens) is not held until stats are read:
+        # it would sit on top of the backward's peak
+        summary = self._routing_summary(idx_BTHR, margin_BTH, 0)
+        self.defer_stats(functools.partial(self._routing_stats, summary, idx_BTHR.shape, 0))
         return o_BTHD
 
     def decode(self, q_BTHD: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -147,7 +150,11 @@ class MixtureOfBlockAttention(QKVAttention):
         )
         own_rows = S - own_block_start(S, T, p.block_size)
         cache.defer_rows_read(lambda: n_past + own_rows + self._routed_rows(idx_BTHR, n_past))
-        self.defer_stats(functools.partial(self._routing_stats, idx_BTHR, margin_BTH, S - T))
+        self.defer_stats(
+            lambda: self._routing_stats(
+                self._routing_summary(idx_BTHR, margin_BTH, S - T), idx_BTHR.shape, S - T
+            )
+        )
         return o_BTHD
 
     def _routed_rows(self, idx_BTHR: torch.Tensor, n_past: int) -> int:
@@ -164,8 +171,26 @@ class MixtureOfBlockAttention(QKVAttention):
         routed_BHN.scatter_(2, slot_BHX, True)
         return int(routed_BHN[..., :n_past].sum(-1).max()) * self.params.block_size
 
-    def _routing_stats(
+    def _routing_summary(
         self, idx_BTHR: torch.Tensor, margin_BTH: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing reduced to what the stats need: (picks per block distance, margin sum,
+        count of finite margins). Distance 0 counts the unused slots."""
+        with torch.no_grad():
+            T = idx_BTHR.shape[1]
+            own_1T11 = torch.arange(start, start + T, device=idx_BTHR.device).view(1, T, 1, 1)
+            own_1T11 = own_1T11 // self.params.block_size
+            distance_BTHR = own_1T11.sub(idx_BTHR).masked_fill_(idx_BTHR < 0, 0)
+            per_distance = torch.bincount(distance_BTHR.view(-1)).double()
+            finite_BTH = margin_BTH.isfinite()
+            margin_sum = torch.where(finite_BTH, margin_BTH, 0.0).sum()
+            return per_distance, margin_sum, finite_BTH.sum()
+
+    def _routing_stats(
+        self,
+        summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        shape_BTHR: torch.Size,
+        start: int,
     ) -> dict[str, torch.Tensor]:
         """Measured density, the gate margin and the block-distance histogram of the routing.
 
@@ -173,32 +198,22 @@ class MixtureOfBlockAttention(QKVAttention):
         gate_margin: mean gap, in softmax-logit units (scaled q · mean key), between the
         weakest routed block and the strongest one left out, over queries that had to leave one
         out (0 when none did). dist_<bin>: share of routed picks at each block distance bin.
+        ``summary`` is :meth:`_routing_summary` of the routing of shape ``shape_BTHR``.
         """
         p = self.params
-        with torch.no_grad():
-            B, T, HQ, _ = idx_BTHR.shape
-            device = idx_BTHR.device
-            pos_T = torch.arange(start, start + T, device=device)
-            # distance of each pick (0 for unused slots), binned: bin 0 unused, then one per
-            # DISTANCE_BINS entry; one bincount gives the histogram and the routed count
-            own_1T11 = (pos_T // p.block_size).view(1, T, 1, 1)
-            distance_BTHR = torch.where(idx_BTHR >= 0, own_1T11 - idx_BTHR, 0)
-            edges = torch.tensor([low for low, _ in DISTANCE_BINS], device=device)
-            bins_BTHR = torch.bucketize(distance_BTHR, edges, right=True)
-            counts = torch.bincount(bins_BTHR.flatten(), minlength=len(edges) + 1).double()
-            picks = counts[1:].sum()
-            own_keys = (pos_T % p.block_size + 1).sum().double() * B * HQ
-            total = (causal_pairs(start + T) - causal_pairs(start)) * B * HQ
-            density = (own_keys + p.block_size * picks) / total
-            stats = {"density": density.clamp(max=1.0).float()}
-            finite_BTH = margin_BTH.isfinite()
-            n_finite = finite_BTH.sum()
-            margin_sum = torch.where(finite_BTH, margin_BTH, 0.0).sum()
-            stats["gate_margin"] = (margin_sum / n_finite.clamp(min=1) * self.scale).float()
-            shares = (counts[1:] / picks.clamp(min=1)).float().unbind()
-            for (_, label), share in zip(DISTANCE_BINS, shares, strict=True):
-                stats[f"dist_{label}"] = share
-            return stats
+        per_distance, margin_sum, n_finite = summary
+        B, T, HQ, _ = shape_BTHR
+        picks = per_distance[1:].sum()
+        pos_T = torch.arange(start, start + T, device=per_distance.device)
+        own_keys = (pos_T % p.block_size + 1).sum().double() * B * HQ
+        total = (causal_pairs(start + T) - causal_pairs(start)) * B * HQ
+        density = (own_keys + p.block_size * picks) / total
+        stats = {"density": density.clamp(max=1.0).float()}
+        stats["gate_margin"] = (margin_sum / n_finite.clamp(min=1) * self.scale).float()
+        lows = [low for low, _ in DISTANCE_BINS]
+        for (low, label), high in zip(DISTANCE_BINS, [*lows[1:], None], strict=True):
+            stats[f"dist_{label}"] = (per_distance[low:high].sum() / picks.clamp(min=1)).float()
+        return stats
 
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None

@@ -136,8 +136,9 @@ def test_selection_fold_matches_naive(
 def test_several_workers_match_naive(
     threads: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three workers (query blocks split three ways, per-worker dk/dv summed; the gate split
-    too) match the oracle, are deterministic, and leave torch's thread count as it was."""
+    """Three workers (query blocks split three ways, dk/dv of earlier keys in per-worker
+    buffers; the gate split too) match the oracle, are deterministic, and leave torch's thread
+    count as it was."""
     monkeypatch.setattr(torch_impl, "_MIN_PAIRS_PER_WORKER", 1)
     monkeypatch.setattr(gate, "_MIN_QUERIES_PER_WORKER", 1)
     threads(3)

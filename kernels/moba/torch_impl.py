@@ -15,8 +15,10 @@ exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged 
 the gradient of the one softmax over the union. Nothing of size [T, T], [T, N] or per query
 head copies of K/V is ever built. Work is split over worker threads that own disjoint ranges of
 query blocks (``kernels.cpu_workers.run_workers``: single-threaded ops per worker, because
-small multi-threaded ops wait on barriers on a loaded machine); dk and dv are accumulated per
-worker and summed in worker order, so results are deterministic.
+small multi-threaded ops wait on barriers on a loaded machine). A worker adds dk and dv of the
+keys in its own range into the shared gradients, which no other worker writes there, and those
+of earlier keys (routed chunks) into a buffer of its own, summed in worker order at the end, so
+results are deterministic.
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of
 a block (block_size, fewer in the tail block), N blocks ceil(T / block_size), R routed slots,
 Q query rows B·T·HQ (flat, row (b·T + t)·HQ + h), M rows of one chunk, P routed pairs, W
@@ -247,6 +249,9 @@ def _route_share(
     key_P, order_P = key_BTHR.flatten().sort(stable=True)
     P = int(valid_BTHR.sum())
     rows_P = rows_BTHR.expand_as(key_BTHR).flatten()[order_P[:P]]
+    if B * T * HQ < 1 << 31:
+        # kept until the backward: half the bytes of int64 (4 MB at 32k tokens, 16 heads, k = 3)
+        rows_P = rows_P.to(torch.int32)
     counts = torch.bincount(key_P[:P], minlength=B * H * N).tolist()
     chunks = []
     lo = 0
@@ -278,6 +283,7 @@ def _rebase(
     """
     bump_M = (d_M - _HEADROOM).clamp_min_(0.0)
     factor_M = torch.exp(-bump_M)
+    rows_M = rows_M.long()  # index_copy_ takes int64 ids only
     acc_QD.index_copy_(0, rows_M, acc_QD.index_select(0, rows_M).mul_(factor_M[:, None]))
     wsum_Q.index_copy_(0, rows_M, wsum_Q.index_select(0, rows_M).mul_(factor_M))
     ref_Q.index_copy_(0, rows_M, ref_Q.index_select(0, rows_M).add_(bump_M))
@@ -350,9 +356,14 @@ def _backward_share(
     dq_BTHD: torch.Tensor,
     dk_BTHD: torch.Tensor,
     dv_BTHD: torch.Tensor,
+    dk_early_BTHD: torch.Tensor | None,
+    dv_early_BTHD: torch.Tensor | None,
 ) -> None:
     """One worker's backward with the merged o and lse: dq into its own rows of the shared
-    dq_BTHD, dk and dv added into this worker's own buffers."""
+    dq_BTHD; dk and dv of the keys of its own query blocks (own parts and routed chunks there)
+    added into the shared dk_BTHD, dv_BTHD, which no other worker writes at those rows; the
+    routed chunks of earlier blocks (< share.first) go into the worker's own dk_early_BTHD,
+    dv_early_BTHD, which cover the keys before its range (None for the first worker)."""
     B, T, _, D = q_BTHD.shape
     own = (do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH)
     grads = (dq_BTHD, dk_BTHD, dv_BTHD)
@@ -374,8 +385,11 @@ def _backward_share(
             scale=scale,
         )
         dq_QD.index_add_(0, c.rows_M, dq_11MD.view(-1, D).to(dq_QD.dtype))
-        _block_kv(dk_BTHD, c, block_size)[0, 0].add_(dk_11LD[0, 0])
-        _block_kv(dv_BTHD, c, block_size)[0, 0].add_(dv_11LD[0, 0])
+        early = c.j < share.first
+        dk_into = dk_early_BTHD if early else dk_BTHD
+        dv_into = dv_early_BTHD if early else dv_BTHD
+        _block_kv(dk_into, c, block_size)[0, 0].add_(dk_11LD[0, 0])
+        _block_kv(dv_into, c, block_size)[0, 0].add_(dv_11LD[0, 0])
 
 
 def _split_blocks(block_indices_BTHR: torch.Tensor, block_size: int) -> list[tuple[int, int]]:
@@ -441,22 +455,29 @@ class _MobaAttention(torch.autograd.Function):
         do_BTHD = do_BTHD.to(q_BTHD.dtype).contiguous()
         dq_BTHD = torch.zeros(q_BTHD.shape, dtype=torch.float32, device=q_BTHD.device)
         fp32 = {"dtype": torch.float32, "device": k_BTHD.device}
-        dk_W = [torch.zeros(k_BTHD.shape, **fp32) for _ in ctx.shares]
-        dv_W = [torch.zeros(v_BTHD.shape, **fp32) for _ in ctx.shares]
+        dk_BTHD, dv_BTHD = (torch.zeros(k_BTHD.shape, **fp32) for _ in range(2))
+        # later workers' routed chunks into keys before their range: private buffers of just
+        # those rows, added in worker order (deterministic; half of two full copies)
+        B, _, H, D = k_BTHD.shape
+        early = [(None, None)] + [
+            tuple(torch.zeros(B, share.first * ctx.block_size, H, D, **fp32) for _ in range(2))
+            for share in ctx.shares[1:]
+        ]
         inputs = (do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, ctx.block_size, ctx.scale)
+        grads = (dq_BTHD, dk_BTHD, dv_BTHD)
         run_workers(
             [
-                functools.partial(_backward_share, share, *inputs, dq_BTHD, dk_BTHD, dv_BTHD)
-                for share, dk_BTHD, dv_BTHD in zip(ctx.shares, dk_W, dv_W, strict=True)
+                functools.partial(_backward_share, share, *inputs, *grads, *buffers)
+                for share, buffers in zip(ctx.shares, early, strict=True)
             ]
         )
-        for dk_BTHD, dv_BTHD in zip(dk_W[1:], dv_W[1:], strict=True):
-            dk_W[0] += dk_BTHD
-            dv_W[0] += dv_BTHD
+        for dk_early_BTHD, dv_early_BTHD in early[1:]:
+            dk_BTHD[:, : dk_early_BTHD.shape[1]] += dk_early_BTHD
+            dv_BTHD[:, : dv_early_BTHD.shape[1]] += dv_early_BTHD
         return (
             dq_BTHD.to(q_BTHD.dtype),
-            dk_W[0].to(k_BTHD.dtype),
-            dv_W[0].to(v_BTHD.dtype),
+            dk_BTHD.to(k_BTHD.dtype),
+            dv_BTHD.to(v_BTHD.dtype),
             None,
             None,
             None,

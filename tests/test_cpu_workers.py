@@ -1,0 +1,75 @@
+"""run_workers: every job runs, errors surface after all jobs end, helper threads are kept,
+run single-threaded ops, and a forked child gets working helpers of its own."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+import torch
+
+from sparsezoo.kernels.cpu_workers import run_workers
+
+
+def _record(seen: list, i: int) -> None:
+    """Note which job ran on which thread, with the thread count and grad mode it saw."""
+    time.sleep(0.01)
+    seen.append((i, threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
+
+
+def test_jobs_run_on_kept_single_threaded_helpers() -> None:
+    threads = torch.get_num_threads()
+    runs = []
+    for _ in range(2):
+        seen: list = []
+        run_workers([lambda i=i, seen=seen: _record(seen, i) for i in range(3)])
+        runs.append(seen)
+    for seen in runs:
+        assert sorted(i for i, *_ in seen) == [0, 1, 2]
+        assert all(n == 1 and not grad for _, _, n, grad in seen)
+        main = [ident for i, ident, *_ in seen if i == 0]
+        assert main == [threading.get_ident()]
+    helpers = [{ident for i, ident, *_ in seen if i > 0} for seen in runs]
+    # the second call reuses the threads the first one started
+    assert helpers[0] == helpers[1] and threading.get_ident() not in helpers[0]
+    assert torch.get_num_threads() == threads
+
+
+def test_an_error_surfaces_after_every_job_finished() -> None:
+    finished = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.set()
+
+    def fail() -> None:
+        raise RuntimeError("job 0 failed")
+
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="job 0 failed"):
+        run_workers([fail, slow])
+    assert finished.is_set()
+    with pytest.raises(ValueError, match="helper failed"):
+        run_workers([lambda: None, lambda: (_ for _ in ()).throw(ValueError("helper failed"))])
+    assert torch.get_num_threads() == threads
+
+
+def _child(queue: multiprocessing.Queue) -> None:
+    """Run two jobs in a forked child and report the job ids that ran."""
+    seen: list = []
+    run_workers([lambda i=i: _record(seen, i) for i in range(2)])
+    queue.put(sorted(i for i, *_ in seen))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_a_forked_child_starts_its_own_helpers() -> None:
+    run_workers([lambda: None, lambda: None])  # the parent's helpers exist before the fork
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [0, 1]
