@@ -374,10 +374,17 @@ class AttentionMechanism(nn.Module, abc.ABC):
         """
         return None
 
+    def rope_tables(
+        self, start: int, length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) [length, D] of the positions start .. start + length - 1, to rotate
+        several tensors of the same tokens with one table (``apply_rope``)."""
+        positions = torch.arange(start, start + length, device=device)
+        return rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+
     def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
-        positions = torch.arange(start, start + x_BTHD.shape[1], device=x_BTHD.device)
-        return self.rope_at(x_BTHD, positions)
+        return apply_rope(x_BTHD, *self.rope_tables(start, x_BTHD.shape[1], x_BTHD.device))
 
     def rope_at(self, x_BTHD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose tokens sit at the given absolute positions."""
@@ -454,7 +461,10 @@ class QKVAttention(AttentionMechanism):
         q_BTHD = self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim)
         k_BTHD = self.wk(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
         v_BTHD = self.wv(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
-        return self.rope(q_BTHD, start), self.rope(k_BTHD, start), v_BTHD
+        # fresh projections: rotated in place (no second copy of q), by one angle table
+        cos_TD, sin_TD = self.rope_tables(start, T, x_BTC.device)
+        q_BTHD = apply_rope(q_BTHD, cos_TD, sin_TD, in_place=True)
+        return q_BTHD, apply_rope(k_BTHD, cos_TD, sin_TD, in_place=True), v_BTHD
 
     def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Project, attend (or append to the cache and decode), and project the output back."""

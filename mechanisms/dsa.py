@@ -246,8 +246,12 @@ class DeepSeekSparseAttention(AttentionMechanism):
         """
         B, T, _ = x_BTC.shape
         s = self.shape
-        q_BTHD = self.rope(self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim), start)
-        k_BTHD = self.rope(self.wk(x_BTC).view(B, T, s.n_kv_heads, s.head_dim), start)
+        q_BTHD = self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim)
+        k_BTHD = self.wk(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
+        # fresh projections: rotated in place (no second copy of q), by one angle table
+        cos_TD, sin_TD = self.rope_tables(start, T, x_BTC.device)
+        q_BTHD = apply_rope(q_BTHD, cos_TD, sin_TD, in_place=True)
+        k_BTHD = apply_rope(k_BTHD, cos_TD, sin_TD, in_place=True)
         v_BTHD = self.wv(x_BTC).view(B, T, s.n_kv_heads, s.head_dim)
         return q_BTHD, k_BTHD, v_BTHD, self.indexer(x_BTC.detach(), start)
 

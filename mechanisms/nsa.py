@@ -35,6 +35,7 @@ from sparsezoo.kernels.nsa import (
     sliding_window_attention,
     topn_blocks,
 )
+from sparsezoo.kernels.rope import apply_rope
 
 from .base import (
     AttentionMechanism,
@@ -198,7 +199,10 @@ class NativeSparseAttention(AttentionMechanism):
         """Queries (RoPE'd), per-branch K/V and gates [B, T, HQ, 3] for tokens at ``start``."""
         B, T, _ = x_BTC.shape
         s = self.shape
-        q_BTHD = self.rope(self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim), start)
+        # one angle table for q and the rotated keys; the fresh q is rotated in place
+        cos_TD, sin_TD = self.rope_tables(start, T, x_BTC.device)
+        q_BTHD = self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim)
+        q_BTHD = apply_rope(q_BTHD, cos_TD, sin_TD, in_place=True)
         # unbind (not slicing) so backward stacks the branch gradients in one allocation
         kv_sets = [
             kv.unbind(2)
@@ -206,10 +210,10 @@ class NativeSparseAttention(AttentionMechanism):
         ]
         if self.params.kv_mode == "independent":
             (raw_k, raw_v), (slc_k, slc_v), (win_k, win_v) = kv_sets
-            slc_k, win_k = self.rope(slc_k, start), self.rope(win_k, start)
+            slc_k, win_k = (apply_rope(k, cos_TD, sin_TD) for k in (slc_k, win_k))
         else:
             ((raw_k, raw_v),) = kv_sets
-            slc_k = win_k = self.rope(raw_k, start)
+            slc_k = win_k = apply_rope(raw_k, cos_TD, sin_TD)
             slc_v = win_v = raw_v
         branch_kv = {
             "raw_k": raw_k, "raw_v": raw_v, "slc_k": slc_k, "slc_v": slc_v,

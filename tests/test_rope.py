@@ -55,3 +55,28 @@ def test_apply_rope_rejects_mismatched_shapes() -> None:
         apply_rope(torch.zeros(1, 6, 2, 4), cos_TD, sin_TD)
     with pytest.raises(ValueError, match="even"):
         rope_angles(torch.arange(5), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_in_place_rope_rotates_x_itself_with_the_same_values_and_gradients(
+    small_chunks: None, dtype: torch.dtype
+) -> None:
+    """in_place=True returns x itself, bit-equal to the out-of-place rotation, and gradients
+    through a projection rotated in place (a view of a non-leaf) equal the out-of-place ones."""
+    gen = torch.Generator().manual_seed(2)
+    x_BTHD = torch.randn(2, 37, 3, 8, generator=gen).to(dtype)
+    cos_TD, sin_TD = rope_angles(torch.arange(5, 42), 8)
+    expected = apply_rope(x_BTHD, cos_TD, sin_TD)
+    assert not torch.equal(expected, x_BTHD)
+    rotated = apply_rope(x_BTHD, cos_TD, sin_TD, in_place=True)
+    assert rotated is x_BTHD and torch.equal(rotated, expected)
+
+    w = torch.randn(16, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_BTC = torch.randn(2, 37, 16, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 37, 3, 8, generator=gen, dtype=torch.float64)
+    grads = []
+    for in_place in (False, True):
+        y = apply_rope((x_BTC @ w).view(2, 37, 3, 8), cos_TD, sin_TD, in_place=in_place)
+        (grad,) = torch.autograd.grad((y * upstream).sum(), w)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
