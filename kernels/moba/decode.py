@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn import functional as F
 
 from ..cpu_workers import run_workers
 from .gate import check_block_args
@@ -106,30 +107,41 @@ def _decode_into(
     q_BHXD = q_scaled_BTHD.view(B, T, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, T * G, D)
     own_BHXO = q_BHXD @ k_BSHD[:, lo:S].float().permute(0, 2, 3, 1)
     routes_BTHR = block_indices_BTHR.tolist()
+    # fp32 caches are read as they are: a no-op .float() per slice is still a call per slice
+    rows_of = _rows_fp32 if k_BSHD.dtype == torch.float32 else _rows_as_fp32
     o_BTHD = torch.empty(B, T, HQ, D, device=device)
     for b in range(B):
         for h in range(H):
             heads = slice(h * G, (h + 1) * G)
-            rows = [set(r) - {-1} for row_t in routes_BTHR[b] for r in row_t[heads]]
+            rows = [{j for j in r if j >= 0} for row_t in routes_BTHR[b] for r in row_t[heads]]
             blocks = sorted(set().union(*rows))
             spans = [(lo, S)] + [(j * block_size, (j + 1) * block_size) for j in blocks]
-            q_TGD = q_scaled_BTHD[b, :, heads]
+            q_XD = q_BHXD[b, h]
             k_SD, v_SD = k_BSHD[b, :, h], v_BSHD[b, :, h]
-            scores = [own_BHXO[b, h].view(T, G, -1)]
-            scores += [torch.matmul(q_TGD, k_SD[s0:s1].float().T) for s0, s1 in spans[1:]]
+            scores = [own_BHXO[b, h]]
+            scores += [F.linear(q_XD, rows_of(k_SD, s0, s1)) for s0, s1 in spans[1:]]
             # a single new query sees its whole own-block slice: lo is its block's start
             if T > 1:
-                scores[0].masked_fill_(~own_T1O, float("-inf"))
+                scores[0].view(T, G, -1).masked_fill_(~own_T1O, float("-inf"))
             for i, j in enumerate(blocks, start=1):
                 # rows of the group that did not route to block j must not see it
                 if not all(j in r for r in rows):
                     routed_TG1 = (block_indices_BTHR[b, :, heads] == j).any(-1, keepdim=True)
-                    scores[i].masked_fill_(~routed_TG1, float("-inf"))
-            probs_TGK = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-            parts = probs_TGK.flatten(0, 1).split([s1 - s0 for s0, s1 in spans], dim=-1)
-            values = [v_SD[s0:s1].float() for s0, s1 in spans]
-            o_RD = torch.mm(parts[0], values[0])
-            for p_RK, v_KD in zip(parts[1:], values[1:], strict=True):
-                o_RD.addmm_(p_RK, v_KD)
-            o_BTHD[b, :, heads] = o_RD.view(T, G, D)
+                    scores[i].view(T, G, -1).masked_fill_(~routed_TG1, float("-inf"))
+            probs_XK = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+            parts = probs_XK.split([s1 - s0 for s0, s1 in spans], dim=-1)
+            o_XD = torch.mm(parts[0], rows_of(v_SD, *spans[0]))
+            for p_XK, (s0, s1) in zip(parts[1:], spans[1:], strict=True):
+                o_XD.addmm_(p_XK, rows_of(v_SD, s0, s1))
+            o_BTHD[b, :, heads] = o_XD.view(T, G, D)
     out.append(o_BTHD.to(q_BTHD.dtype))
+
+
+def _rows_fp32(x_SD: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+    """Rows s0 .. s1 - 1 of an fp32 cache head, as a view."""
+    return x_SD[s0:s1]
+
+
+def _rows_as_fp32(x_SD: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+    """Rows s0 .. s1 - 1 of a cache head in another dtype, converted to fp32."""
+    return x_SD[s0:s1].float()
