@@ -7,15 +7,16 @@ worker threads, each with single-threaded ops and its own reused scratch buffers
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-__all__ = ["Workspace", "run_workers"]
+__all__ = ["Workspace", "run_workers", "single_threaded_ops", "worker_count"]
 
 
 class Workspace:
@@ -72,6 +73,43 @@ class _Pool:
 _POOL = _Pool()
 
 
+# torch's thread count when the outermost single_threaded_ops scope was entered (None outside)
+_scope_threads: int | None = None
+# set in a thread while it runs a job of run_workers
+_in_job = threading.local()
+
+
+@contextlib.contextmanager
+def single_threaded_ops() -> Iterator[None]:
+    """Run torch ops single-threaded inside this scope; kernels still split work over
+    :func:`worker_count` workers (``run_workers``).
+
+    A decode step is a few dozen small ops: each OpenMP-parallel one wakes the other threads
+    and waits at a barrier, which costs more than the op (a 64k-token DSA decode step on two
+    cores: its top-k of one score row 1.03 -> 0.70 ms single-threaded). Not for use from
+    several threads at once (the thread count is process-wide).
+    """
+    global _scope_threads
+    outer, threads = _scope_threads, torch.get_num_threads()
+    if outer is None:
+        _scope_threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _scope_threads = outer
+
+
+def worker_count() -> int:
+    """How many workers a kernel may split its work over: torch's thread count, or the count
+    a :func:`single_threaded_ops` scope was entered with; 1 inside a job of ``run_workers``
+    (its helpers are busy, so a nested split would only queue behind them)."""
+    if getattr(_in_job, "active", False):
+        return 1
+    return torch.get_num_threads() if _scope_threads is None else _scope_threads
+
+
 def run_workers(jobs: list[Callable[[], None]]) -> None:
     """Run the jobs concurrently, one thread each (the caller's thread runs the first).
 
@@ -79,30 +117,32 @@ def run_workers(jobs: list[Callable[[], None]]) -> None:
     each, and on a loaded machine a barrier waits for a descheduled thread (measured 4x slower
     than one thread). So every worker runs single-threaded ops and the parallelism comes from
     the workers (torch releases the GIL inside ops), kept helper threads of the process (see
-    ``_Pool``). torch's thread count is set to 1 for the duration and restored afterwards; the
-    helpers are started while it is 1 and keep single-threaded ops. Calling the op from several
-    threads at once is therefore not supported. Every job has finished when this returns or
-    raises (the first job's error, else a helper's).
+    ``_Pool``). The jobs run in a :func:`single_threaded_ops` scope; the helpers are started
+    inside it and keep single-threaded ops. Calling the op from several threads at once is
+    therefore not supported. Every job has finished when this returns or raises (the first
+    job's error, else a helper's).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_ops():
         futures = []
         if len(jobs) > 1:
             pool = _POOL.get(len(jobs) - 1)
-            futures = [pool.submit(_no_grad_call, job) for job in jobs[1:]]
+            futures = [pool.submit(_job_call, job) for job in jobs[1:]]
         try:
-            _no_grad_call(jobs[0])
+            _job_call(jobs[0])
         finally:
             # helpers write into buffers the caller owns: none may outlive the call
             wait(futures)
         for future in futures:
             future.result()
+
+
+def _job_call(job: Callable[[], None]) -> None:
+    """Call ``job`` as a job (see :func:`worker_count`) with autograd off: grad mode is per
+    thread and on in fresh threads."""
+    outer = getattr(_in_job, "active", False)
+    _in_job.active = True
+    try:
+        with torch.no_grad():
+            job()
     finally:
-        torch.set_num_threads(threads)
-
-
-def _no_grad_call(job: Callable[[], None]) -> None:
-    """Call ``job`` with autograd off: grad mode is per thread and on in fresh threads."""
-    with torch.no_grad():
-        job()
+        _in_job.active = outer

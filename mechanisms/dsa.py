@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sparsezoo.kernels.cpu_workers import single_threaded_ops
 from sparsezoo.kernels.dsa import (
     default_index_scale,
     indexer_scores,
@@ -427,14 +428,16 @@ class DeepSeekSparseAttention(AttentionMechanism):
             cache.rows_read = L
             self.stats = {"density": torch.tensor(1.0)}
             return self.sdpa(q_BTHD, cache.keys(), cache.values(), mask=decode_mask(T, 0, L))
-        idx = indexer_topk(
-            q_idx, cache.k_idx_BSE[:, :L], w, p.topk, self.index_scale, backend=p.backend
-        )
-        o_BTHD = sparse_attention(
-            q_BTHD, cache.keys(), cache.values(), idx, self.scale, backend=p.backend
-        )
-        cache.rows_read = _rows_read(idx, L)
-        self.stats = {"density": torch.tensor(_density(p.topk, L - T, T))}
+        # a step is small ops: single-threaded, the kernels split their work over workers
+        with single_threaded_ops():
+            idx = indexer_topk(
+                q_idx, cache.k_idx_BSE[:, :L], w, p.topk, self.index_scale, backend=p.backend
+            )
+            o_BTHD = sparse_attention(
+                q_BTHD, cache.keys(), cache.values(), idx, self.scale, backend=p.backend
+            )
+        cache.defer_rows_read(functools.partial(_rows_read, idx, L))
+        self.defer_stats(lambda: {"density": torch.tensor(_density(p.topk, L - T, T))})
         return o_BTHD
 
     def new_cache(

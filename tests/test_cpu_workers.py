@@ -1,5 +1,6 @@
 """run_workers: every job runs, errors surface after all jobs end, helper threads are kept,
-run single-threaded ops, and a forked child gets working helpers of its own."""
+run single-threaded ops, and a forked child gets working helpers of its own;
+single_threaded_ops and worker_count."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from sparsezoo.kernels.cpu_workers import run_workers
+from sparsezoo.kernels.cpu_workers import run_workers, single_threaded_ops, worker_count
 
 
 def _record(seen: list, i: int) -> None:
@@ -78,3 +79,27 @@ def test_a_forked_child_starts_its_own_helpers() -> None:
     child.join(timeout=60)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == [0, 1]
+
+
+def test_single_threaded_ops_keep_the_worker_budget() -> None:
+    """Inside the scope ops run on one thread while kernels may still split over the count
+    the outermost scope was entered with; jobs of run_workers see 1 (no nested split); the
+    thread count comes back, also after an error."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen: list = []
+        with single_threaded_ops():
+            assert torch.get_num_threads() == 1 and worker_count() == 3
+            with single_threaded_ops():
+                assert worker_count() == 3
+            assert torch.get_num_threads() == 1 and worker_count() == 3
+            run_workers([lambda: seen.append(worker_count()), lambda: seen.append(worker_count())])
+            assert worker_count() == 3
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 3 and worker_count() == 3
+        with pytest.raises(RuntimeError, match="inside"), single_threaded_ops():
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 3 and worker_count() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -170,11 +170,16 @@ def test_indexer_topk_torch_matches_naive_as_sets(
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
-def test_topk_ties_prefer_the_later_key(backend: str) -> None:
-    """With w = 0 every score ties at 0: the k latest visible keys win, in every backend."""
-    q, k, w = (x.detach() for x in make_index_inputs(2, 30, 40, 2, 4, None))
+@pytest.mark.parametrize("T", [30, 1])
+def test_topk_ties_prefer_the_later_key(
+    backend: str, T: int, threads: Callable[[int], None]
+) -> None:
+    """With w = 0 every score ties at 0: the k latest visible keys win, in every backend,
+    also when a decode step (T = 1) splits the keys over workers."""
+    threads(3)
+    q, k, w = (x.detach() for x in make_index_inputs(2 if T > 1 else 1, T, 40, 2, 4, None))
     idx = indexer_topk(q, k, torch.zeros_like(w), 6, backend=backend)
-    pos = torch.arange(10, 40).view(1, 30, 1)
+    pos = torch.arange(40 - T, 40).view(1, T, 1)
     expected = pos - torch.arange(6).view(1, 1, 6)
     assert torch.equal(idx.sort(-1).values, expected.sort(-1).values.expand_as(idx))
 
@@ -203,6 +208,30 @@ def test_topk_chunk_borders_and_workers(
     actual = indexer_topk(q, k, w, 13, backend="torch")
     assert_same_selection(actual, expected, indexer_scores(q, k, w, backend="naive"))
     assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize(
+    ("workers", "B", "T", "U"), [(2, 1, 1, None), (3, 1, 1, 3), (2, 1, 3, 2), (3, 2, 1, None)]
+)
+def test_decode_topk_splits_the_keys_over_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    threads: Callable[[int], None],
+    workers: int,
+    B: int,
+    T: int,
+    U: int | None,
+) -> None:
+    """A decode step (fewer query chunks than workers) scores with the keys split over the
+    workers, [P, E] @ [E, C·N], and selects what the oracle selects, the last query's future
+    key excluded; the chunked path is never taken."""
+    threads(workers)
+    monkeypatch.setattr(indexer, "_split", None)  # the query-chunk path would call it
+    q, k, w = make_index_inputs(B, T, 777, 4, 8, U, seed=5)
+    expected = indexer_topk(q, k, w, 40, backend="naive")
+    actual = indexer_topk(q, k, w, 40, backend="torch")
+    assert_same_selection(actual, expected, indexer_scores(q, k, w, backend="naive"))
+    if T > 1:
+        assert (actual[:, 0] < 777 - T + 1).all()
 
 
 def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
@@ -282,6 +311,40 @@ def test_sparse_attention_chunk_borders_and_workers(
     assert_all_close(actual, attention_results("naive", qkv, idx))
     again = attention_results("torch", qkv, idx)
     assert all(torch.equal(a, b) for a, b in zip(actual, again, strict=True))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize(("T", "per_head"), [(1, False), (1, True), (3, False)])
+def test_decode_splits_the_slots_over_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    threads: Callable[[int], None],
+    workers: int,
+    T: int,
+    per_head: bool,
+) -> None:
+    """Decoding (one run of queries, no probabilities wanted) gives every worker a share of
+    each query's slots and merges the parts' softmaxes: outputs and all input gradients equal
+    the oracle's, also for a row whose later parts are all unused and a row with no used slot."""
+    monkeypatch.setattr(attention, "_MIN_PART_SLOTS", 8)
+    threads(workers)
+    merged: list[int] = []
+    merge = attention._merge_parts
+    monkeypatch.setattr(
+        attention, "_merge_parts", lambda o, *a: (merged.append(o.shape[0]), merge(o, *a))
+    )
+    S, H, K = 90, 2, 48
+    qkv = make_qkv(1, T, S, 8, H, 16)
+    idx = random_indices((1, T, *((H,) if per_head else ()), K), S, seed=7)
+    idx[0, 0, ..., K // 3 :] = -1  # only the first part has keys
+    idx[0, 2:] = -1  # no key at all
+    results = []
+    for backend in ("naive", "torch"):
+        o = sparse_attention(*qkv, idx, backend=backend)
+        results.append([o, *cotangent_grads(o, qkv)])
+    assert_all_close(results[1], results[0])
+    assert merged == [workers]
+    if T == 3:
+        assert torch.equal(results[1][0][0, 2], torch.zeros_like(results[1][0][0, 2]))
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])

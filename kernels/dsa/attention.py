@@ -19,13 +19,14 @@ dim, K index slots, U key sets per query (1 shared, or H), C queries of a chunk.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..cpu_workers import Workspace
+from ..cpu_workers import Workspace, single_threaded_ops, worker_count
 from .indexer import _positions, _split, run_on_workers
 
 __all__ = ["sparse_attention", "sparse_attention_naive", "sparse_attention_torch"]
@@ -38,6 +39,8 @@ _AVAILABLE = ("naive", "torch", "triton")
 # beat 2, 4 and 16 by 10-30%: fewer ops per row, still cache-resident between the gather and
 # the matmuls.
 _CHUNK_SLOTS = 16384
+# Fewest slots a worker takes when a decode step splits every query's slots over the workers.
+_MIN_PART_SLOTS = 256
 
 
 def _validate(
@@ -173,7 +176,7 @@ def _chunks(T: int, K: int) -> list[tuple[int, int]]:
 def _worker_runs(B: int, T: int, K: int) -> list[list[tuple[int, int, int]]]:
     """(batch, t0, t1) chunks cut into contiguous runs, one per worker thread."""
     chunks = [(b, t0, t1) for b in range(B) for t0, t1 in _chunks(T, K)]
-    runs = _split([1] * len(chunks), max(1, min(torch.get_num_threads(), len(chunks))))
+    runs = _split([1] * len(chunks), max(1, min(worker_count(), len(chunks))))
     return [[chunks[i] for i in run] for run in runs]
 
 
@@ -238,10 +241,14 @@ def _shared_slots(
     pos_C: torch.Tensor,
     ws: Workspace,
 ) -> list[_Slots]:
-    """Every KV head's slots of one chunk whose heads share the indices: one gather of whole
-    tokens (H·D contiguous numbers each) instead of H gathers of D. Each head's k, v are
-    strided views into it, which the batched matmuls read directly. A decode step at 64k
-    tokens, 4 KV heads of 128, 2048 slots: the gathers took ~1 ms each per head and K/V.
+    """The slots of one chunk whose KV heads share the indices: one gather of whole tokens
+    (H·D contiguous numbers each) instead of H gathers of D; k, v are strided views into it,
+    which the batched matmuls read directly. A decode step at 64k tokens, 4 KV heads of 128,
+    2048 slots: the per-head gathers took ~1 ms each per head and K/V.
+
+    One _Slots per head ([C, K, D]), or for a one-query chunk one _Slots batched over the
+    heads ([H, K, D], the heads as the matmuls' batch): one set of ops instead of H (measured
+    0.82 -> 0.56 ms for 4 heads of 16 x 128 over 1024 slots on one core).
     """
     C, K = idx_CK.shape
     D = k_RD.shape[1]
@@ -251,6 +258,8 @@ def _shared_slots(
     v_CKHD = torch.index_select(tokens_v, 0, rows, out=ws.get("v", v_RD, C * K, H * D))
     k_CKHD, v_CKHD = k_CKHD.view(C, K, H, D), v_CKHD.view(C, K, H, D)
     used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
+    if C == 1:
+        return [_Slots(k_CKHD[0].transpose(0, 1), v_CKHD[0].transpose(0, 1), rows, used_CK)]
     return [_Slots(k_CKHD[:, :, h], v_CKHD[:, :, h], rows, used_CK) for h in range(H)]
 
 
@@ -303,32 +312,81 @@ def _forward(
     q_BTHGD = q_BTHD.float().view(B, T, H, G, D)
     k, v = _flat_rows(k_BSHD), _flat_rows(v_BSHD)
     pos_T = _positions(T, S, q_BTHD.device)
-    o_BTHGD = torch.empty(B, T, H, G, D, device=q_BTHD.device)
-    lse_BTHG = torch.empty(B, T, H, G, device=q_BTHD.device)
     probs_BTHK = torch.empty(B, T, H, K, device=q_BTHD.device) if want_probs else None
     # indices shared by all KV heads arrive as a stride-0 expansion over H
     shared = H > 1 and idx_BTHK.stride(2) == 0
 
-    def run(chunks: list[tuple[int, int, int]]) -> None:
+    def run(
+        chunks: list[tuple[int, int, int]],
+        k0: int,
+        k1: int,
+        o_BTHGD: torch.Tensor,
+        lse_BTHG: torch.Tensor,
+    ) -> None:
         ws = Workspace()
         for b, t0, t1 in chunks:
-            if shared:
-                per_head = _shared_slots(k[b], v[b], H, idx_BTHK[b, t0:t1, 0], pos_T[t0:t1], ws)
-            for h in range(H):
+            idx_CHK = idx_BTHK[b, t0:t1, :, k0:k1]
+            pos_C = pos_T[t0:t1]
+            heads = _shared_slots(k[b], v[b], H, idx_CHK[:, 0], pos_C, ws) if shared else []
+            # a one-query chunk of shared slots is one unit over all heads: [H, G, ...] at (b, t0)
+            one_query = shared and t1 - t0 == 1
+            for h in range(1 if one_query else H):
                 slots = (
-                    per_head[h]
-                    if shared
-                    else _head_slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
+                    heads[h] if shared else _head_slots(k[b], v[b], h, H, idx_CHK[:, h], pos_C, ws)
                 )
-                q_CGD = _scaled(q_BTHGD[b, t0:t1, h], scale, ws)
+                at = (b, t0) if one_query else (b, slice(t0, t1), h)
+                q_CGD = _scaled(q_BTHGD[at], scale, ws)
                 o_CGD, lse_CG, probs_CK = _forward_chunk(slots, q_CGD, ws, want_probs)
-                o_BTHGD[b, t0:t1, h] = o_CGD
-                lse_BTHG[b, t0:t1, h] = lse_CG
+                o_BTHGD[at] = o_CGD
+                lse_BTHG[at] = lse_CG
                 if probs_BTHK is not None:
-                    probs_BTHK[b, t0:t1, h] = probs_CK
+                    probs_BTHK[at] = probs_CK
 
-    run_on_workers([lambda c=c: run(c) for c in _worker_runs(B, T, K)])
+    runs = _worker_runs(B, T, K)
+    parts = [] if want_probs else _slot_parts(K, len(runs))
+    o_BTHGD = torch.empty(B, T, H, G, D, device=q_BTHD.device)
+    lse_BTHG = torch.empty(B, T, H, G, device=q_BTHD.device)
+    if len(parts) > 1:
+        jobs = [
+            lambda w=w, k0=k0, k1=k1: run(runs[0], k0, k1, o_W[w], lse_W[w])
+            for w, (k0, k1) in enumerate(parts)
+        ]
+        # a decode step: its few small glue ops run single-threaded (see single_threaded_ops)
+        with single_threaded_ops():
+            o_W = o_BTHGD.new_empty(len(parts), *o_BTHGD.shape)
+            lse_W = lse_BTHG.new_empty(len(parts), *lse_BTHG.shape)
+            run_on_workers(jobs)
+            _merge_parts(o_W, lse_W, o_BTHGD, lse_BTHG)
+    else:
+        run_on_workers([lambda c=c: run(c, 0, K, o_BTHGD, lse_BTHG) for c in runs])
     return o_BTHGD.view(B, T, HQ, D), lse_BTHG.view(B, T, HQ), probs_BTHK
+
+
+def _slot_parts(K: int, n_runs: int) -> list[tuple[int, int]]:
+    """Slot ranges for the workers when all the queries make one run (decoding): each worker
+    takes a share of every query's slots (split-KV, as Flash-Decoding) instead of idling, and
+    the parts' softmaxes are merged. A 64k-token decode step (4 KV heads of 128, 64 query
+    heads, k = 2048, two cores) ran its gathers and matmuls on one worker before: 4.4 -> 2.7
+    ms with the split, the heads batched and the glue single-threaded (python
+    /tmp/sz7/dsa_dec.py, same machine, back to back)."""
+    workers = worker_count()
+    if n_runs != 1 or workers < 2 or K < 2 * _MIN_PART_SLOTS:
+        return [(0, K)]
+    n = min(workers, K // _MIN_PART_SLOTS)
+    bounds = [K * i // n for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _merge_parts(
+    o_WBTHGD: torch.Tensor, lse_WBTHG: torch.Tensor, o_BTHGD: torch.Tensor, lse_BTHG: torch.Tensor
+) -> None:
+    """One softmax from per-part softmaxes: lse = logsumexp of the parts' lse, o = the parts'
+    outputs weighted by exp(lse_w - lse). A row no part used (all -inf) stays 0 / -inf."""
+    torch.logsumexp(lse_WBTHG, dim=0, out=lse_BTHG)
+    weight_WBTHG = (lse_WBTHG - lse_BTHG).exp_()
+    # all parts empty: -inf - -inf is nan; such a row's outputs are all 0 already
+    weight_WBTHG.nan_to_num_(nan=0.0)
+    torch.sum(o_WBTHGD * weight_WBTHG.unsqueeze(-1), dim=0, out=o_BTHGD)
 
 
 def _backward(
@@ -439,7 +497,7 @@ def sparse_attention_torch(
     Inputs are validated by the caller. Each chunk of queries gathers its slot keys and values
     once per KV head (one read serves the G query heads of the group), scores them with one
     batched matmul and applies them with another; the backward recomputes the scores from the
-    saved row lse. Chunks run on ``torch.get_num_threads()`` worker threads owning disjoint
+    saved row lse. Chunks run on ``worker_count()`` worker threads owning disjoint
     query ranges. Returns (o_BTHD in q's dtype, fp32 slot probabilities or None).
     """
     return on_head_sets(_SparseAttention.apply, q_BTHD, k_BSHD, v_BSHD, indices, scale, want_probs)
@@ -468,7 +526,7 @@ def sparse_attention(
     probabilities averaged over the query heads sharing the key set, [B, T, K] or [B, T, H, K]
     (0 on unused slots; no gradient). fp32 and bf16 inputs (fp32 accumulation); the output has
     q's dtype. ``backend`` is ``naive``, ``torch``, ``triton`` or ``auto`` (triton on CUDA,
-    torch elsewhere); the torch backend uses ``torch.get_num_threads()`` worker threads and
+    torch elsewhere); the torch backend uses ``worker_count()`` worker threads and
     must not be called from several threads at once. The index range is checked on every call
     (a host sync on CUDA). Raises ValueError naming the argument for bad shapes, dtypes,
     devices, index values or backend.

@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ..cpu_workers import run_workers
+from ..cpu_workers import run_workers, worker_count
 
 __all__ = ["block_means", "route_blocks"]
 
@@ -192,7 +192,7 @@ def route_blocks(
         return idx_BTHR, margin_BTH
     workers = 1
     if q_BTHD.device.type == "cpu":
-        workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, T // _MIN_QUERIES_PER_WORKER))
+        workers = max(1, min(worker_count(), _MAX_WORKERS, T // _MIN_QUERIES_PER_WORKER))
     # a transposed view, no copy: a decode step would otherwise copy every cached mean
     kmeanT_BHDN = kmean_BNHD.detach().float().permute(0, 2, 3, 1)
     args = (q_BTHD.detach(), kmeanT_BHDN, block_size, R, start)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..cpu_workers import run_workers
+from ..cpu_workers import run_workers, worker_count
 
 __all__ = ["moba_attention_torch"]
 
@@ -408,7 +408,7 @@ def _split_blocks(block_indices_BTHR: torch.Tensor, block_size: int) -> list[tup
     pairs_N.index_add_(0, pos_T // block_size, pairs_T)
     cum_N = pairs_N.cumsum(0).cpu()
     total = int(cum_N[-1])
-    workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, N, total // _MIN_PAIRS_PER_WORKER))
+    workers = max(1, min(worker_count(), _MAX_WORKERS, N, total // _MIN_PAIRS_PER_WORKER))
     targets = torch.arange(1, workers) * total // workers
     bounds = sorted({0, *(torch.searchsorted(cum_N, targets) + 1).tolist(), N})
     return list(itertools.pairwise(bounds))
@@ -497,7 +497,7 @@ def moba_attention_torch(
 
     Inputs are validated by the caller (CPU tensors of one floating dtype, routing from
     ``route_blocks``). Returns o_BTHD in q's dtype; parts are merged in fp32. Uses
-    ``torch.get_num_threads()`` worker threads and must not be called from several threads at
+    ``worker_count()`` worker threads and must not be called from several threads at
     once (see ``run_workers``).
     """
     return _MobaAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)

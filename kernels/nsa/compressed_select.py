@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..cpu_workers import Workspace, run_workers
+from ..cpu_workers import Workspace, run_workers, worker_count
 from .compression import (
     _FLASH_LSE_DEVICES,
     _fold_queries,
@@ -162,7 +162,7 @@ def _fused_forward(
         for m0 in mine:
             _chunk(m0, min(N, m0 + rows), geo, q_BTHD, kt_XDN, v_XND, scale, out, ws)
 
-    workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, len(starts)))
+    workers = max(1, min(worker_count(), _MAX_WORKERS, len(starts)))
     run_workers([functools.partial(job, starts[w::workers]) for w in range(workers)])
     return o_BTHD, lse_XWM, idx_BTHn
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ..cpu_workers import run_workers
+from ..cpu_workers import run_workers, worker_count
 from .compression import validate_blocks, validate_qkv, visible_mask
 
 __all__ = ["block_importance", "overlap_weights", "select_blocks", "topn_blocks"]
@@ -286,7 +286,7 @@ def _select_torch(
 
     # chunks dealt round-robin: later chunks read more tokens, so each worker gets a mix
     starts = list(range(0, T, C))
-    workers = max(1, min(torch.get_num_threads(), _MAX_WORKERS, len(starts)))
+    workers = max(1, min(worker_count(), _MAX_WORKERS, len(starts)))
     run_workers([functools.partial(job, starts[w::workers]) for w in range(workers)])
     return idx_BTHn
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, oracle_dtype, resolve_backend
-from ..cpu_workers import Workspace, run_workers
+from ..cpu_workers import Workspace, run_workers, worker_count
 
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
 
@@ -292,7 +292,7 @@ def _workers(block_indices_BTHS: torch.Tensor) -> int:
     most _MAX_WORKERS run because the Python loop shares one interpreter lock.
     """
     pairs = int((block_indices_BTHS >= 0).sum())
-    return max(1, min(torch.get_num_threads(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
+    return max(1, min(worker_count(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
 
 
 def _future_mask(block_size: int, device: torch.device) -> torch.Tensor:
@@ -630,7 +630,7 @@ def selected_attention_torch(
     ~S·block_size keys per query in large matmuls. The forward sums every block against a
     fixed per-row reference derived from a score bound (rows that underflow are redone against
     their exact maxima); the backward recomputes probabilities from the saved row lse (the
-    FlashAttention recipe). Work is split over ``torch.get_num_threads()`` worker threads that
+    FlashAttention recipe). Work is split over ``worker_count()`` worker threads that
     own disjoint query rows (see ``run_workers``). fp32 accumulation; returns o_BTHD in q's
     dtype.
     """
@@ -657,7 +657,7 @@ def selected_attention(
     with zero (finite) gradients. One softmax spans all selected keys. ``scale`` defaults to
     D**-0.5; fp32 and bf16 are supported (fp32 accumulation) and the output has q's dtype.
     Differentiable in q, k, v. ``backend`` is ``naive``, ``torch``, ``triton`` or ``auto``
-    (triton on CUDA, torch elsewhere); the torch backend uses ``torch.get_num_threads()``
+    (triton on CUDA, torch elsewhere); the torch backend uses ``worker_count()``
     worker threads and must not be called from several threads at once. The index values are
     checked on every call (a host sync on CUDA). Raises ValueError naming the argument for bad
     shapes, dtypes, devices, block_size, index values or backend.
