@@ -19,6 +19,8 @@ G = HQ // H, D head dim, N compressed tokens, J selection blocks, K selected slo
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sparsezoo.kernels.cpu_workers import run_workers, single_threaded_ops, worker_count
 from sparsezoo.kernels.nsa import (
     block_importance,
     compress_kv,
@@ -104,9 +107,21 @@ class NSACache(KVCache):
     ) -> None:
         super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         shape = (batch_size, max_len, n_kv_heads, head_dim)
-        independent = params.kv_mode == "independent"
-        self.win_k_BSHD = torch.zeros(shape, dtype=dtype, device=device) if independent else None
-        self.win_v_BSHD = torch.zeros(shape, dtype=dtype, device=device) if independent else None
+        # head-major storage behind the [B, S, H, D] views of the selection K/V, padded to whole
+        # selection blocks: a step reads a selected block of a KV head as one contiguous run of
+        # l' rows (token-major, its rows lie H·D apart: at 64k tokens, 4 KV heads of 128, a
+        # gather of 2048 such rows took ~1.4 ms per MB); the window's K/V head-major too
+        padded = -(-max_len // params.select_size) * params.select_size
+        major = (batch_size, n_kv_heads, padded, head_dim)
+        self.k_BHSD = torch.zeros(major, dtype=dtype, device=device)
+        self.v_BHSD = torch.zeros(major, dtype=dtype, device=device)
+        self.k_BSHD = self.k_BHSD[:, :, :max_len].transpose(1, 2)
+        self.v_BSHD = self.v_BHSD[:, :, :max_len].transpose(1, 2)
+        self.win_k_BSHD = self.win_v_BSHD = None
+        if params.kv_mode == "independent":
+            major = (batch_size, n_kv_heads, max_len, head_dim)
+            self.win_k_BSHD = torch.zeros(major, dtype=dtype, device=device).transpose(1, 2)
+            self.win_v_BSHD = torch.zeros(major, dtype=dtype, device=device).transpose(1, 2)
         self.raw_k_BSHD = torch.zeros(shape, dtype=dtype, device=device)
         self.raw_v_BSHD = torch.zeros(shape, dtype=dtype, device=device)
         n_cmp = max(0, (max_len - params.block_size) // params.stride + 1)
@@ -241,6 +256,7 @@ class NativeSparseAttention(AttentionMechanism):
         if cache is None:
             q_BTHD, kv, gates_BTH3 = self._project(x_BTC, 0)
             o_BTHD = self._mix(self._prefill(q_BTHD, kv), gates_BTH3)
+            self.stats.update(self._gate_stats(gates_BTH3))
         else:
             o_BTHD = self.decode_reader(x_BTC, cache)()
         return self.wo(o_BTHD.reshape(B, T, -1))
@@ -251,10 +267,21 @@ class NativeSparseAttention(AttentionMechanism):
         assert isinstance(cache, NSACache)
         q_BTHD, kv, gates_BTH3 = self._project(x_BTC, cache.length)
         self._append(cache, kv)
-        return lambda: self._mix(self._decode(q_BTHD, cache), gates_BTH3)
+
+        def read() -> torch.Tensor:
+            # a step is dozens of small ops: single-threaded (see single_threaded_ops)
+            with single_threaded_ops():
+                outs, idx_BTHK, pos_T = self._decode(q_BTHD, cache)
+                o_BTHD = self._mix(outs, gates_BTH3)
+            self.defer_stats(
+                lambda: {**self._selection_stats(idx_BTHK, pos_T), **self._gate_stats(gates_BTH3)}
+            )
+            return o_BTHD
+
+        return read
 
     def _mix(self, outs: tuple[torch.Tensor, ...], gates_BTH3: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: the gate-weighted sum of the branch outputs; records each branch's mean gate."""
+        """Eq. 5: the gate-weighted sum of the branch outputs."""
         # gate-major contiguous copy, then one multiply and in-place multiply-adds: the
         # broadcast products of strided gate views plus ``sum`` took 0.2-0.7 s at T = 32k
         # (fresh full-size temporaries per term) against 0.05 s for this
@@ -262,9 +289,13 @@ class NativeSparseAttention(AttentionMechanism):
         o_BTHD = outs[0] * gates_3BTH1[0]
         for gate_BTH1, o in zip(gates_3BTH1[1:], outs[1:], strict=True):
             o_BTHD.addcmul_(o, gate_BTH1)
-        g = gates_BTH3.detach().float().mean(dim=(0, 1, 2))
-        self.stats.update({f"gate_{b}": g[i] for i, b in enumerate(BRANCHES)})
         return o_BTHD
+
+    @staticmethod
+    def _gate_stats(gates_BTH3: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each branch's mean gate."""
+        g = gates_BTH3.detach().float().mean(dim=(0, 1, 2))
+        return {f"gate_{b}": g[i] for i, b in enumerate(BRANCHES)}
 
     def _prefill(
         self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor]
@@ -291,10 +322,12 @@ class NativeSparseAttention(AttentionMechanism):
         o_win = sliding_window_attention(
             q_BTHD, kv["win_k"], kv["win_v"], p.window, scale=self.scale, backend=p.backend
         )
-        self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
+        self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
         return o_cmp, o_slc, o_win
 
-    def _selection_stats(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> None:
+    def _selection_stats(
+        self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Measured density (keys read over causal keys) and the forced share of selections."""
         p = self.params
         with torch.no_grad():
@@ -312,7 +345,7 @@ class NativeSparseAttention(AttentionMechanism):
             n_win = (pos + 1).clamp(max=p.window)
             per_query = n_cmp + n_win + sel_keys.double().sum(-1).mean(dim=(0, 2))
             total = causal_pairs(int(pos_T[-1]) + 1) - causal_pairs(int(pos_T[0]))
-            self.stats = {
+            return {
                 "density": (per_query.sum() / total).clamp(max=1.0).float(),
                 "forced_frac": (forced.sum() / valid.sum().clamp(min=1)).float(),
             }
@@ -342,70 +375,138 @@ class NativeSparseAttention(AttentionMechanism):
 
     def _decode(
         self, q_BTHD: torch.Tensor, cache: NSACache
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Branch outputs of the newest queries, reading only the rows NSA needs.
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """Branch outputs of the newest queries, reading only the rows NSA needs, with the
+        selected blocks [B, T, H, n] and the queries' positions (for the stats).
 
         Scores run head-major, rows R = (new token, query head of the group), so each branch is
-        a batched matmul over (batch, KV head). Selection maps the group-summed compression
-        probabilities onto blocks by the banded Eq. 9 (``block_importance``), and the rows read
-        are counted per block from the newest query that chose it.
+        a batched matmul over (batch, KV head). Three phases: the compression branch with the
+        KV heads split over the workers (the big reads); on one thread, the group-summed
+        probabilities mapped onto blocks by the banded Eq. 9 (``block_importance``) and the
+        top-n (small ops: run on two workers at once they contend for the interpreter lock,
+        ~1.4 ms per worker at 64k tokens against ~0.3 ms on one); then the selected blocks,
+        heads split over the workers, with the window on the caller's. The rows read are
+        counted per block from the newest query that chose it.
         """
         p = self.params
         B, T, HQ, D = q_BTHD.shape
         H, G = self.shape.n_kv_heads, self.shape.group_size
         device = q_BTHD.device
         pos_T = torch.arange(cache.length - T, cache.length, device=device)
-        q_BHRD = q_BTHD.float().view(B, T, H, G, D).transpose(1, 2).reshape(B, H, T * G, D)
+        # scaled queries: a multiply of the few query rows, not of every score
+        qs_BTHGD = (q_BTHD.float().view(B, T, H, G, D) * self.scale).contiguous()
+        workers = max(1, min(worker_count(), H))
+        bounds = list(itertools.pairwise([H * i // workers for i in range(workers + 1)]))
 
-        # compression branch over the visible compressed tokens
-        N = cache.n_cmp
-        s_BHTGN = (q_BHRD @ cache.kcmp_BHND[:, :, :N].float().mT).view(B, H, T, G, N)
-        vis_TN = torch.arange(N, device=device) * p.stride + p.block_size - 1 <= pos_T[:, None]
-        s_BHTGN = s_BHTGN.mul_(self.scale).masked_fill_(~vis_TN[:, None], float("-inf"))
-        probs_BHTGN = torch.softmax(s_BHTGN, dim=-1).nan_to_num_(0.0)
-        o_cmp_BHRD = probs_BHTGN.view(B, H, T * G, N) @ cache.vcmp_BHND[:, :, :N].float()
-
-        # selection: group-summed probabilities -> blocks (Eq. 9) -> forced + top-n
-        J = math.ceil(cache.length / p.select_size)
-        importance_BHTJ = block_importance(
-            probs_BHTGN.sum(3), J, p.block_size, p.stride, p.select_size
+        o_cmp_BHRD = torch.empty(B, H, T * G, D, device=device)
+        mass_BHTN = torch.empty(B, H, T, cache.n_cmp, device=device)
+        run_workers(
+            [
+                functools.partial(
+                    self._decode_compressed, qs_BTHGD, cache, pos_T, h0, h1, o_cmp_BHRD, mass_BHTN
+                )
+                for h0, h1 in bounds
+            ]
         )
+
+        J = math.ceil(cache.length / p.select_size)
+        importance_BHTJ = block_importance(mass_BHTN, J, p.block_size, p.stride, p.select_size)
         idx_BTHK = topn_blocks(importance_BHTJ.transpose(1, 2), pos_T, p.select_size, p.n_select)
-        keys_BTHKL = idx_BTHK[..., None] * p.select_size + torch.arange(
+
+        o_slc_BTHGD = torch.empty(B, T, H, G, D, device=device)
+        w_lo = max(0, cache.length - T - p.window + 1)
+        o_win: list[torch.Tensor] = []
+
+        def window() -> None:
+            # the window branch's keys, through the project's one window rule
+            win_k = cache.k_BSHD if cache.win_k_BSHD is None else cache.win_k_BSHD
+            win_v = cache.v_BSHD if cache.win_v_BSHD is None else cache.win_v_BSHD
+            mask = decode_mask(T, w_lo, cache.length, window=p.window)
+            k_BSHD, v_BSHD = (w[:, w_lo : cache.length].float() for w in (win_k, win_v))
+            o_win.append(self.sdpa(q_BTHD.float(), k_BSHD, v_BSHD, mask=mask))
+
+        jobs = [
+            functools.partial(
+                self._decode_selected, qs_BTHGD, cache, pos_T, idx_BTHK, h0, h1, o_slc_BTHGD
+            )
+            for h0, h1 in bounds
+        ]
+        run_workers([lambda: (window(), jobs[0]()), *jobs[1:]])
+
+        n_rows = cache.n_cmp + cache.length - w_lo
+        cache.defer_rows_read(lambda: n_rows + self._selected_rows(idx_BTHK, pos_T))
+        o_cmp = o_cmp_BHRD.view(B, H, T, G, D).transpose(1, 2)
+        outs = (o_cmp, o_slc_BTHGD, o_win[0])
+        return tuple(o.reshape(B, T, HQ, D).to(q_BTHD.dtype) for o in outs), idx_BTHK, pos_T
+
+    def _decode_compressed(
+        self,
+        qs_BTHGD: torch.Tensor,
+        cache: NSACache,
+        pos_T: torch.Tensor,
+        h0: int,
+        h1: int,
+        o_cmp_BHRD: torch.Tensor,
+        mass_BHTN: torch.Tensor,
+    ) -> None:
+        """Compression branch of KV heads h0 .. h1 - 1 (``qs`` comes scaled): its output and
+        the group-summed probabilities of every compressed token, written into the outputs."""
+        p = self.params
+        B, T, _, G, D = qs_BTHGD.shape
+        U = h1 - h0
+        N = cache.n_cmp
+        q_BURD = qs_BTHGD[:, :, h0:h1].transpose(1, 2).reshape(B, U, T * G, D)
+        kcmp_BUND, vcmp_BUND = (c[:, h0:h1, :N].float() for c in (cache.kcmp_BHND, cache.vcmp_BHND))
+        s_BUTGN = (q_BURD @ kcmp_BUND.mT).view(B, U, T, G, N)
+        # compressed token i is visible to t iff i·d + l - 1 <= t: masks (and rows that see no
+        # token) only when the last token is not visible to the first new query
+        if N and (N - 1) * p.stride + p.block_size - 1 > cache.length - T:
+            vis_TN = torch.arange(N, device=pos_T.device) * p.stride + p.block_size - 1
+            s_BUTGN.masked_fill_(~(vis_TN <= pos_T[:, None])[:, None], float("-inf"))
+            probs_BUTGN = torch.softmax(s_BUTGN, dim=-1).nan_to_num_(0.0)
+        else:
+            probs_BUTGN = torch.softmax(s_BUTGN, dim=-1)
+        torch.matmul(probs_BUTGN.view(B, U, T * G, N), vcmp_BUND, out=o_cmp_BHRD[:, h0:h1])
+        torch.sum(probs_BUTGN, dim=3, out=mass_BHTN[:, h0:h1])
+
+    def _decode_selected(
+        self,
+        qs_BTHGD: torch.Tensor,
+        cache: NSACache,
+        pos_T: torch.Tensor,
+        idx_BTHK: torch.Tensor,
+        h0: int,
+        h1: int,
+        o_slc_BTHGD: torch.Tensor,
+    ) -> None:
+        """Selection branch of KV heads h0 .. h1 - 1 over their selected blocks ``idx_BTHK``
+        (``qs`` comes scaled), written into ``o_slc_BTHGD``."""
+        p = self.params
+        B, T, H, _, D = qs_BTHGD.shape
+        U = h1 - h0
+        device = pos_T.device
+        idx_BTUK = idx_BTHK[:, :, h0:h1]
+        keys_BTUKL = idx_BTUK[..., None] * p.select_size + torch.arange(
             p.select_size, device=device
         )
-        ok_BTHKL = (idx_BTHK[..., None] >= 0) & (keys_BTHKL <= pos_T.view(1, T, 1, 1, 1))
-        # masked slots and the own block's future rows are clamped into range, never attended
-        rows_BTHR = keys_BTHKL.clamp(0, cache.length - 1).flatten(3)
-        # flat row ids (b·S + row)·H + h: one index_select per tensor, far cheaper on CPU than
-        # advanced indexing with three broadcast index tensors
-        S = cache.k_BSHD.shape[1]
+        ok_BTUKL = (idx_BTUK[..., None] >= 0) & (keys_BTUKL <= pos_T.view(1, T, 1, 1, 1))
+        # whole blocks of the head-major cache, one contiguous l'·D row each: flat block ids
+        # (b·H + h)·blocks + j, one index_select per tensor; unused slots (-1) read block 0 and
+        # the own block's rows past the query are read too, both masked by ok_BTUKL
+        blocks = cache.k_BHSD.shape[2] // p.select_size
         b_B111 = torch.arange(B, device=device).view(B, 1, 1, 1)
-        h_11H1 = torch.arange(H, device=device).view(1, 1, H, 1)
-        flat_X = ((b_B111 * S + rows_BTHR) * H + h_11H1).flatten()
-        k_sel = cache.k_BSHD.view(-1, D).index_select(0, flat_X).view(*rows_BTHR.shape, D).float()
-        v_sel = cache.v_BSHD.view(-1, D).index_select(0, flat_X).view(*rows_BTHR.shape, D).float()
-        qf_BTHGD = q_BTHD.float().view(B, T, H, G, D)
-        s_sel = torch.einsum("bthgd,bthrd->bthgr", qf_BTHGD, k_sel) * self.scale
-        s_sel = s_sel.masked_fill(~ok_BTHKL.flatten(3)[:, :, :, None, :], float("-inf"))
-        o_slc = torch.einsum("bthgr,bthrd->bthgd", torch.softmax(s_sel, -1).nan_to_num(0.0), v_sel)
-
-        # sliding window: the window branch's keys, through the project's one window rule
-        w_lo = max(0, cache.length - T - p.window + 1)
-        win_k = cache.k_BSHD if cache.win_k_BSHD is None else cache.win_k_BSHD
-        win_v = cache.v_BSHD if cache.win_v_BSHD is None else cache.win_v_BSHD
-        mask = decode_mask(T, w_lo, cache.length, window=p.window)
-        o_win = self.sdpa(
-            q_BTHD.float(),
-            win_k[:, w_lo : cache.length].float(),
-            win_v[:, w_lo : cache.length].float(),
-            mask=mask,
+        h_11U1 = torch.arange(h0, h1, device=device).view(1, 1, U, 1)
+        flat_X = ((b_B111 * H + h_11U1) * blocks + idx_BTUK.clamp_min(0)).flatten()
+        sel_shape = (B, T, U, p.n_select * p.select_size, D)
+        k_sel, v_sel = (
+            c.view(-1, p.select_size * D).index_select(0, flat_X).view(sel_shape).float()
+            for c in (cache.k_BHSD, cache.v_BHSD)
         )
-
-        cache.rows_read = N + self._selected_rows(idx_BTHK, pos_T) + (cache.length - w_lo)
-        self._selection_stats(idx_BTHK, pos_T)
-        o_cmp = o_cmp_BHRD.view(B, H, T, G, D).transpose(1, 2)
-        return tuple(o.reshape(B, T, HQ, D).to(q_BTHD.dtype) for o in (o_cmp, o_slc, o_win))
+        s_sel = torch.einsum("btugd,bturd->btugr", qs_BTHGD[:, :, h0:h1], k_sel)
+        s_sel.masked_fill_(~ok_BTUKL.flatten(3)[:, :, :, None, :], float("-inf"))
+        # never an empty row: a query's own block is forced, and holds the query itself
+        probs_sel = torch.softmax(s_sel, -1)
+        o_slc_BTHGD[:, :, h0:h1] = torch.einsum("btugr,bturd->btugd", probs_sel, v_sel)
 
     def _selected_rows(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> int:
         """Raw rows the selection branch reads per (batch, KV head), at most over both.

@@ -83,6 +83,30 @@ def test_stats_gates_forced_share_and_density() -> None:
         assert float(st[f"gate_{branch}"]) == pytest.approx(0.5, abs=0.01)  # gates start near 0.5
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_over_head_splits_equals_the_full_forward(threads: int) -> None:
+    """Decoding splits the KV heads over the workers (here 4 heads over 1 or 3 workers, one
+    worker taking two) and gathers whole selected blocks from the head-major cache: token by
+    token and in chunks it equals the full forward, and its stats (deferred) are complete."""
+    preset = {"block_size": 8, "stride": 4, "select_size": 16, "n_select": 4, "window": 12}
+    attn = _nsa(d_model=64, n_heads=8, n_kv_heads=4, **preset)
+    x = torch.randn(1, 150, 64, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            full = attn(x)
+            for step in (1, 7):
+                cache = attn.new_cache(1, 150)
+                attn.fill_cache(x[:, :40], cache)
+                outs = [attn(x[:, t : t + step], cache=cache) for t in range(40, 150, step)]
+                torch.testing.assert_close(torch.cat(outs, 1), full[:, 40:], rtol=1e-4, atol=1e-5)
+        assert set(attn.stats) >= {"density", "forced_frac", "gate_cmp", "gate_slc", "gate_win"}
+        assert 0 < float(attn.stats["density"]) < 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_shared_kv_mode_conforms_and_has_fewer_parameters() -> None:
     preset = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}
     check_mechanism("nsa", {**preset, "kv_mode": "shared"}, T=301)
