@@ -343,22 +343,23 @@ def _forward(
                     probs_BTHK[at] = probs_CK
 
     runs = _worker_runs(B, T, K)
-    parts = [] if want_probs else _slot_parts(K, len(runs))
+    parts = [(0, K)] if want_probs else _slot_parts(K, len(runs))
     o_BTHGD = torch.empty(B, T, H, G, D, device=q_BTHD.device)
     lse_BTHG = torch.empty(B, T, H, G, device=q_BTHD.device)
-    if len(parts) > 1:
-        jobs = [
-            lambda w=w, k0=k0, k1=k1: run(runs[0], k0, k1, o_W[w], lse_W[w])
-            for w, (k0, k1) in enumerate(parts)
-        ]
+    if len(parts) == 1:
+        run_on_workers([lambda c=c: run(c, 0, K, o_BTHGD, lse_BTHG) for c in runs])
+    else:
         # a decode step: its few small glue ops run single-threaded (see single_threaded_ops)
         with single_threaded_ops():
             o_W = o_BTHGD.new_empty(len(parts), *o_BTHGD.shape)
             lse_W = lse_BTHG.new_empty(len(parts), *lse_BTHG.shape)
-            run_on_workers(jobs)
+            run_on_workers(
+                [
+                    lambda w=w, k0=k0, k1=k1: run(runs[0], k0, k1, o_W[w], lse_W[w])
+                    for w, (k0, k1) in enumerate(parts)
+                ]
+            )
             _merge_parts(o_W, lse_W, o_BTHGD, lse_BTHG)
-    else:
-        run_on_workers([lambda c=c: run(c, 0, K, o_BTHGD, lse_BTHG) for c in runs])
     return o_BTHGD.view(B, T, HQ, D), lse_BTHG.view(B, T, HQ), probs_BTHK
 
 
@@ -367,8 +368,8 @@ def _slot_parts(K: int, n_runs: int) -> list[tuple[int, int]]:
     takes a share of every query's slots (split-KV, as Flash-Decoding) instead of idling, and
     the parts' softmaxes are merged. A 64k-token decode step (4 KV heads of 128, 64 query
     heads, k = 2048, two cores) ran its gathers and matmuls on one worker before: 4.4 -> 2.7
-    ms with the split, the heads batched and the glue single-threaded (python
-    /tmp/sz7/dsa_dec.py, same machine, back to back)."""
+    ms with the split, the heads batched and the glue single-threaded (same process, back to
+    back)."""
     workers = worker_count()
     if n_runs != 1 or workers < 2 or K < 2 * _MIN_PART_SLOTS:
         return [(0, K)]

@@ -13,12 +13,10 @@ one part (O or L).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn import functional as F
 
-from ..cpu_workers import run_workers
+from ..cpu_workers import single_threaded_ops
 from .gate import check_block_args
 
 __all__ = ["moba_decode_attention", "own_block_start"]
@@ -66,26 +64,23 @@ def moba_decode_attention(
         raise ValueError(
             "moba_decode_attention: block_indices must name strictly past blocks (or -1)"
         )
-    out: list[torch.Tensor] = []
-    # single-threaded ops (see run_workers): the step is a few dozen small ops, and on a
-    # loaded machine each multi-threaded one can wait ~10 ms on a barrier; splitting the heads
-    # over two workers was slower (3.3 -> 4.7 ms at 64k, 16 heads: the ops are too small to
-    # overlap under the interpreter lock)
-    args = (q_BTHD, k_BSHD, v_BSHD, block_indices_BTHR, block_size, scale)
-    run_workers([functools.partial(_decode_into, out, *args)])
-    return out[0]
+    # single-threaded ops (see single_threaded_ops): the step is a few dozen small ops, and on
+    # a loaded machine each multi-threaded one can wait ~10 ms on a barrier; splitting the
+    # heads over two workers was slower (3.3 -> 4.7 ms at 64k, 16 heads: the ops are too small
+    # to overlap under the interpreter lock)
+    with single_threaded_ops(), torch.no_grad():
+        return _decode(q_BTHD, k_BSHD, v_BSHD, block_indices_BTHR, block_size, scale)
 
 
-def _decode_into(
-    out: list[torch.Tensor],
+def _decode(
     q_BTHD: torch.Tensor,
     k_BSHD: torch.Tensor,
     v_BSHD: torch.Tensor,
     block_indices_BTHR: torch.Tensor,
     block_size: int,
     scale: float,
-) -> None:
-    """The decode step on validated inputs, one (batch, KV head) at a time; appends o_BTHD.
+) -> torch.Tensor:
+    """The decode step on validated inputs, one (batch, KV head) at a time: o_BTHD.
 
     The group's query rows (t, g) score the own-block slice and every block any of them
     routed to; a row's scores on a block it did not route to (and own-block keys outside its
@@ -134,7 +129,7 @@ def _decode_into(
             for p_XK, (s0, s1) in zip(parts[1:], spans[1:], strict=True):
                 o_XD.addmm_(p_XK, rows_of(v_SD, s0, s1))
             o_BTHD[b, :, heads] = o_XD.view(T, G, D)
-    out.append(o_BTHD.to(q_BTHD.dtype))
+    return o_BTHD.to(q_BTHD.dtype)
 
 
 def _rows_fp32(x_SD: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
