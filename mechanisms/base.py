@@ -168,10 +168,18 @@ class MechanismParams:
 
 @dataclass(frozen=True)
 class Cost:
-    """Analytic per-query cost at context t: KV rows read and attention FLOPs (per query head)."""
+    """Analytic per-query cost at context t: KV rows read, attention FLOPs (per query head),
+    and other cached rows a decode step reads besides the K/V rows (DSA's indexer keys), as
+    K/V-row equivalents (numbers read over the 2·D numbers of one KV head's K and V row)."""
 
     keys: float
     flops: float
+    side_rows: float = 0.0
+
+    @property
+    def rows(self) -> float:
+        """Everything a decode step reads, in K/V rows: ``keys + side_rows``."""
+        return self.keys + self.side_rows
 
 
 class KVCache:

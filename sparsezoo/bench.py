@@ -3,9 +3,11 @@
 Every mechanism is built with the same attention shape and seed, and measured in one process,
 interleaved (dense, m1, m2, dense, m1, m2, ...) after warm-up; the median of the repeats is the
 reported time, and speedups are ratios against dense measured in the same rounds. Next to each
-measured speedup the analytic cost model gives the theoretical one (keys read, dense over the
-mechanism) and the share of it reached. Results go to a rich table, a JSON file with every raw
-repeat time, a PNG plot, and an MLflow run tagged ``sparsezoo.kind=bench``.
+measured speedup the analytic cost model gives the theoretical one (dense over the mechanism:
+attention FLOPs of the whole prefill for ``fwd``/``fwdbwd``, which are compute-bound; cached rows
+read for the decode modes, which are memory-bound) and the share of it reached. Results go to a
+rich table, a JSON file with every raw repeat time, a PNG plot, and an MLflow run tagged
+``sparsezoo.kind=bench``.
 
 Modes: ``fwd`` is the prefill forward of the whole mechanism module (projections, RoPE,
 attention) without autograd; ``fwdbwd`` adds the backward of ``y.sum()`` (plus the mechanism's
@@ -210,7 +212,8 @@ class BenchRow:
     """One mechanism in one mode at one length: raw repeat times, median, ratios, memory.
 
     ``speedup`` is dense's median over this median (measured in the same rounds);
-    ``theoretical_speedup`` is the cost model's keys-read ratio and ``share`` their quotient.
+    ``theoretical_speedup`` is the cost model's ratio (prefill FLOPs, or rows read per decode
+    step) and ``share`` their quotient.
     ``peak_mem_mb`` is measured in one extra untimed call (see :class:`sparsezoo.perf.PeakMemory`
     for what it means on CPU). ``rows_read`` is the KV rows per KV head the decode step read.
     """
@@ -322,11 +325,11 @@ def _splits_decode(cls: type[AttentionMechanism]) -> bool:
     return cls.decode_reader is not AttentionMechanism.decode_reader
 
 
-def _prefill_keys(module: AttentionMechanism, max_len: int) -> list[float]:
-    """Cumulative keys read by a causal prefill: element T is the sum of cost(t).keys, t <= T."""
+def _prefill_flops(module: AttentionMechanism, max_len: int) -> list[float]:
+    """Cumulative attention FLOPs of a causal prefill: element T sums cost(t).flops, t <= T."""
     cumulative = [0.0]
     for t in range(1, max_len + 1):
-        cumulative.append(cumulative[-1] + module.cost(t).keys)
+        cumulative.append(cumulative[-1] + module.cost(t).flops)
     return cumulative
 
 
@@ -384,8 +387,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
         environment = _environment(device)
         modules = {name: _build(name, resolved, device) for name in names}
         max_len = max(cfg.lengths)
-        prefill_keys = (
-            {name: _prefill_keys(m, max_len) for name, m in modules.items()}
+        prefill_flops = (
+            {name: _prefill_flops(m, max_len) for name, m in modules.items()}
             if {"fwd", "fwdbwd"} & set(cfg.modes)
             else {}
         )
@@ -403,9 +406,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
                 peaks = _peak_memory(cases, device)
                 for name, module in modules.items():
                     if mode in DECODE_MODES:
-                        theory = modules[BASELINE].cost(T + 1).keys / module.cost(T + 1).keys
+                        theory = modules[BASELINE].cost(T + 1).rows / module.cost(T + 1).rows
                     else:
-                        theory = prefill_keys[BASELINE][T] / prefill_keys[name][T]
+                        theory = prefill_flops[BASELINE][T] / prefill_flops[name][T]
                     rows.append(
                         _row(mode, T, name, times, theory, peaks[name], cases[name].rows_read)
                     )

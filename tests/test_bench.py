@@ -96,7 +96,8 @@ def test_dense_is_the_baseline(result: BenchResult) -> None:
 def test_prefill_theoretical_speedup_matches_hand_computation(
     result: BenchResult, mode: str
 ) -> None:
-    # Dense reads t keys at context t, the window min(t, 32): sums over t = 1..T.
+    # Attention FLOPs are 4·D per key: dense attends t keys at context t, the window
+    # min(t, 32), so the FLOP ratio is the key ratio, summed over t = 1..T.
     # T=64: 64*65/2 = 2080 against 32*33/2 + 32*32 = 1552.
     assert result.row(mode, 64, "sliding_window").theoretical_speedup == pytest.approx(2080 / 1552)
     # T=128: 128*129/2 = 8256 against 528 + 96*32 = 3600.
@@ -108,6 +109,27 @@ def test_decode_theoretical_speedup_is_keys_at_the_new_token(result: BenchResult
         assert result.row("decode", T, "sliding_window").theoretical_speedup == pytest.approx(
             (T + 1) / WINDOW
         )
+
+
+def test_theory_is_prefill_flops_and_decode_rows_with_the_indexer() -> None:
+    """DSA's prefill theory counts its indexer FLOPs, its decode theory the indexer keys it
+    reads besides the K/V rows (side rows), both from the cost model."""
+    params = {"dsa": {"topk": 16, "warmup_steps": 0, "index_dim": 8, "index_rope_dim": 4}}
+    res = run_bench(
+        tiny_config(mechanisms=["dsa"], modes=["fwd", "decode"], lengths=[64], params=params),
+        progress=False,
+    )
+    shape = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "max_seq_len": 65}
+    dsa = registry.build_attention("dsa", **shape, **params["dsa"])
+    dense = registry.build_attention("dense", **shape)
+    prefill = sum(dense.cost(t).flops for t in range(1, 65)) / sum(
+        dsa.cost(t).flops for t in range(1, 65)
+    )
+    assert res.row("fwd", 64, "dsa").theoretical_speedup == pytest.approx(prefill)
+    # 65 cached tokens: 16 selected rows + 65 indexer keys of 8 numbers over 2 heads x 2 x 16
+    assert dsa.cost(65).side_rows == pytest.approx(65 * 8 / 64)
+    decode = res.row("decode", 64, "dsa").theoretical_speedup
+    assert decode == pytest.approx(65 / (16 + 65 * 8 / 64))
 
 
 def test_decode_rows_read_match_each_mechanism(result: BenchResult) -> None:

@@ -287,6 +287,11 @@ def test_cost_model() -> None:
         attn.attention_flops(32768) / 8, rel=0.02
     )
     assert _dsa(warmup_steps=1).cost(5000).keys == 5000
+    # the indexer keys a decode step reads: E = 64 numbers per token for all of the KV heads
+    wide = _dsa(n_heads=4, n_kv_heads=4, head_dim=128, topk=2048, warmup_steps=0)
+    assert wide.cost(65536).side_rows == 65536 * 64 / (2 * 4 * 128)
+    assert 65536 / wide.cost(65536).rows == pytest.approx(10.67, abs=0.01)  # issue 5's bound
+    assert _dsa(warmup_steps=1).cost(5000).side_rows == 0
 
 
 @pytest.mark.parametrize(
