@@ -8,6 +8,7 @@ worker threads, each with single-threaded ops and its own reused scratch buffers
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import threading
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-__all__ = ["Workspace", "run_workers", "single_threaded_ops", "worker_count"]
+__all__ = ["Workspace", "even_ranges", "run_workers", "single_threaded_ops", "worker_count"]
 
 
 class Workspace:
@@ -108,6 +109,11 @@ def worker_count() -> int:
     if getattr(_in_job, "active", False):
         return 1
     return torch.get_num_threads() if _scope_threads is None else _scope_threads
+
+
+def even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges [lo, hi) covering 0 .. n - 1, sizes differing by at most 1."""
+    return list(itertools.pairwise(n * i // parts for i in range(parts + 1)))
 
 
 def run_workers(jobs: list[Callable[[], None]]) -> None:

@@ -20,7 +20,6 @@ G = HQ // H, D head dim, N compressed tokens, J selection blocks, K selected slo
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sparsezoo.kernels.cpu_workers import run_workers, single_threaded_ops, worker_count
+from sparsezoo.kernels.cpu_workers import (
+    even_ranges,
+    run_workers,
+    single_threaded_ops,
+    worker_count,
+)
 from sparsezoo.kernels.nsa import (
     block_importance,
     compress_kv,
@@ -395,8 +399,7 @@ class NativeSparseAttention(AttentionMechanism):
         pos_T = torch.arange(cache.length - T, cache.length, device=device)
         # scaled queries: a multiply of the few query rows, not of every score
         qs_BTHGD = (q_BTHD.float().view(B, T, H, G, D) * self.scale).contiguous()
-        workers = max(1, min(worker_count(), H))
-        bounds = list(itertools.pairwise([H * i // workers for i in range(workers + 1)]))
+        bounds = even_ranges(H, max(1, min(worker_count(), H)))
 
         o_cmp_BHRD = torch.empty(B, H, T * G, D, device=device)
         mass_BHTN = torch.empty(B, H, T, cache.n_cmp, device=device)

@@ -11,7 +11,12 @@ import time
 import pytest
 import torch
 
-from sparsezoo.kernels.cpu_workers import run_workers, single_threaded_ops, worker_count
+from sparsezoo.kernels.cpu_workers import (
+    even_ranges,
+    run_workers,
+    single_threaded_ops,
+    worker_count,
+)
 
 
 def _record(seen: list, i: int) -> None:
@@ -103,3 +108,9 @@ def test_single_threaded_ops_keep_the_worker_budget() -> None:
         assert torch.get_num_threads() == 3 and worker_count() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_even_ranges_cover_everything_in_near_equal_pieces() -> None:
+    assert even_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert even_ranges(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert even_ranges(7, 1) == [(0, 7)]

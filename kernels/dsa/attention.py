@@ -19,14 +19,13 @@ dim, K index slots, U key sets per query (1 shared, or H), C queries of a chunk.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..cpu_workers import Workspace, single_threaded_ops, worker_count
+from ..cpu_workers import Workspace, even_ranges, single_threaded_ops, worker_count
 from .indexer import _positions, _split, run_on_workers
 
 __all__ = ["sparse_attention", "sparse_attention_naive", "sparse_attention_torch"]
@@ -373,9 +372,7 @@ def _slot_parts(K: int, n_runs: int) -> list[tuple[int, int]]:
     workers = worker_count()
     if n_runs != 1 or workers < 2 or K < 2 * _MIN_PART_SLOTS:
         return [(0, K)]
-    n = min(workers, K // _MIN_PART_SLOTS)
-    bounds = [K * i // n for i in range(n + 1)]
-    return list(itertools.pairwise(bounds))
+    return even_ranges(K, min(workers, K // _MIN_PART_SLOTS))
 
 
 def _merge_parts(

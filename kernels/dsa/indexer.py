@@ -22,7 +22,6 @@ C queries of a chunk, P keys a chunk sees, R rows (chunk queries × sets).
 
 from __future__ import annotations
 
-import itertools
 import numbers
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
-from ..cpu_workers import Workspace, run_workers, single_threaded_ops, worker_count
+from ..cpu_workers import Workspace, even_ranges, run_workers, single_threaded_ops, worker_count
 
 __all__ = [
     "default_index_scale",
@@ -413,9 +412,8 @@ def _scores_by_keys(q_CNE: torch.Tensor, k_PE: torch.Tensor, w_CUN: torch.Tensor
         s_CPU = torch.bmm(relu_PR.view(p1 - p0, C, N).transpose(0, 1), wt_CNU)
         scores_CUP[:, :, p0:p1] = s_CPU.transpose(1, 2)
 
-    workers = worker_count()
-    bounds = [P * i // workers for i in range(workers + 1)]
-    run_on_workers([lambda p0=p0, p1=p1: part(p0, p1) for p0, p1 in itertools.pairwise(bounds)])
+    ranges = even_ranges(P, worker_count())
+    run_on_workers([lambda p0=p0, p1=p1: part(p0, p1) for p0, p1 in ranges])
     return scores_CUP
 
 
