@@ -39,8 +39,10 @@ from torch.utils.checkpoint import checkpoint
 from sparsezoo.kernels.cpu_workers import single_threaded_ops
 from sparsezoo.kernels.dsa import (
     default_index_scale,
+    indexer_kl,
     indexer_scores,
     indexer_topk,
+    kl_rows,
     sparse_attention,
 )
 from sparsezoo.kernels.rope import apply_rope, rope_angles
@@ -372,7 +374,7 @@ class DeepSeekSparseAttention(AttentionMechanism):
                 )
                 mass = _mass(target_BCUS, self._sets(idx))
             scores = indexer_scores(q_idx_c, k_idx_c, w_c, self.index_scale, backend=p.backend)
-            return torch.stack([_kl_sum(target_BCUS, self._sets(scores)), mass])
+            return torch.stack([kl_rows(target_BCUS, self._sets(scores)).sum(), mass])
 
         total = torch.zeros(2, device=q_BTHD.device)
         for t0, t1 in bounds:
@@ -396,10 +398,8 @@ class DeepSeekSparseAttention(AttentionMechanism):
     ) -> torch.Tensor:
         """Mean KL over the selected tokens: target = the attention's own slot probabilities."""
         q_idx, k_idx, w = index
-        scores = indexer_scores(
-            q_idx, k_idx, w, self.index_scale, indices=idx, backend=self.params.backend
-        )
-        return _kl_sum(self._sets(probs), self._sets(scores)) / (probs.numel() / idx.shape[-1])
+        kl = indexer_kl(q_idx, k_idx, w, idx, probs, self.index_scale, backend=self.params.backend)
+        return kl / (probs.numel() / idx.shape[-1])
 
     @torch.no_grad()
     def _sampled_recall(
@@ -480,19 +480,6 @@ class DeepSeekSparseAttention(AttentionMechanism):
             flops=self.attention_flops(keys) + index_flops / self.shape.n_heads,
             side_rows=t * p.index_dim / (2 * self.shape.n_kv_heads * self.shape.head_dim),
         )
-
-
-def _kl_sum(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL(target || softmax(scores)); -inf scores mark excluded keys.
-
-    Both distributions live on the keys with finite scores (the target is 0 elsewhere and
-    renormalised over them); the target carries no gradient.
-    """
-    used = torch.isfinite(scores)
-    target = torch.where(used, target, 0.0)
-    target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    log_q = torch.where(used, torch.log_softmax(scores, dim=-1), 0.0)
-    return (torch.xlogy(target, target) - target * log_q).sum()
 
 
 def _mass(target_BTUS: torch.Tensor, idx_BTUK: torch.Tensor) -> torch.Tensor:

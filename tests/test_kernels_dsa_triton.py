@@ -1,4 +1,4 @@
-"""Tests of the Triton DSA kernels (sparse attention, indexer scores, top-k) against the oracles.
+"""Tests of the Triton DSA kernels (attention, indexer scores, top-k, KL) against the oracles.
 
 The comparisons run in one child process started with TRITON_INTERPRET=1 (it must be set before
 the kernel modules are imported), in fp32 on small shapes, with tiles shrunk to 16 so short rows
@@ -23,6 +23,7 @@ from test_kernels_dsa import (
     make_qkv,
     random_indices,
 )
+from test_kernels_dsa_kl import kl_results, random_target
 
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.kernels.dsa import indexer_scores, indexer_topk, sparse_attention
@@ -95,7 +96,13 @@ def compare_triton_with_naive() -> dict[str, str]:
             expected = indexer_topk(*inputs, topk, backend="naive")
             assert_same_selection(actual, expected, indexer_scores(*inputs, backend="naive"))
 
+        def kl_check(inputs: Any = inputs, idx: torch.Tensor = idx) -> None:
+            target = random_target(idx.shape)
+            expected = kl_results("naive", inputs, idx, target)
+            assert_all_close(kl_results("triton", inputs, idx, target), expected)
+
         report[f"scores{case}"] = _run(scores_check)
+        report[f"kl{case}"] = _run(kl_check)
         report[f"topk{case}"] = _run(topk_check)
     return report
 
@@ -122,6 +129,15 @@ def test_indexer_scores_interpreted_match_naive(
 ) -> None:
     """Interpreted dense and slot score kernels give the naive scores and all gradients."""
     assert triton_report[f"scores{case}"] == ""
+
+
+@needs_triton
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=str)
+def test_indexer_kl_interpreted_matches_naive(
+    triton_report: dict[str, str], case: tuple[Any, ...]
+) -> None:
+    """The KL over the Triton slot scores equals the oracle's, with all gradients."""
+    assert triton_report[f"kl{case}"] == ""
 
 
 @needs_triton

@@ -506,6 +506,79 @@ class _SlotKeys:
         return torch.bmm(q_CNE, self.k_CKE.transpose(1, 2), out=out)
 
 
+def slot_scores(
+    slots: _SlotKeys, q_CNE: torch.Tensor, w_CN: torch.Tensor, scale: float, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [C, K] of one chunk's slots of one set (a fresh tensor, -inf on unused slots)
+    and the ReLU'd dots [C, N, K] behind them (a workspace buffer, valid until its next use)."""
+    relu_CNK = slots.dots(q_CNE, ws).relu_()
+    scores_CK = torch.bmm(w_CN[:, None, :], relu_CNK).squeeze(1).mul_(scale)
+    return scores_CK.masked_fill_(~slots.used_CK, float("-inf")), relu_CNK
+
+
+def slot_backward(
+    slots: _SlotKeys,
+    q_CNE: torch.Tensor,
+    w_CN: torch.Tensor,
+    g_CK: torch.Tensor,
+    ws: Workspace,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    relu_CNK: torch.Tensor | None = None,
+) -> None:
+    """Accumulate one chunk's gradients from ``g_CK``, the gradient of its scaled slot scores
+    already multiplied by the scale (and 0 on unused slots), into ``grads`` = (dq_CNE, dw_CN,
+    dk_SE): dq and dw are the chunk's rows, dk the worker's whole-sequence buffer. The ReLU'd
+    dots are recomputed unless a caller that just scored the chunk passes them (consumed)."""
+    dq_CNE, dw_CN, dk_SE = grads
+    C, K = g_CK.shape
+    if relu_CNK is None:
+        relu_CNK = slots.dots(q_CNE, ws).relu_()
+    # ReLU(x) > 0 exactly where x > 0: the gate needs no pre-activation copy
+    gate_CNK = relu_CNK > 0
+    dw_CN += torch.bmm(relu_CNK, g_CK[:, :, None]).squeeze(-1)
+    # the ReLU'd dots are no longer needed: their buffer takes the coefficients
+    coef_CNK = torch.mul(w_CN[:, :, None], g_CK[:, None, :], out=relu_CNK)
+    coef_CNK.mul_(gate_CNK)
+    dq_CNE += torch.bmm(coef_CNK, slots.k_CKE)
+    dk_CKE = ws.get("dk", q_CNE, C, K, q_CNE.shape[2])
+    torch.bmm(coef_CNK.transpose(1, 2), q_CNE, out=dk_CKE)
+    dk_SE.index_add_(0, slots.rows, dk_CKE.view(-1, q_CNE.shape[2]))
+
+
+def slot_chunk_runs(
+    job: Callable[..., None],
+    q_BTNE: torch.Tensor,
+    k_BSE: torch.Tensor,
+    w_BTUN: torch.Tensor,
+    idx_BTUK: torch.Tensor,
+    with_dk: bool = False,
+) -> torch.Tensor | None:
+    """Run ``job(b, t0, t1, u, slots, ws)`` on every (query chunk, set) of a slot pass, the
+    chunks on worker threads. With ``with_dk`` each worker also passes its own zeroed dk
+    buffer, [B, S, E] like k (``job(..., ws, dk_BSE)``), and the buffers' sum, in worker
+    order, is returned."""
+    B, T = q_BTNE.shape[:2]
+    S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
+    pos_T = _positions(T, S, q_BTNE.device)
+    runs = _slot_runs(B, T, K)
+    dk_W = [torch.zeros_like(k_BSE) for _ in runs] if with_dk else []
+
+    def run(i: int) -> None:
+        ws = Workspace()
+        extra = (dk_W[i],) if with_dk else ()
+        for b, t0, t1 in runs[i]:
+            for u in range(U):
+                slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
+                job(b, t0, t1, u, slots, ws, *extra)
+
+    run_on_workers([lambda i=i: run(i) for i in range(len(runs))])
+    if not with_dk:
+        return None
+    for dk in dk_W[1:]:
+        dk_W[0] += dk
+    return dk_W[0]
+
+
 class _GatheredScores(torch.autograd.Function):
     """Indexer scores at index slots [B, T, U, K]; backward recomputes the gathered keys."""
 
@@ -519,21 +592,14 @@ class _GatheredScores(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         """Score the slot keys of every query; unused and future slots -inf."""
-        B, T = q_BTNE.shape[:2]
-        S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
-        out_BTUK = torch.empty(B, T, U, K, device=q_BTNE.device)
-        pos_T = _positions(T, S, q_BTNE.device)
+        out_BTUK = q_BTNE.new_empty(*idx_BTUK.shape)
 
-        def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
-            for u in range(U):
-                slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
-                relu_CNK = slots.dots(q_BTNE[b, t0:t1], ws).relu_()
-                scores_C1K = torch.bmm(w_BTUN[b, t0:t1, u, None], relu_CNK)
-                scores_CK = scores_C1K.squeeze(1).mul_(scale)
-                out_BTUK[b, t0:t1, u] = scores_CK.masked_fill_(~slots.used_CK, float("-inf"))
+        def job(b: int, t0: int, t1: int, u: int, slots: _SlotKeys, ws: Workspace) -> None:
+            out_BTUK[b, t0:t1, u] = slot_scores(
+                slots, q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u], scale, ws
+            )[0]
 
-        runs = _slot_runs(B, T, K)
-        run_on_workers([lambda run=run: _run_chunks(job, run) for run in runs])
+        slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK)
         ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN, idx_BTUK)
         ctx.scale = scale
         return out_BTUK
@@ -545,40 +611,18 @@ class _GatheredScores(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         """dq, dw per query; dk scattered into per-worker buffers summed at the end."""
         q_BTNE, k_BSE, w_BTUN, idx_BTUK = ctx.saved_tensors
-        B, T, _, E = q_BTNE.shape
-        S, U, K = k_BSE.shape[1], w_BTUN.shape[2], idx_BTUK.shape[3]
-        pos_T = _positions(T, S, q_BTNE.device)
         dq, dw = torch.zeros_like(q_BTNE), torch.zeros_like(w_BTUN)
-        runs = _slot_runs(B, T, K)
-        dk_W = [torch.zeros_like(k_BSE) for _ in runs]
 
-        def job(b: int, t0: int, t1: int, ws: Workspace, dk_SE: torch.Tensor) -> None:
-            q_CNE = q_BTNE[b, t0:t1]
-            C = t1 - t0
-            for u in range(U):
-                slots = _SlotKeys(k_BSE[b], idx_BTUK[b, t0:t1, u], pos_T[t0:t1], ws)
-                g_CK = torch.mul(g_BTUK[b, t0:t1, u], ctx.scale, out=ws.get("g", q_CNE, C, K))
-                g_CK.masked_fill_(~slots.used_CK, 0.0)
-                dot_CNK = slots.dots(q_CNE, ws)
-                gate_CNK = dot_CNK > 0
-                dw[b, t0:t1, u] = torch.bmm(dot_CNK.relu_(), g_CK[:, :, None]).squeeze(-1)
-                # the ReLU'd dots are no longer needed: their buffer takes the coefficients
-                coef_CNK = torch.mul(w_BTUN[b, t0:t1, u, :, None], g_CK[:, None, :], out=dot_CNK)
-                coef_CNK.mul_(gate_CNK)
-                dq[b, t0:t1] += torch.bmm(coef_CNK, slots.k_CKE)
-                dk_CKE = ws.get("dk", q_CNE, C, K, E)
-                torch.bmm(coef_CNK.transpose(1, 2), q_CNE, out=dk_CKE)
-                dk_SE.index_add_(0, slots.rows, dk_CKE.view(-1, E))
+        def job(
+            b: int, t0: int, t1: int, u: int, slots: _SlotKeys, ws: Workspace, dk_BSE: torch.Tensor
+        ) -> None:
+            g_CK = ws.get("g", q_BTNE, *slots.used_CK.shape)
+            torch.mul(g_BTUK[b, t0:t1, u], ctx.scale, out=g_CK).masked_fill_(~slots.used_CK, 0.0)
+            grads = (dq[b, t0:t1], dw[b, t0:t1, u], dk_BSE[b])
+            slot_backward(slots, q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u], g_CK, ws, grads)
 
-        run_on_workers(
-            [
-                lambda run=run, dk=dk: _run_chunks(lambda *c: job(*c, dk_SE=dk[c[0]]), run)
-                for run, dk in zip(runs, dk_W, strict=True)
-            ]
-        )
-        for dk in dk_W[1:]:
-            dk_W[0] += dk
-        return dq, dk_W[0], dw, None, None
+        dk = slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK, with_dk=True)
+        return dq, dk, dw, None, None
 
 
 def _slot_runs(B: int, T: int, K: int) -> list[list[tuple[int, int, int]]]:

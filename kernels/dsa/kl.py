@@ -1,0 +1,170 @@
+"""The indexer's KL loss of DSA's sparse stage (``sparsezoo.kernels.dsa.kl``): ``indexer_kl``.
+
+In the sparse stage the indexer learns KL(p_t || softmax(I_t)) over each query's selected
+slots, with p_t the main attention's slot probabilities (the target, no gradient) and I_t the
+indexer scores at those slots. Written as scores then a KL, the torch path would hold several
+[B, T, K] fp32 tensors at once (scores, masks, log-softmax, products: ~1.6 GB above the
+attention's own at 32k tokens, k = 2048) and run each elementwise pass over all of them; the
+fused path scores, normalises and reduces one query chunk at a time, and its backward
+recomputes the chunk's scores and turns (softmax - target) straight into dq, dw, dk.
+
+Backends: ``naive`` (the oracle: ``indexer_scores_naive`` then :func:`kl_rows`), ``torch`` (the
+fused chunked path on worker threads) and ``triton`` (the Triton slot scores then
+:func:`kl_rows`).
+
+Legend as in ``indexer``: B batch, T queries, S keys, N indexer heads, E indexer head dim,
+U selection sets per query, K slots, C queries of a chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..backend import resolve_backend
+from ..cpu_workers import Workspace
+from .indexer import (
+    _as_sets,
+    _SlotKeys,
+    _validate,
+    default_index_scale,
+    indexer_scores_naive,
+    slot_backward,
+    slot_chunk_runs,
+    slot_scores,
+)
+
+__all__ = ["indexer_kl", "kl_rows"]
+
+_OP = "indexer_kl"
+_AVAILABLE = ("naive", "torch", "triton")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def kl_rows(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(scores)) of every row (last axis); -inf scores mark excluded keys.
+
+    Both distributions live on the keys with finite scores: the target is set to 0 elsewhere
+    and renormalised over them (a row whose target has no mass there gives 0, as does a row
+    with no finite score). Differentiable in ``scores``; the target carries no gradient.
+    """
+    used = torch.isfinite(scores)
+    target = torch.where(used, target.detach(), 0.0)
+    target = target / target.sum(-1, keepdim=True).clamp_min(_TINY)
+    log_q = torch.where(used, torch.log_softmax(scores, dim=-1), 0.0)
+    return (torch.xlogy(target, target) - target * log_q).sum(-1)
+
+
+def _softmax_used(scores_CK: torch.Tensor) -> torch.Tensor:
+    """Softmax of score rows with -inf on excluded slots; a row with none used is all 0."""
+    max_C1 = scores_CK.amax(-1, keepdim=True)
+    max_C1.masked_fill_(max_C1 == float("-inf"), 0.0)
+    p_CK = (scores_CK - max_C1).exp_()
+    return p_CK.div_(p_CK.sum(-1, keepdim=True).clamp_min(_TINY))
+
+
+class _SlotKL(torch.autograd.Function):
+    """Fused slot scores + KL per query chunk; the backward recomputes each chunk's scores."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTNE: torch.Tensor,
+        k_BSE: torch.Tensor,
+        w_BTUN: torch.Tensor,
+        idx_BTUK: torch.Tensor,
+        target_BTUK: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Sum of the rows' KL; per-row values land in a [B, T, U] tensor summed at the end, so
+        the result does not depend on how chunks were dealt to the workers."""
+        kl_BTU = q_BTNE.new_empty(idx_BTUK.shape[:3])
+
+        def job(b: int, t0: int, t1: int, u: int, slots: _SlotKeys, ws: Workspace) -> None:
+            scores_CK, _ = slot_scores(slots, q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u], scale, ws)
+            kl_BTU[b, t0:t1, u] = kl_rows(target_BTUK[b, t0:t1, u], scores_CK)
+
+        slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK)
+        ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN, idx_BTUK, target_BTUK)
+        ctx.scale = scale
+        return kl_BTU.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
+        """d KL / d score = softmax - normalised target (on used slots), then as the scores'."""
+        q_BTNE, k_BSE, w_BTUN, idx_BTUK, target_BTUK = ctx.saved_tensors
+        dq, dw = torch.zeros_like(q_BTNE), torch.zeros_like(w_BTUN)
+        coef = float(g) * ctx.scale
+
+        def job(
+            b: int,
+            t0: int,
+            t1: int,
+            u: int,
+            slots: _SlotKeys,
+            ws: Workspace,
+            dk_BSE: torch.Tensor,
+        ) -> None:
+            q_CNE, w_CN = q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u]
+            scores_CK, relu_CNK = slot_scores(slots, q_CNE, w_CN, ctx.scale, ws)
+            p_CK = _softmax_used(scores_CK)
+            t_CK = torch.where(slots.used_CK, target_BTUK[b, t0:t1, u], 0.0)
+            mass_C1 = t_CK.sum(-1, keepdim=True)
+            # rows whose target has no mass on the used slots have a constant 0 loss
+            p_CK.mul_(mass_C1 > 0)
+            g_CK = p_CK.sub_(t_CK.div_(mass_C1.clamp_min(_TINY))).mul_(coef)
+            grads = (dq[b, t0:t1], dw[b, t0:t1, u], dk_BSE[b])
+            slot_backward(slots, q_CNE, w_CN, g_CK, ws, grads, relu_CNK)
+
+        dk = slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK, with_dk=True)
+        return dq, dk, dw, None, None, None
+
+
+def indexer_kl(
+    q_idx_BTNE: torch.Tensor,
+    k_idx_BSE: torch.Tensor,
+    w_idx: torch.Tensor,
+    indices: torch.Tensor,
+    target: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sum over score rows of KL(target || softmax(I)) at the index slots; fp32 scalar.
+
+    Shapes as in ``indexer_scores`` with ``indices``: q_idx [B, T, N, E], k_idx [B, S, E],
+    w_idx [B, T, N] with indices [B, T, K] (one set per query) or w_idx [B, T, U, N] with
+    indices [B, T, U, K]; ``target`` has the shape of ``indices`` (DSA: the attention's slot
+    probabilities). A row's distributions live on its used slots (not -1, not future): the
+    target is renormalised over them, and a row whose target has no mass there, or with no
+    used slot, contributes 0. Differentiable in q_idx, k_idx and w_idx; the target gets no
+    gradient. ``scale`` defaults to N^-1/2 · E^-1/2. ``backend`` is ``naive``, ``torch``,
+    ``triton`` or ``auto``. Raises ValueError naming the argument for bad shapes, dtypes,
+    devices, index values or backend.
+    """
+    _validate(_OP, q_idx_BTNE, k_idx_BSE, w_idx, indices)
+    if target.shape != indices.shape or not target.is_floating_point():
+        raise ValueError(
+            f"{_OP}: target must be a floating tensor shaped like indices "
+            f"{tuple(indices.shape)}, got {target.dtype} {tuple(target.shape)}"
+        )
+    if target.device != indices.device:
+        raise ValueError(f"{_OP}: target is on {target.device}, indices on {indices.device}")
+    chosen = resolve_backend(_OP, backend, _AVAILABLE, q_idx_BTNE)
+    N, E = q_idx_BTNE.shape[2:]
+    scale = default_index_scale(N, E) if scale is None else float(scale)
+    sets = _as_sets if w_idx.dim() == 3 else lambda x: x
+    target_BTUK = sets(target.detach().float())
+    if chosen == "torch":
+        q, k, w = q_idx_BTNE.float(), k_idx_BSE.float(), _as_sets(w_idx).float().contiguous()
+        return _SlotKL.apply(q, k, w, sets(indices), target_BTUK, scale)
+    if chosen == "naive":
+        scores = indexer_scores_naive(q_idx_BTNE, k_idx_BSE, w_idx, scale, indices)
+    else:
+        # imported on first use: it needs triton, and TRITON_INTERPRET is read at import time
+        from .triton_indexer import indexer_scores_triton
+
+        scores = indexer_scores_triton(q_idx_BTNE, k_idx_BSE, w_idx, scale, indices)
+    return kl_rows(target_BTUK, sets(scores)).sum()
