@@ -192,6 +192,10 @@ def test_kernels_on_gpu_match_naive(dtype: torch.dtype) -> None:
             [out, *cotangent_grads(out, inputs)], [ref, *cotangent_grads(ref, inputs)], strict=True
         ):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    target = random_target(idx.shape).cuda()
+    actual_kl = kl_results("triton", inputs, idx, target)
+    for a, e in zip(actual_kl, kl_results("naive", inputs, idx, target), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     selected = indexer_topk(*inputs, 256, backend="triton")
     assert_same_selection(
         selected.cpu(),
