@@ -234,6 +234,18 @@ def test_decode_topk_splits_the_keys_over_the_workers(
         assert (actual[:, 0] < 777 - T + 1).all()
 
 
+def test_topk_chunks_keep_every_worker_busy(threads: Callable[[int], None]) -> None:
+    """Prefill chunks are cut so every worker gets one (1024 queries whose ReLU terms fit one
+    chunk become two on two workers); a few decode queries stay one chunk (the key-split
+    path); long rows are capped by the chunk's ReLU terms."""
+    threads(2)
+    assert indexer._chunks(1024, 1024, 4) == [(0, 512), (512, 1024)]
+    assert indexer._chunks(5, 70000, 4) == [(0, 5)]
+    assert indexer._chunks(20, 20, 4, first=4) == [(4, 12), (12, 20)]
+    chunks = indexer._chunks(32768, 32768, 4)
+    assert len(chunks) == 1024 and all(t1 - t0 == 32 for t0, t1 in chunks)
+
+
 def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
     """Rows whose best keys all sit on the sampled stride (the threshold keeps too few
     candidates), rows of near-ties and random rows all get exactly torch's top-k set."""
@@ -257,12 +269,13 @@ def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
 
 
 def test_topk_never_materializes_the_score_matrix(threads: Callable[[int], None]) -> None:
-    """At T = S = 4096 no tensor reaches a quarter of the [T, S] score matrix."""
+    """At T = S = 8192 no tensor outgrows one chunk's ReLU terms, a quarter of the [T, S]
+    score matrix."""
     threads(1)  # dispatch modes are per thread: keep every op on this one
-    q, k, w = (x.detach() for x in make_index_inputs(1, 4096, 4096, 4, 16, None))
+    q, k, w = (x.detach() for x in make_index_inputs(1, 8192, 8192, 4, 16, None))
     with LargestTensor() as largest:
         indexer_topk(q, k, w, 256, backend="torch")
-    assert largest.numel < 4096 * 4096 // 4
+    assert largest.numel <= indexer._CHUNK_ELEMENTS <= 8192 * 8192 // 4
 
 
 # (B, T, S, HQ, H, D, K, per_head): GQA and MHA, decode-like (T < S, T = 1), shared and per-head
