@@ -214,8 +214,9 @@ class BenchRow:
     ``speedup`` is dense's median over this median (measured in the same rounds);
     ``theoretical_speedup`` is the cost model's ratio (prefill FLOPs, or rows read per decode
     step) and ``share`` their quotient.
-    ``peak_mem_mb`` is measured in one extra untimed call (see :class:`sparsezoo.perf.PeakMemory`
-    for what it means on CPU). ``rows_read`` is the KV rows per KV head the decode step read.
+    ``peak_mem_mb`` (allocator bytes held at once) and ``peak_rss_mb`` (resident set, CPU only;
+    0 on CUDA) are measured in one extra untimed call (see :class:`sparsezoo.perf.PeakMemory`).
+    ``rows_read`` is the KV rows per KV head the decode step read.
     """
 
     mode: str
@@ -227,6 +228,7 @@ class BenchRow:
     theoretical_speedup: float
     share: float
     peak_mem_mb: float
+    peak_rss_mb: float
     rows_read: int | None
 
 
@@ -430,7 +432,7 @@ def _row(
     name: str,
     times: dict[str, list[float]],
     theory: float,
-    peak_mb: float,
+    peak: tuple[float, float],
     rows_read: int | None,
 ) -> BenchRow:
     """Summarize one mechanism's repeat times against the baseline's from the same rounds."""
@@ -445,7 +447,8 @@ def _row(
         speedup=speedup,
         theoretical_speedup=theory,
         share=speedup / theory,
-        peak_mem_mb=peak_mb,
+        peak_mem_mb=peak[0],
+        peak_rss_mb=peak[1],
         rows_read=rows_read,
     )
 
@@ -466,8 +469,9 @@ def _measure(
     return times
 
 
-def _peak_memory(cases: dict[str, _Case], device: torch.device) -> dict[str, float]:
-    """Peak memory of one untimed step per case (sampling would perturb the timed ones)."""
+def _peak_memory(cases: dict[str, _Case], device: torch.device) -> dict[str, tuple[float, float]]:
+    """Peak (allocator, RSS) MB of one untimed step per case (sampling would perturb the timed
+    ones)."""
     peaks = {}
     for name, case in cases.items():
         case.prepare()
@@ -475,7 +479,7 @@ def _peak_memory(cases: dict[str, _Case], device: torch.device) -> dict[str, flo
         gc.collect()
         with PeakMemory(device) as peak:
             case.step()
-        peaks[name] = peak.peak_mb
+        peaks[name] = (peak.peak_mb, peak.peak_rss_mb)
     return peaks
 
 
@@ -491,7 +495,8 @@ def render_table(result: BenchResult) -> Table:
     )
     for header in ("mode", "T", "mechanism"):
         table.add_column(header, no_wrap=True)
-    for header in ("median ms", "speedup", "theoretical", "share", "peak MB", "rows read"):
+    numeric = ("median ms", "speedup", "theoretical", "share", "peak MB", "RSS MB", "rows read")
+    for header in numeric:
         table.add_column(header, justify="right")
     for r in result.rows:
         table.add_row(
@@ -503,6 +508,7 @@ def render_table(result: BenchResult) -> Table:
             f"{r.theoretical_speedup:.2f}x",
             f"{r.share:.0%}",
             f"{r.peak_mem_mb:.1f}",
+            f"{r.peak_rss_mb:.1f}",
             "-" if r.rows_read is None else str(r.rows_read),
         )
     return table
@@ -574,8 +580,8 @@ def flatten_config(cfg: BenchConfig) -> dict[str, str]:
 def bench_metrics(result: BenchResult) -> dict[str, float]:
     """Metrics under stable keys ``bench/<mode>/<mechanism>/T<len>/<name>``.
 
-    Names are ``ms`` (median), ``speedup``, ``theoretical_speedup``, ``peak_mem_mb``, and
-    ``rows_read`` for decode rows.
+    Names are ``ms`` (median), ``speedup``, ``theoretical_speedup``, ``peak_mem_mb``,
+    ``peak_rss_mb``, and ``rows_read`` for decode rows.
     """
     metrics: dict[str, float] = {}
     for r in result.rows:
@@ -584,6 +590,7 @@ def bench_metrics(result: BenchResult) -> dict[str, float]:
         metrics[f"{prefix}/speedup"] = r.speedup
         metrics[f"{prefix}/theoretical_speedup"] = r.theoretical_speedup
         metrics[f"{prefix}/peak_mem_mb"] = r.peak_mem_mb
+        metrics[f"{prefix}/peak_rss_mb"] = r.peak_rss_mb
         if r.rows_read is not None:
             metrics[f"{prefix}/rows_read"] = float(r.rows_read)
     return metrics

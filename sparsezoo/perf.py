@@ -1,11 +1,13 @@
 """Performance measurement helpers: peak memory of a code block and synchronized wall-clock timing.
 
-Memory on CUDA devices comes from the caching allocator's exact counters. On CPU there is no
-allocator counter for the whole process (torch, numpy and Python all allocate), so
-:class:`PeakMemory` samples the resident set size (RSS) from a background thread: CPU numbers are
-sampled RSS deltas, not allocator bytes, and can both miss a peak shorter than the sampling
-interval and under-count memory the allocator reuses from pages it already held (glibc's free
-heap is trimmed at entry to keep that small).
+Memory on CUDA devices comes from the caching allocator's exact counters. On CPU
+:class:`PeakMemory` samples, from a background thread, the bytes glibc's malloc has handed out
+and not yet had back (all threads' arenas plus mmapped blocks: what torch, numpy and Python
+hold), the CPU counterpart of CUDA's allocated bytes, and alongside it the resident set size
+(RSS). RSS also counts freed memory the allocator keeps for reuse, which depends on which
+thread freed what (worker threads have arenas of their own) and moved the same dense step's
+figure by up to 50 MB between runs at 32k tokens. Sampled numbers can miss a peak shorter than
+the sampling interval.
 """
 
 from __future__ import annotations
@@ -38,6 +40,40 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _find_malloc_trim()
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33): heap statistics over all arenas."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _find_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's ``mallinfo2``, or None on other C libraries and older glibc."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _find_mallinfo2()
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back, over every thread's arena plus
+    the mmapped blocks (``uordblks + hblkhd``); None where ``mallinfo2`` is unavailable."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
 def process_peak_rss_mb() -> float:
     """Peak resident set size of this process since it started, in MB (``ru_maxrss``).
 
@@ -63,30 +99,36 @@ def _sync(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Context manager measuring the peak memory used by the code inside it, in MB (``peak_mb``).
+    """Context manager measuring the peak memory used by the code inside it, in MB.
 
-    On a CUDA device it resets the allocator's peak counter at entry and reports
+    On a CUDA device it resets the allocator's peak counter at entry and ``peak_mb`` is
     ``max_memory_allocated`` minus the memory allocated at entry (exact, allocator bytes). On CPU
-    it first returns glibc's free heap to the system (``malloc_trim``), then reports the peak
-    process RSS seen during the block minus the RSS at entry, sampled by a daemon thread every
-    ``interval_s`` seconds plus at entry and exit; where ``/proc`` is missing it falls back to the
-    growth of the process high-water mark (``ru_maxrss``), which is only non-zero when the block
-    exceeds every earlier peak of the process. CPU numbers are therefore sampled RSS deltas:
-    comparable between mechanisms measured the same way, not allocator-exact.
+    a daemon thread samples every ``interval_s`` seconds (plus at entry and exit) the heap bytes
+    in use (:func:`heap_in_use_bytes`) and the process RSS: ``peak_mb`` is the peak heap bytes
+    minus those at entry (the counterpart of the CUDA figure: memory the block's code held at
+    once, whatever the allocator kept of what it freed), ``peak_rss_mb`` the peak RSS minus the
+    RSS at entry (after glibc's free heap is handed back, ``malloc_trim``). Without glibc's
+    ``mallinfo2`` ``peak_mb`` is the RSS figure; without ``/proc`` both fall back to the growth
+    of the process high-water mark (``ru_maxrss``), non-zero only when the block exceeds every
+    earlier peak of the process. CPU numbers are sampled: comparable between mechanisms
+    measured the same way.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.001) -> None:
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.peak_mb: float = 0.0
+        self.peak_rss_mb: float = 0.0
         self._start_bytes = 0
         self._peak_bytes = 0
+        self._start_heap: int | None = None
+        self._peak_heap = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fallback_start_mb = 0.0
 
     def __enter__(self) -> PeakMemory:
-        self.peak_mb = 0.0
+        self.peak_mb = self.peak_rss_mb = 0.0
         if self.device.type == "cuda":
             _sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -102,6 +144,8 @@ class PeakMemory:
             self._fallback_start_mb = process_peak_rss_mb()
             return self
         self._start_bytes = self._peak_bytes = rss
+        self._start_heap = heap_in_use_bytes()
+        self._peak_heap = self._start_heap or 0
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
         self._thread.start()
@@ -115,6 +159,8 @@ class PeakMemory:
         rss = _current_rss_bytes()
         if rss is not None and rss > self._peak_bytes:
             self._peak_bytes = rss
+        if self._start_heap is not None:
+            self._peak_heap = max(self._peak_heap, heap_in_use_bytes() or 0)
 
     def __exit__(
         self,
@@ -127,7 +173,9 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device) - self._start_bytes
             self.peak_mb = max(0.0, peak / MB)
         elif self._thread is None:
-            self.peak_mb = max(0.0, process_peak_rss_mb() - self._fallback_start_mb)
+            self.peak_mb = self.peak_rss_mb = max(
+                0.0, process_peak_rss_mb() - self._fallback_start_mb
+            )
         else:
             self._stop.set()
             self._thread.join()
@@ -135,7 +183,12 @@ class PeakMemory:
             # A final sample (after the join, so no race on the peak) catches memory still held
             # at exit that fell between two samples.
             self._observe()
-            self.peak_mb = (self._peak_bytes - self._start_bytes) / MB
+            self.peak_rss_mb = (self._peak_bytes - self._start_bytes) / MB
+            self.peak_mb = (
+                self.peak_rss_mb
+                if self._start_heap is None
+                else (self._peak_heap - self._start_heap) / MB
+            )
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:

@@ -73,7 +73,7 @@ def test_every_mechanism_mode_and_length_has_a_row(result: BenchResult) -> None:
         assert len(r.times_ms) == TINY["repeats"]
         assert all(t > 0 for t in r.times_ms)
         assert r.median_ms == statistics.median(r.times_ms)
-        assert r.peak_mem_mb >= 0
+        assert r.peak_mem_mb >= 0 and r.peak_rss_mb >= 0
 
 
 def test_resolved_config_records_baseline_shape_and_device(result: BenchResult) -> None:
@@ -200,7 +200,7 @@ def test_metric_keys_and_flat_params(result: BenchResult) -> None:
     assert metrics["bench/decode/sliding_window/T128/rows_read"] == WINDOW
     assert "bench/fwd/sliding_window/T128/rows_read" not in metrics
     for mode, T, name in itertools.product(MODES, LENGTHS, ["dense", "sliding_window"]):
-        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb"):
+        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb", "peak_rss_mb"):
             assert f"bench/{mode}/{name}/T{T}/{metric}" in metrics
     flat = flatten_config(result.config)
     assert flat["lengths"] == "64,128"
@@ -235,7 +235,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert run.data.params["params.sliding_window.window"] == str(WINDOW)
     assert run.data.params["modes"] == "fwd,decode"
     for mode, T, name in itertools.product(["fwd", "decode"], LENGTHS, ["dense", "sliding_window"]):
-        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb"):
+        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb", "peak_rss_mb"):
             assert f"bench/{mode}/{name}/T{T}/{metric}" in run.data.metrics
     assert run.data.metrics["bench/decode/dense/T64/rows_read"] == 65
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

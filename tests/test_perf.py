@@ -24,6 +24,7 @@ def test_cpu_peak_sees_allocation_held_at_exit() -> None:
         x = torch.ones(N_200MB)
     del x
     assert peak.peak_mb >= 150
+    assert peak.peak_rss_mb >= 150
 
 
 @pytest.mark.skipif(perf._MALLOC_TRIM is None, reason="needs glibc's malloc_trim")
@@ -39,6 +40,32 @@ def test_cpu_peak_sees_memory_the_allocator_reuses() -> None:
     assert peak.peak_mb >= 12
 
 
+@pytest.mark.skipif(perf._MALLINFO2 is None, reason="needs glibc's mallinfo2")
+def test_heap_in_use_follows_allocations() -> None:
+    before = perf.heap_in_use_bytes()
+    x = torch.ones(N_200MB // 4)  # 47.7 MiB: an mmapped block
+    small = [torch.ones(1024) for _ in range(1000)]  # 3.9 MiB of 4 KB heap chunks
+    held = perf.heap_in_use_bytes()
+    del x, small
+    after = perf.heap_in_use_bytes()
+    assert held - before >= 51 * perf.MB
+    assert held - after >= 51 * perf.MB
+
+
+@pytest.mark.skipif(
+    perf._MALLINFO2 is None or perf._MALLOC_TRIM is None, reason="needs glibc's mallinfo2"
+)
+def test_cpu_peak_counts_memory_held_not_memory_the_allocator_keeps() -> None:
+    # Interleaved frees leave holes glibc keeps resident: 64 MB stays in RSS but not in use.
+    with PeakMemory("cpu") as peak:
+        chunks = [torch.ones(16_384) for _ in range(2048)]  # 2048 x 64 KB heap chunks
+        del chunks[::2]
+        x = torch.ones(16_000_000)  # 64 MB while the holes are still resident
+        del x, chunks
+    assert 110 <= peak.peak_mb <= 150
+    assert peak.peak_rss_mb >= peak.peak_mb + 40
+
+
 def test_cpu_peak_of_empty_block_is_small() -> None:
     with PeakMemory("cpu") as peak:
         pass
@@ -49,7 +76,7 @@ def test_cpu_fallback_without_proc_uses_high_water_mark(monkeypatch, tmp_path) -
     monkeypatch.setattr(perf, "_STATM", tmp_path / "missing")
     with PeakMemory("cpu") as peak:
         pass
-    assert peak.peak_mb == 0.0
+    assert peak.peak_mb == peak.peak_rss_mb == 0.0
     # Exceed every earlier peak of this process, so the high-water mark has to rise.
     n = int((process_peak_rss_mb() + 100) * perf.MB / 4)
     with PeakMemory("cpu") as peak:
