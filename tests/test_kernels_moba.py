@@ -424,6 +424,42 @@ def test_torch_path_never_materializes_dense_or_repeated_tensors(
     assert largest.numel <= size_q < min(T * T, B * T * HQ * N, T * top_k * block_size * D) // 4
 
 
+def test_torch_path_does_not_save_its_output() -> None:
+    """The output is not among the tensors saved for the backward (the output projection
+    holds it only until its own backward; the kernel recomputes it)."""
+    qkv = make_qkv(1, 300, 4, 2, 8)
+    saved: list[int] = []
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x.untyped_storage().data_ptr())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        o_BTHD = moba_attention(*qkv, 8, 3, backend="torch")
+    assert saved and o_BTHD.untyped_storage().data_ptr() not in saved
+    assert_all_close(with_grads(o_BTHD, qkv), output_and_grads("naive", qkv, 8, 3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_output_stand_in_gives_the_flash_backward_the_same_gradients(causal: bool) -> None:
+    """aten's flash backward reads the output only through rowsum(dO · O): the stand-in
+    dO · c with c = D / |dO|² gives its gradients, rows with dO = 0 included (c = 0)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=gen) for _ in range(3))
+    o, lse = torch_impl._flash(q, k, v, is_causal=causal, scale=0.25)
+    do = torch.randn(o.shape, generator=gen)
+    do[:, :, 5] = 0.0
+    c = torch_impl._out_factor(do.transpose(1, 2), o.transpose(1, 2)).transpose(1, 2)
+    assert torch.all(c[:, :, 5] == 0)
+    stand_in = torch_impl._stand_in(do, c)
+    expected = torch_impl._flash_backward(do, q, k, v, o, lse, 0.0, causal, scale=0.25)
+    actual = torch_impl._flash_backward(do, q, k, v, stand_in, lse, 0.0, causal, scale=0.25)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    wrong = torch_impl._flash_backward(do, q, k, v, stand_in * 1.01, lse, 0.0, causal, scale=0.25)
+    assert not torch.allclose(wrong[0], expected[0], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
     """Invalid sizes, shapes, dtypes, indices and backends raise ValueError naming them."""
     q_BTHD, k_BTHD, v_BTHD = (x.detach() for x in make_qkv(1, 10, 4, 2, 8))
