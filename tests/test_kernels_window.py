@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernel_utils import LargestTensor
 
 from sparsezoo.kernels.backend import triton_available
-from sparsezoo.kernels.window import sliding_window_attention, window_density
+from sparsezoo.kernels.window import sliding_window_attention, torch_impl, window_density
 
 FAST_BACKENDS = ["torch"]
 
@@ -132,6 +132,43 @@ def test_torch_path_never_builds_time_squared_tensors() -> None:
     with LargestTensor() as largest:
         output_and_grads("torch", qkv, window)
     assert largest.numel < T * T // 16
+
+
+@pytest.mark.parametrize(("B", "T", "HQ", "H", "window", "group_rows"), [
+    (2, 1000, 4, 2, 24, 64),
+    (1, 777, 6, 3, 40, 10),
+    (2, 512, 4, 4, 8, 32),
+])  # fmt: skip
+def test_torch_groups_of_chunks_match_naive(
+    monkeypatch: pytest.MonkeyPatch, B: int, T: int, HQ: int, H: int, window: int, group_rows: int
+) -> None:
+    """Many body groups per batch row (tiles overlapping across groups), a partial tail chunk
+    and GQA: outputs and every gradient equal the oracle's."""
+    monkeypatch.setattr(torch_impl, "_GROUP_ROWS", group_rows)
+    pieces = torch_impl._pieces(B, T, window)
+    assert sum(not p.causal and p.b == 0 for p in pieces) >= 3
+    qkv = make_qkv(B, T, HQ, H, 8)
+    expected = output_and_grads("naive", qkv, window)
+    actual = output_and_grads("torch", qkv, window)
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_torch_path_saves_only_inputs_output_and_lse() -> None:
+    """Nothing of key-tile size (K/V repeated per chunk) or a padded copy of q is saved for the
+    backward: the saved storages are q, k, v, the output and the [B, T, HQ] lse."""
+    qkv = make_qkv(2, 500, 4, 2, 8)
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        o_BTHD = sliding_window_attention(*qkv, 40, backend="torch")
+    allowed = {x.untyped_storage().data_ptr() for x in (*qkv, o_BTHD)}
+    others = {ptr: size for ptr, size in saved.items() if ptr not in allowed}
+    assert sum(others.values()) <= 2 * 500 * 4 * 4  # the lse (fp32 [B, T, HQ])
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:

@@ -1,32 +1,44 @@
-"""Fast CPU sliding-window attention: chunked queries, strided key tiles, one batched SDPA call.
+"""Fast CPU sliding-window attention: chunked queries over strided key tiles, aten flash calls.
 
-Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim,
-C queries per chunk, K keys per chunk tile (C + window - 1), N batch × query chunks,
-R query rows per KV head and chunk (C·G, the group folded into the rows).
+Legend: B batch, T time, HQ query heads, H KV heads, D head dim, C queries per chunk, K keys per
+chunk tile (C + window - 1), N chunks of one flash call (or batch rows).
 
 Layout of the computation:
 - head: queries 0 .. window-1 cannot reach past position 0, so for them the window is plain
-  causal attention; one causal SDPA call over the first ``window`` tokens handles them.
+  causal attention; one causal flash call over the first ``window`` tokens handles them.
 - body: the remaining queries are cut into chunks of C. Chunk n's queries sit at positions
   window + n·C + i and need keys window + n·C + i - window + 1 .. that position, so the whole
   chunk reads the contiguous key span 1 + n·C .. 1 + n·C + K - 1. Those spans are overlapping
   strided views of K/V (``unfold``), and in chunk-relative coordinates the window is one band
-  mask [C, K] shared by every chunk, so all chunks go through a single SDPA call. No [T, T] mask
-  or score matrix ever exists; scores live only inside SDPA's blocked kernel.
+  mask [C, K] shared by every chunk, so a group of chunks is one flash call; the partial last
+  chunk is one more call with the mask's corner. No [T, T] mask or score matrix ever exists;
+  scores live only inside aten's blocked flash kernel, which reads a KV head once per group of
+  query heads (its own GQA). The backward adds the overlapping key-tile gradients back C rows
+  at a time. Only q, k, v, the output and the row lse are saved (see
+  ``sliding_window_attention_torch``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 # Tuned with fp32 runs against dense SDPA on 2 CPU cores (T 8k-16k, windows 128-2048). A tile
 # holds C + window - 1 keys for C queries, so smaller chunks compute fewer masked-out scores, but
-# K and V are held (C + window - 1) / C times over (gathered when B > 1, and as tile-shaped
-# gradients that SDPA's backward zero-fills before unfold folds them). Chunks of window / 8 were
-# marginally faster forward, window / 4 marginally faster forward+backward at half the memory.
+# their key tiles hold K and V (C + window - 1) / C times over (as views forward; the backward's
+# tile gradients are copies, per group). Chunks of window / 8 were marginally faster forward,
+# window / 4 marginally faster forward+backward at half the memory.
 _MIN_CHUNK = 32
 _WINDOW_FRACTION = 4
+# Queries per batch row in one flash call of the body (a group of chunks): its output, dq and
+# the key-tile gradients are fresh tensors, so a group bounds them (16 MB of output at 16 heads
+# of 64) while calls stay large.
+_GROUP_ROWS = 4096
 
 
 def _chunk_size(window: int) -> int:
@@ -34,63 +46,209 @@ def _chunk_size(window: int) -> int:
     return max(_MIN_CHUNK, window // _WINDOW_FRACTION)
 
 
-def _band_mask(C: int, window: int, G: int, device: torch.device) -> torch.Tensor:
-    """Chunk-relative window mask [C·G, C + window - 1]: row i (repeated G times) sees i .. i+w-1.
+def _band_mask(C: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Chunk-relative additive window mask [C, C + window - 1]: row i sees columns i .. i+w-1.
 
     Query i of a chunk is at tile position i + window - 1, so its keys (t - window, t] are the
-    tile columns i .. i + window - 1. Rows are repeated per group member because the group is
-    folded into the query rows in (chunk position, group member) order.
+    tile columns i .. i + window - 1; other columns get -inf (aten's flash kernel takes a mask
+    of the query's dtype, not bool).
     """
     i_C1 = torch.arange(C, device=device)[:, None]
     j_1K = torch.arange(C + window - 1, device=device)[None, :]
     band_CK = (j_1K >= i_C1) & (j_1K < i_C1 + window)
-    return band_CK.repeat_interleave(G, dim=0)
+    return torch.zeros(band_CK.shape, dtype=dtype, device=device).masked_fill_(
+        ~band_CK, float("-inf")
+    )
+
+
+def _piece_mask(
+    piece: _Piece, window: int, masks: dict[int, torch.Tensor], q_BTHD: torch.Tensor
+) -> torch.Tensor | None:
+    """The band mask of a body or tail piece (None for the causal head), one per chunk size."""
+    if piece.causal:
+        return None
+    if piece.C not in masks:
+        masks[piece.C] = _band_mask(piece.C, window, q_BTHD.dtype, q_BTHD.device)
+    return masks[piece.C]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One flash call of the layout: queries t0 .. t0 + n·C - 1 of batch row b (n chunks of C
+    queries, ``b`` None for all rows at once) against key tiles starting at ``k0``
+    (K = C + window - 1 keys per chunk, tile i at k0 + i·C); ``causal`` for the head piece,
+    whose one tile is its own C keys."""
+
+    b: int | None
+    t0: int
+    n: int
+    C: int
+    k0: int
+    causal: bool
+
+
+def _pieces(B: int, T: int, window: int) -> list[_Piece]:
+    """The head (first ``window`` queries, plain causal), the full chunks of the body in groups
+    of at most _GROUP_ROWS queries per batch row, and the partial tail chunk."""
+    head = min(window, T)
+    pieces = [_Piece(None, 0, 1, head, 0, True)]
+    C = _chunk_size(window)
+    full = (T - head) // C
+    per_group = max(1, _GROUP_ROWS // C)
+    for b in range(B):
+        for n0 in range(0, full, per_group):
+            n = min(per_group, full - n0)
+            pieces.append(_Piece(b, head + n0 * C, n, C, 1 + n0 * C, False))
+    tail = T - head - full * C
+    if tail:
+        pieces.append(_Piece(None, T - tail, 1, tail, 1 + full * C, False))
+    return pieces
+
+
+def _rows(x_BTHD: torch.Tensor, piece: _Piece) -> torch.Tensor:
+    """The piece's query rows of x as a [N, heads, C, D] view (N = n chunks, or B rows)."""
+    x = x_BTHD[:, piece.t0 : piece.t0 + piece.n * piece.C]
+    if piece.b is None:
+        return x.transpose(1, 2)
+    return x[piece.b].view(piece.n, piece.C, *x.shape[2:]).transpose(1, 2)
+
+
+def _lse_rows(lse_BTH: torch.Tensor, piece: _Piece) -> torch.Tensor:
+    """The piece's rows of the [B, T, HQ] log-sum-exp as a [N, HQ, C] view."""
+    return _rows(lse_BTH[..., None], piece)[..., 0]
+
+
+def _tiles(x_BTHD: torch.Tensor, piece: _Piece, window: int) -> torch.Tensor:
+    """The piece's key tiles of x as a [N, H, K, D] view (overlapping strided windows)."""
+    K = piece.C if piece.causal else piece.C + window - 1
+    x = x_BTHD[:, piece.k0 : piece.k0 + (piece.n - 1) * piece.C + K]
+    if piece.b is None:
+        return x.transpose(1, 2)
+    return x[piece.b].unfold(0, K, piece.C).permute(0, 1, 3, 2)
+
+
+def _add_tiles(dx_BTHD: torch.Tensor, g_NHKD: torch.Tensor, piece: _Piece, window: int) -> None:
+    """Add a piece's key-tile gradients into dx (fp32 [B, T + C, H, D], C rows of slack).
+
+    Tiles overlap, so they are added C rows at a time: piece p of every tile lands on rows
+    k0 + (i + p)·C .. of tile i, one non-overlapping strided view per p.
+    """
+    if piece.b is None:
+        dx_BTHD[:, piece.k0 : piece.k0 + g_NHKD.shape[2]] += g_NHKD.transpose(1, 2)
+        return
+    C, n = piece.C, piece.n
+    K = g_NHKD.shape[2]
+    for p0 in range(0, K, C):
+        c = min(C, K - p0)
+        rows = dx_BTHD[piece.b, piece.k0 + p0 : piece.k0 + p0 + n * C]
+        rows.view(n, C, *rows.shape[1:])[:, :c] += g_NHKD[:, :, p0 : p0 + c].transpose(1, 2)
+
+
+def _forward(
+    q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, window: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_BTHD in q's dtype, lse_BTH fp32), piece by piece."""
+    B, T, HQ, _ = q_BTHD.shape
+    o_BTHD = torch.empty_like(q_BTHD)
+    lse_BTH = torch.empty(B, T, HQ, dtype=torch.float32, device=q_BTHD.device)
+    masks: dict[int, torch.Tensor] = {}
+    for piece in _pieces(B, T, window):
+        mask = _piece_mask(piece, window, masks, q_BTHD)
+        out_NHCD, lse_NHC = _flash(
+            _rows(q_BTHD, piece),
+            _tiles(k_BTHD, piece, window),
+            _tiles(v_BTHD, piece, window),
+            is_causal=piece.causal,
+            attn_mask=mask,
+            scale=scale,
+        )
+        _rows(o_BTHD, piece).copy_(out_NHCD)
+        _lse_rows(lse_BTH, piece).copy_(lse_NHC)
+    return o_BTHD, lse_BTH
+
+
+def _backward(
+    do_BTHD: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    o_BTHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes; dk, dv accumulate in fp32 across pieces."""
+    B, T, H, D = k_BTHD.shape
+    dq_BTHD = torch.empty_like(q_BTHD)
+    slack = _chunk_size(window)
+    dk_BTHD, dv_BTHD = (
+        torch.zeros(B, T + slack, H, D, dtype=torch.float32, device=k_BTHD.device) for _ in range(2)
+    )
+    masks: dict[int, torch.Tensor] = {}
+    for piece in _pieces(B, T, window):
+        mask = _piece_mask(piece, window, masks, q_BTHD)
+        dq_NHCD, dk_NHKD, dv_NHKD = _flash_backward(
+            _rows(do_BTHD, piece),
+            _rows(q_BTHD, piece),
+            _tiles(k_BTHD, piece, window),
+            _tiles(v_BTHD, piece, window),
+            _rows(o_BTHD, piece),
+            _lse_rows(lse_BTH, piece).contiguous(),
+            0.0,
+            piece.causal,
+            attn_mask=mask,
+            scale=scale,
+        )
+        _rows(dq_BTHD, piece).copy_(dq_NHCD)
+        _add_tiles(dk_BTHD, dk_NHKD, piece, window)
+        _add_tiles(dv_BTHD, dv_NHKD, piece, window)
+    return dq_BTHD, dk_BTHD[:, :T].to(k_BTHD.dtype), dv_BTHD[:, :T].to(v_BTHD.dtype)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, the output and the row lse; nothing of tile size."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHD: torch.Tensor,
+        window: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Run the pieces; the output is the tensor the caller gets (saved, not copied)."""
+        q_BTHD, k_BTHD, v_BTHD = (x.contiguous() for x in (q_BTHD, k_BTHD, v_BTHD))
+        o_BTHD, lse_BTH = _forward(q_BTHD, k_BTHD, v_BTHD, window, scale)
+        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH)
+        ctx.window, ctx.scale = window, scale
+        return o_BTHD
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, do_BTHD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        """Gradients for q, k, v; window and scale get none."""
+        q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH = ctx.saved_tensors
+        do_BTHD = do_BTHD.to(q_BTHD.dtype).contiguous()
+        grads = _backward(do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, ctx.window, ctx.scale)
+        return (*grads, None, None)
 
 
 def sliding_window_attention_torch(
     q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, window: int, scale: float
 ) -> torch.Tensor:
-    """Sliding-window attention through SDPA on chunked queries; differentiable in q, k and v.
+    """Sliding-window attention through aten's flash kernels on chunked queries; differentiable
+    in q, k and v.
 
     Inputs are validated by the caller. The first ``window`` queries are causal attention; the
-    rest are processed in chunks whose key tiles are strided views of K/V (gathered once when
-    B > 1), with the query group folded into the query rows so that each KV head is read once
-    per chunk rather than repeated per query head. Returns o_BTHD in q's dtype (SDPA
-    accumulates bf16 in fp32).
+    rest go in chunks of C queries whose key tiles (C + window - 1 keys) are overlapping strided
+    views of K/V under one shared band mask, a group of chunks per flash call, then the partial
+    tail chunk. Query heads read their KV head through the kernel's own GQA (no K/V repeat).
+    Only q, k, v, the output and the row lse are kept for the backward: SDPA over padded,
+    folded copies kept a padded copy of q and its own copy of the output besides the result
+    (252 MB at 32k tokens, 16 heads of 64). Returns o_BTHD in q's dtype (bf16 accumulates in
+    fp32).
     """
-    B, T, HQ, D = q_BTHD.shape
-    H = k_BTHD.shape[2]
-    G = HQ // H
-    head = min(window, T)
-    head_BTHD = F.scaled_dot_product_attention(
-        q_BTHD[:, :head].transpose(1, 2),
-        k_BTHD[:, :head].transpose(1, 2),
-        v_BTHD[:, :head].transpose(1, 2),
-        is_causal=True,
-        scale=scale,
-        enable_gqa=True,
-    ).transpose(1, 2)
-    if head == T:
-        return head_BTHD
-
-    C = _chunk_size(window)
-    K = C + window - 1
-    T_body = T - head
-    chunks = -(-T_body // C)
-    # padding at the end only adds keys after every real query, so causality keeps them unseen
-    pad = chunks * C - T_body
-    q_body_BTHD = F.pad(q_BTHD[:, head:], (0, 0, 0, 0, 0, pad))
-    k_span_BTHD = F.pad(k_BTHD[:, 1:], (0, 0, 0, 0, 0, pad))
-    v_span_BTHD = F.pad(v_BTHD[:, 1:], (0, 0, 0, 0, 0, pad))
-
-    # unfold gives [B, chunks, H, D, K]; with B == 1 the reshape stays a view, else one gather
-    k_NHKD = k_span_BTHD.unfold(1, K, C).transpose(-1, -2).reshape(B * chunks, H, K, D)
-    v_NHKD = v_span_BTHD.unfold(1, K, C).transpose(-1, -2).reshape(B * chunks, H, K, D)
-    q_NHRD = (
-        q_body_BTHD.reshape(B, chunks, C, H, G, D).transpose(2, 3).reshape(B * chunks, H, C * G, D)
-    )
-    o_NHRD = F.scaled_dot_product_attention(
-        q_NHRD, k_NHKD, v_NHKD, attn_mask=_band_mask(C, window, G, q_BTHD.device), scale=scale
-    )
-    body_BTHD = o_NHRD.reshape(B, chunks, H, C, G, D).transpose(2, 3).reshape(B, chunks * C, HQ, D)
-    return torch.cat([head_BTHD, body_BTHD[:, :T_body]], dim=1)
+    return _WindowAttention.apply(q_BTHD, k_BTHD, v_BTHD, window, scale)
