@@ -2,8 +2,9 @@
 
 The project's one window definition: query t attends the keys in (t - window, t], i.e. exactly
 ``window`` keys including itself, fewer near the start of the sequence. Backends: ``naive`` (the
-explicit-mask fp32 oracle), ``torch`` (chunked SDPA, the fast CPU path) and ``triton`` (GPU
-kernels; testable on CPU under TRITON_INTERPRET=1), chosen through ``resolve_backend``.
+explicit-mask fp32 oracle), ``torch`` (chunked aten flash calls, the fast CPU path) and
+``triton`` (GPU kernels; testable on CPU under TRITON_INTERPRET=1), chosen through
+``resolve_backend``.
 Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0), D head dim.
 """
 
