@@ -91,6 +91,40 @@ def test_indexer_kl_target_gets_no_gradient() -> None:
         assert torch.autograd.grad(loss, target, allow_unused=True)[0] is None
 
 
+def test_indexer_kl_gradient_scales_with_the_incoming_one() -> None:
+    """The torch path computes its gradient in the forward: a loss weighted by 2.5 (and one
+    with a zero weight) gives 2.5x (and 0x) the oracle's gradients."""
+    inputs = make_index_inputs(1, 40, 40, 2, 8, 2)
+    idx = random_indices((1, 40, 2, 7), 40)
+    target = random_target(idx.shape)
+    for weight in (2.5, 0.0):
+        grads = {
+            b: torch.autograd.grad(weight * indexer_kl(*inputs, idx, target, backend=b), inputs)
+            for b in ("naive", "torch")
+        }
+        assert_all_close(list(grads["torch"]), list(grads["naive"]))
+
+
+def test_indexer_kl_keeps_no_target_for_backward() -> None:
+    """What the torch path saves for backward is its q-, k- and w-sized gradients: not the
+    target (256 MB at 32k tokens), not the indices; with no input needing a gradient, nothing."""
+    inputs = make_index_inputs(1, 50, 50, 2, 8, None)
+    idx = random_indices((1, 50, 11), 50)
+    target = random_target(idx.shape)
+    for needs_grad in (True, False):
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            args = inputs if needs_grad else tuple(x.detach() for x in inputs)
+            indexer_kl(*args, idx, target, backend="torch")
+        # the set axis of shared weights is kept: compare sizes
+        assert sorted(sizes) == (sorted(x.numel() for x in inputs) if needs_grad else [])
+
+
 def test_indexer_kl_bad_inputs_name_the_argument() -> None:
     """Shape, dtype and backend errors name what is wrong."""
     q, k, w = (x.detach() for x in make_index_inputs(1, 6, 8, 2, 4, None))

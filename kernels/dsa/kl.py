@@ -64,7 +64,16 @@ def _softmax_used(scores_CK: torch.Tensor) -> torch.Tensor:
 
 
 class _SlotKL(torch.autograd.Function):
-    """Fused slot scores + KL per query chunk; the backward recomputes each chunk's scores."""
+    """Fused slot scores + KL per query chunk, with its gradient computed in the same pass.
+
+    The loss is a sum of KLs whose target carries no gradient, so once a chunk's scores exist
+    its gradient is fixed up to the incoming scalar: d KL / d score = softmax - normalised
+    target. When an input needs a gradient, the forward turns that into dq, dw, dk right away
+    and saves only them (q- and k-sized); the backward scales them by the incoming gradient.
+    A separate backward pass would gather every chunk's slot keys and recompute its scores a
+    second time, and would keep the target ([B, T, U, K] fp32: 256 MB at 32k tokens,
+    k = 2048) alive from the forward to the backward.
+    """
 
     @staticmethod
     def forward(
@@ -79,14 +88,25 @@ class _SlotKL(torch.autograd.Function):
         """Sum of the rows' KL; per-row values land in a [B, T, U] tensor summed at the end, so
         the result does not depend on how chunks were dealt to the workers."""
         kl_BTU = q_BTNE.new_empty(idx_BTUK.shape[:3])
+        want_grads = any(ctx.needs_input_grad[:3])
+        dq = torch.zeros_like(q_BTNE) if want_grads else None
+        dw = torch.zeros_like(w_BTUN) if want_grads else None
 
-        def job(b: int, t0: int, t1: int, u: int, slots: _SlotKeys, ws: Workspace) -> None:
-            scores_CK, _ = slot_scores(slots, q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u], scale, ws)
-            kl_BTU[b, t0:t1, u] = kl_rows(target_BTUK[b, t0:t1, u], scores_CK)
+        def job(
+            b: int, t0: int, t1: int, u: int, slots: _SlotKeys, ws: Workspace, *dk: torch.Tensor
+        ) -> None:
+            q_CNE, w_CN = q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u]
+            scores_CK, relu_CNK = slot_scores(slots, q_CNE, w_CN, scale, ws)
+            target_CK = target_BTUK[b, t0:t1, u]
+            kl_BTU[b, t0:t1, u] = kl_rows(target_CK, scores_CK)
+            if dq is not None and dw is not None:
+                g_CK = _score_grad(scores_CK, target_CK, slots.used_CK).mul_(scale)
+                grads = (dq[b, t0:t1], dw[b, t0:t1, u], dk[0][b])
+                slot_backward(slots, q_CNE, w_CN, g_CK, ws, grads, relu_CNK)
 
-        slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK)
-        ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN, idx_BTUK, target_BTUK)
-        ctx.scale = scale
+        dk = slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK, with_dk=want_grads)
+        if want_grads:
+            ctx.save_for_backward(dq, dk, dw)
         return kl_BTU.sum()
 
     @staticmethod
@@ -94,33 +114,22 @@ class _SlotKL(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
-        """d KL / d score = softmax - normalised target (on used slots), then as the scores'."""
-        q_BTNE, k_BSE, w_BTUN, idx_BTUK, target_BTUK = ctx.saved_tensors
-        dq, dw = torch.zeros_like(q_BTNE), torch.zeros_like(w_BTUN)
-        coef = float(g) * ctx.scale
+        """The forward's gradients times the incoming one."""
+        dq, dk, dw = ctx.saved_tensors
+        return dq * g, dk * g, dw * g, None, None, None
 
-        def job(
-            b: int,
-            t0: int,
-            t1: int,
-            u: int,
-            slots: _SlotKeys,
-            ws: Workspace,
-            dk_BSE: torch.Tensor,
-        ) -> None:
-            q_CNE, w_CN = q_BTNE[b, t0:t1], w_BTUN[b, t0:t1, u]
-            scores_CK, relu_CNK = slot_scores(slots, q_CNE, w_CN, ctx.scale, ws)
-            p_CK = _softmax_used(scores_CK)
-            t_CK = torch.where(slots.used_CK, target_BTUK[b, t0:t1, u], 0.0)
-            mass_C1 = t_CK.sum(-1, keepdim=True)
-            # rows whose target has no mass on the used slots have a constant 0 loss
-            p_CK.mul_(mass_C1 > 0)
-            g_CK = p_CK.sub_(t_CK.div_(mass_C1.clamp_min(_TINY))).mul_(coef)
-            grads = (dq[b, t0:t1], dw[b, t0:t1, u], dk_BSE[b])
-            slot_backward(slots, q_CNE, w_CN, g_CK, ws, grads, relu_CNK)
 
-        dk = slot_chunk_runs(job, q_BTNE, k_BSE, w_BTUN, idx_BTUK, with_dk=True)
-        return dq, dk, dw, None, None, None
+def _score_grad(
+    scores_CK: torch.Tensor, target_CK: torch.Tensor, used_CK: torch.Tensor
+) -> torch.Tensor:
+    """d KL(target || softmax(scores)) / d scores of each row (a fresh tensor): the softmax
+    minus the target renormalised over the used slots; 0 on unused slots and on rows whose
+    target has no mass there (their loss is the constant 0)."""
+    p_CK = _softmax_used(scores_CK)
+    t_CK = torch.where(used_CK, target_CK, 0.0)
+    mass_C1 = t_CK.sum(-1, keepdim=True)
+    p_CK.mul_(mass_C1 > 0)
+    return p_CK.sub_(t_CK.div_(mass_C1.clamp_min(_TINY)))
 
 
 def indexer_kl(
