@@ -5,8 +5,9 @@ slots, with p_t the main attention's slot probabilities (the target, no gradient
 indexer scores at those slots. Written as scores then a KL, the torch path would hold several
 [B, T, K] fp32 tensors at once (scores, masks, log-softmax, products: ~1.6 GB above the
 attention's own at 32k tokens, k = 2048) and run each elementwise pass over all of them; the
-fused path scores, normalises and reduces one query chunk at a time, and its backward
-recomputes the chunk's scores and turns (softmax - target) straight into dq, dw, dk.
+fused path scores, normalises and reduces one query chunk at a time and, when a gradient is
+wanted, turns the chunk's (softmax - target) straight into dq, dw, dk in the same pass (the
+backward only scales them by the incoming gradient).
 
 Backends: ``naive`` (the oracle: ``indexer_scores_naive`` then :func:`kl_rows`), ``torch`` (the
 fused chunked path on worker threads) and ``triton`` (the Triton slot scores then
