@@ -58,10 +58,12 @@ class PasskeyOracle(nn.Module):
     caricature); ``shift`` copies the digit that many places later (an off-by-one model).
     """
 
-    def __init__(self, passkey_len: int, reach: int = 10**9, shift: int = 0) -> None:
+    def __init__(
+        self, passkey_len: int, reach: int = 10**9, shift: int = 0, slip: int | None = None
+    ) -> None:
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the context a device
-        self.k, self.reach, self.shift = passkey_len, reach, shift
+        self.k, self.reach, self.shift, self.slip = passkey_len, reach, shift, slip
 
     def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
         B, T = ids_BT.shape
@@ -74,7 +76,9 @@ class PasskeyOracle(nn.Module):
                 continue
             digits = row[needle + 2 : needle + 2 + self.k]
             for j in range(self.k):
-                logits_BTV[b, query + j, digits[(j + self.shift) % self.k]] = 1.0
+                # answer step ``slip`` copies the digit after the right one (a slipped copy)
+                shift = self.shift + (j == self.slip)
+                logits_BTV[b, query + j, digits[(j + shift) % self.k]] = 1.0
         return logits_BTV
 
 
@@ -139,6 +143,22 @@ def test_passkey_off_by_one_digits_score_zero() -> None:
     cfg = tiny_cfg("eval.passkey.depths=[0,100]", "eval.passkey.samples=6")
     result = passkey_task(context(PasskeyOracle(5, shift=1), cfg), [64])
     assert result.metrics["acc"] == 0.0
+
+
+def test_passkey_digit_accuracy_tells_a_slipped_copy_from_a_missed_needle() -> None:
+    """One wrong digit of five fails exact match but keeps 4/5 of the digits; a needle out of
+    reach gets none right, a perfect copy all (distinct digits: a shifted digit is wrong)."""
+    cfg = tiny_cfg(
+        "eval.passkey.depths=[0,100]", "eval.passkey.samples=6", "data.passkey_distinct=true"
+    )
+    cases = {PasskeyOracle(5, slip=3): 0.8, PasskeyOracle(5, shift=1): 0.0, PasskeyOracle(5): 1.0}
+    for oracle, digit_acc in cases.items():
+        result = passkey_task(context(oracle, cfg), [48, 64])
+        assert result.metrics["acc"] == (1.0 if digit_acc == 1.0 else 0.0)
+        assert result.metrics["L48/digit_acc"] == pytest.approx(digit_acc)
+        assert result.metrics["digit_acc"] == pytest.approx(digit_acc)
+    local = passkey_task(context(PasskeyOracle(5, reach=16), cfg), [64])
+    assert local.metrics["digit_acc"] == pytest.approx(0.5)  # depth 100% right, 0% not
 
 
 def test_passkey_local_model_fails_only_at_far_depths() -> None:
