@@ -194,30 +194,25 @@ class _Slots:
         # most chunks use every slot, and then need no masking at all
         self.all_used = bool(used_CK.all())
 
-    def scores(self, q_CGD: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """Scaled scores [C, G, K] (``q_CGD`` comes scaled) in a workspace buffer; unused -inf.
+    def scores(self, q_CGD: torch.Tensor, ws: Workspace, keys_major: bool = False) -> torch.Tensor:
+        """Scaled scores (``q_CGD`` comes scaled) in a workspace buffer, unused slots -inf:
+        [C, G, K], or [C, K, G] with ``keys_major``.
 
-        Query-major: with the keys-major [C, K, G] layout the matmul alone is faster for
-        G = 16, but the softmax over the strided K axis loses more (measured 1.2x slower
-        per chunk in all)."""
+        The forward takes the query-major layout: k @ q^T alone is faster at G = 16, but the
+        softmax over the strided K axis loses more (measured 1.2x slower per chunk in all).
+        The backward takes keys-major: it needs no reduction over the slots (the saved lse
+        normalises), and k @ q^T (as v @ dO^T for dP) ran 1.2-1.3x faster than q @ k^T."""
         C, G, _ = q_CGD.shape
-        out = ws.get("scores", q_CGD, C, G, self.k_CKD.shape[1])
-        s_CGK = torch.bmm(q_CGD, self.k_CKD.transpose(1, 2), out=out)
-        if not self.all_used:
-            s_CGK.masked_fill_(~self.used_CK[:, None, :], float("-inf"))
-        return s_CGK
-
-    def scores_by_key(self, q_CGD: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """The same scores keys-major, [C, K, G], for the backward: it needs no reduction over
-        the slots (the saved lse normalises), and k @ q^T runs 1.2-1.3x faster than q @ k^T
-        at G = 16 (as does v @ dO^T for dP), so the layout the forward avoids is the faster
-        one here."""
-        C, G, _ = q_CGD.shape
-        out = ws.get("scores", q_CGD, C, self.k_CKD.shape[1], G)
-        s_CKG = torch.bmm(self.k_CKD, q_CGD.transpose(1, 2), out=out)
-        if not self.all_used:
-            s_CKG.masked_fill_(~self.used_CK[:, :, None], float("-inf"))
-        return s_CKG
+        K = self.k_CKD.shape[1]
+        if keys_major:
+            out = ws.get("scores", q_CGD, C, K, G)
+            s = torch.bmm(self.k_CKD, q_CGD.transpose(1, 2), out=out)
+            unused = ~self.used_CK[:, :, None]
+        else:
+            out = ws.get("scores", q_CGD, C, G, K)
+            s = torch.bmm(q_CGD, self.k_CKD.transpose(1, 2), out=out)
+            unused = ~self.used_CK[:, None, :]
+        return s if self.all_used else s.masked_fill_(unused, float("-inf"))
 
 
 def _head_slots(
@@ -438,7 +433,9 @@ def _backward(
                 do_CGD = do_BTHGD[b, t0:t1, h]
                 lse_C1G = lse_BTHG[b, t0:t1, h, None, :]
                 # an empty row's lse is -inf: its scores are all -inf too, so p = exp(-inf) = 0
-                p_CKG = slots.scores_by_key(q_CGD, ws).sub_(lse_C1G.clamp_min(-1e30)).exp_()
+                p_CKG = (
+                    slots.scores(q_CGD, ws, keys_major=True).sub_(lse_C1G.clamp_min(-1e30)).exp_()
+                )
                 C, K = p_CKG.shape[:2]
                 dp_CKG = torch.bmm(
                     slots.v_CKD, do_CGD.transpose(1, 2), out=ws.get("dp", p_CKG, C, K, G)
