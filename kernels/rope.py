@@ -9,17 +9,29 @@ import torch
 
 
 def rope_angles(
-    positions_T: torch.Tensor, head_dim: int, theta: float = 10000.0
+    positions_T: torch.Tensor,
+    head_dim: int,
+    theta: float = 10000.0,
+    rope_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (cos_TD, sin_TD) for integer positions, fp32, duplicated over both halves.
 
     Angles are computed on the fly in fp32 from the positions rather than read from a fixed table,
     so decoding and length extrapolation past the training length need no special case.
+    ``rope_dim`` (even, 0..head_dim; None: head_dim) makes the rotation partial, as in GPT-NeoX's
+    rotary fraction: the first rope_dim / 2 rotate-half pairs (i, i + head_dim / 2) turn at the
+    frequencies of a rope_dim-wide head, theta^(-2i / rope_dim), and the other pairs get
+    frequency 0 (cos 1, sin 0), so those dims carry content whose q·k does not depend on
+    distance. The tables keep the full head_dim width, so every caller applies them unchanged.
     """
     if head_dim % 2:
         raise ValueError(f"rope: head_dim must be even, got {head_dim}")
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=positions_T.device, dtype=torch.float32) / head_dim
+    rope_dim = head_dim if rope_dim is None else rope_dim
+    if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
+        raise ValueError(f"rope: rope_dim must be even and in 0..{head_dim}, got {rope_dim}")
+    inv_freq = torch.zeros(head_dim // 2, device=positions_T.device, dtype=torch.float32)
+    inv_freq[: rope_dim // 2] = theta ** (
+        -torch.arange(0, rope_dim, 2, device=positions_T.device, dtype=torch.float32) / rope_dim
     )
     freqs_TD2 = positions_T.to(torch.float32)[:, None] * inv_freq[None, :]
     ang_TD = torch.cat([freqs_TD2, freqs_TD2], dim=-1)

@@ -36,6 +36,7 @@ class AttentionShape:
 
     ``head_dim`` defaults to ``d_model // n_heads``. ``max_seq_len`` is the longest sequence the
     model is trained on (mechanisms may size buffers or defaults from it; decoding further works).
+    ``rope_dim`` rotates only part of each head (see ``rope_angles``; None: all of it).
     """
 
     d_model: int
@@ -44,6 +45,7 @@ class AttentionShape:
     head_dim: int
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
@@ -58,6 +60,12 @@ class AttentionShape:
             raise MechanismConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_theta <= 0:
             raise MechanismConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        r = self.rope_dim
+        if r is not None and (not isinstance(r, int) or r % 2 or not 0 <= r <= self.head_dim):
+            raise MechanismConfigError(
+                f"rope_dim must be null or an even integer in 0..head_dim={self.head_dim}, "
+                f"got {r!r}"
+            )
 
     @property
     def group_size(self) -> int:
@@ -388,7 +396,8 @@ class AttentionMechanism(nn.Module, abc.ABC):
         """RoPE (cos, sin) [length, D] of the positions start .. start + length - 1, to rotate
         several tensors of the same tokens with one table (``apply_rope``)."""
         positions = torch.arange(start, start + length, device=device)
-        return rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+        s = self.shape
+        return rope_angles(positions, s.head_dim, s.rope_theta, s.rope_dim)
 
     def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
@@ -396,7 +405,8 @@ class AttentionMechanism(nn.Module, abc.ABC):
 
     def rope_at(self, x_BTHD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose tokens sit at the given absolute positions."""
-        cos, sin = rope_angles(positions_T, self.shape.head_dim, self.shape.rope_theta)
+        s = self.shape
+        cos, sin = rope_angles(positions_T, s.head_dim, s.rope_theta, s.rope_dim)
         return apply_rope(x_BTHD, cos, sin)
 
     def attention_flops(self, keys: float) -> float:

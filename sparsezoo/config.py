@@ -42,6 +42,7 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 32
     max_seq_len: int | None = None  # None: data.seq_len
     rope_theta: float = 10000.0
+    rope_dim: int | None = None  # None: rotate all of head_dim; fewer: partial RoPE (even)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -369,6 +370,7 @@ def attention_shape(cfg: ExperimentConfig) -> AttentionShape:
         head_dim=m.head_dim or m.d_model // m.n_heads,
         max_seq_len=m.max_seq_len or cfg.data.seq_len,
         rope_theta=m.rope_theta,
+        rope_dim=m.rope_dim,
     )
 
 
@@ -396,6 +398,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
             m.d_model,
             f"a multiple of model.n_heads={m.n_heads} (or set model.head_dim)",
         )
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    _check(
+        m.rope_dim is None or (0 <= m.rope_dim <= head_dim and m.rope_dim % 2 == 0),
+        "model.rope_dim",
+        m.rope_dim,
+        f"null (all of head_dim) or an even integer in 0..head_dim={head_dim}",
+    )
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, ">= 1")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < x < 1")
     _check(len(d.corpus) > 0, "data.corpus", d.corpus, "'stdlib' or a list of files/globs")

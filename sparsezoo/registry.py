@@ -99,6 +99,7 @@ def build_attention(
     head_dim: int | None = None,
     max_seq_len: int = 2048,
     rope_theta: float = 10000.0,
+    rope_dim: int | None = None,
     **params: Any,
 ) -> AttentionMechanism:
     """Build the attention module registered as ``name`` for the given shape and knobs.
@@ -115,5 +116,6 @@ def build_attention(
         head_dim=head_dim if head_dim is not None else d_model // n_heads,
         max_seq_len=max_seq_len,
         rope_theta=rope_theta,
+        rope_dim=rope_dim,
     )
     return cls(shape, cls.Params.from_dict(params))

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from sparsezoo import SparseLM, load_config
+from sparsezoo.config import ConfigError
 from sparsezoo.model import mlp_hidden_size
+from sparsezoo.registry import get_mechanism
 
 BASE = ["model.vocab_size=97", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2"]
 
@@ -53,6 +55,39 @@ def test_model_decoding_equals_full_forward() -> None:
         steps = [m(ids[:, t : t + 1], caches=caches) for t in range(23)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
     assert [c.rows_read for c in caches] == [5, 23]
+
+
+@pytest.mark.parametrize("rope_dim", [0, 4])
+def test_partial_rope_model_decodes_like_its_forward(rope_dim: int) -> None:
+    """model.rope_dim reaches every mechanism (prefill, decode, NSA's compressed keys): a model
+    with one layer of each built-in mechanism at its sparse test preset, rotating 4 of 8 dims
+    (or none), decodes token by token exactly as its full forward; the rotation is really
+    partial (another rope_dim changes the logits)."""
+    names = ["dense", "sliding_window", "nsa", "moba", "dsa"]
+    presets = [
+        f"attention.params.{name}.{key}={value}"
+        for name in names
+        for key, value in get_mechanism(name).test_preset.items()
+    ]
+    layers = [f"model.n_layers={len(names)}", f"attention.layers={','.join(names)}", *presets]
+    m = _model(*layers, f"model.rope_dim={rope_dim}")
+    assert all(a.shape.rope_dim == rope_dim for a in m.mechanisms())
+    ids = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids)
+        caches = m.new_caches(1, 70)
+        steps = [m(ids[:, t : t + 1], caches=caches) for t in range(70)]
+        other = _model(*layers, "model.rope_dim=2")(ids)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-4)
+    # same seed, same weights: only the rotation differs (small logits at init_std 0.02)
+    assert (other - full).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("rope_dim", [3, 10, -2])
+def test_bad_rope_dim_names_the_key(rope_dim: int) -> None:
+    """An odd rope_dim or one outside 0..head_dim (8 here) is a ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=r"model\.rope_dim=.*even integer in 0\.\.head_dim=8"):
+        load_config(None, [*BASE, f"model.rope_dim={rope_dim}"])
 
 
 def test_mlp_width_rule() -> None:

@@ -80,3 +80,35 @@ def test_in_place_rope_rotates_x_itself_with_the_same_values_and_gradients(
         (grad,) = torch.autograd.grad((y * upstream).sum(), w)
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_partial_rope_turns_the_first_pairs_and_leaves_the_rest_position_free() -> None:
+    """rope_dim = 4 of 8: pairs 0 and 1 (dims 0, 1, 4, 5) turn at a 4-wide head's frequencies,
+    pairs 2 and 3 do not turn at all, so q·k over their dims is the same at every distance;
+    rope_dim None is the full rotation and 0 rotates nothing; bad values raise."""
+    pos_T = torch.arange(3, 40)
+    cos_TD, sin_TD = rope_angles(pos_T, 8, rope_dim=4)
+    cos4, sin4 = rope_angles(pos_T, 4)
+    torch.testing.assert_close(cos_TD[:, [0, 1, 4, 5]], cos4, rtol=0, atol=0)
+    torch.testing.assert_close(sin_TD[:, [0, 1, 4, 5]], sin4, rtol=0, atol=0)
+    assert torch.equal(cos_TD[:, [2, 3, 6, 7]], torch.ones(37, 4))
+    assert torch.equal(sin_TD[:, [2, 3, 6, 7]], torch.zeros(37, 4))
+    for full in (rope_angles(pos_T, 8, rope_dim=8), rope_angles(pos_T, 8, rope_dim=None)):
+        assert all(torch.equal(a, b) for a, b in zip(full, rope_angles(pos_T, 8), strict=True))
+    cos0, sin0 = rope_angles(pos_T, 8, rope_dim=0)
+    assert torch.equal(cos0, torch.ones(37, 8)) and torch.equal(sin0, torch.zeros(37, 8))
+
+    gen = torch.Generator().manual_seed(3)
+    q_1T1D = torch.randn(1, 1, 1, 8, generator=gen).expand(1, 37, 1, 8)
+    k_1T1D = torch.randn(1, 1, 1, 8, generator=gen).expand(1, 37, 1, 8)
+    q_rot = apply_rope(q_1T1D.contiguous(), cos_TD, sin_TD)
+    k_rot = apply_rope(k_1T1D.contiguous(), cos_TD, sin_TD)
+    free = [2, 3, 6, 7]
+    # the same q and k at every position: the position-free dims' dot product never changes
+    dots = (q_rot[0, :, 0, free] * k_rot[0, 0, 0, free]).sum(-1)
+    torch.testing.assert_close(dots, dots[:1].expand(37), rtol=0, atol=1e-6)
+    turned = (q_rot[0, :, 0, [0, 1, 4, 5]] * k_rot[0, 0, 0, [0, 1, 4, 5]]).sum(-1)
+    assert turned.std() > 0.1
+    for bad in (3, 10, -2):
+        with pytest.raises(ValueError, match="rope_dim"):
+            rope_angles(pos_T, 8, rope_dim=bad)
