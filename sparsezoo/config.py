@@ -398,13 +398,6 @@ def validate_config(cfg: ExperimentConfig) -> None:
             m.d_model,
             f"a multiple of model.n_heads={m.n_heads} (or set model.head_dim)",
         )
-    head_dim = m.head_dim or m.d_model // m.n_heads
-    _check(
-        m.rope_dim is None or (0 <= m.rope_dim <= head_dim and m.rope_dim % 2 == 0),
-        "model.rope_dim",
-        m.rope_dim,
-        f"null (all of head_dim) or an even integer in 0..head_dim={head_dim}",
-    )
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, ">= 1")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "0 < x < 1")
     _check(len(d.corpus) > 0, "data.corpus", d.corpus, "'stdlib' or a list of files/globs")

@@ -86,7 +86,9 @@ def test_partial_rope_model_decodes_like_its_forward(rope_dim: int) -> None:
 @pytest.mark.parametrize("rope_dim", [3, 10, -2])
 def test_bad_rope_dim_names_the_key(rope_dim: int) -> None:
     """An odd rope_dim or one outside 0..head_dim (8 here) is a ConfigError naming the key."""
-    with pytest.raises(ConfigError, match=r"model\.rope_dim=.*even integer in 0\.\.head_dim=8"):
+    with pytest.raises(
+        ConfigError, match=r"model: rope_dim must be .*even integer in 0\.\.head_dim=8"
+    ):
         load_config(None, [*BASE, f"model.rope_dim={rope_dim}"])
 
 
