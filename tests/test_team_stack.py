@@ -69,14 +69,18 @@ def test_two_workers_on_postgres_share_a_budget_and_survive_a_killed_worker(
                 subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs
             ]
             survivor, victim = workers
-            # kill the victim in the middle of a trial, after it finished one of its own
+            # kill the victim in the middle of a trial, after it finished one of its own;
+            # one storage for the whole poll: a load_study per poll by URL opens an engine
+            # (and a server connection) each time, which on a slow machine ran PostgreSQL
+            # out of connections ("too many clients already")
+            poll_storage = optuna.storages.RDBStorage(storage)
             deadline = time.monotonic() + 600
             killed_trial = None
             while killed_trial is None:
                 assert time.monotonic() < deadline, "the victim never ran a second trial"
                 assert victim.poll() is None, (tmp_path / "worker1.log").read_text()[-3000:]
                 try:
-                    trials = optuna.load_study(study_name="team", storage=storage).trials
+                    trials = optuna.load_study(study_name="team", storage=poll_storage).trials
                 except KeyError:  # the study is not created yet
                     trials = []
                 mine = [t for t in trials if _worker_pid(t) == victim.pid]
