@@ -395,9 +395,12 @@ class AttentionMechanism(nn.Module, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE (cos, sin) [length, D] of the positions start .. start + length - 1, to rotate
         several tensors of the same tokens with one table (``apply_rope``)."""
-        positions = torch.arange(start, start + length, device=device)
+        return self._angles(torch.arange(start, start + length, device=device))
+
+    def _angles(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) [T, D] of the given positions under this shape's theta and rope_dim."""
         s = self.shape
-        return rope_angles(positions, s.head_dim, s.rope_theta, s.rope_dim)
+        return rope_angles(positions_T, s.head_dim, s.rope_theta, s.rope_dim)
 
     def rope(self, x_BTHD: torch.Tensor, start: int) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose first token sits at absolute position ``start``."""
@@ -405,9 +408,7 @@ class AttentionMechanism(nn.Module, abc.ABC):
 
     def rope_at(self, x_BTHD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
         """Apply RoPE to ``x_BTHD`` whose tokens sit at the given absolute positions."""
-        s = self.shape
-        cos, sin = rope_angles(positions_T, s.head_dim, s.rope_theta, s.rope_dim)
-        return apply_rope(x_BTHD, cos, sin)
+        return apply_rope(x_BTHD, *self._angles(positions_T))
 
     def attention_flops(self, keys: float) -> float:
         """FLOPs of one query head attending ``keys`` keys: QK^T and PV, 2 FLOPs per MAC."""
