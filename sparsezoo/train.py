@@ -551,6 +551,13 @@ def train(
         datamodule = LMDataModule(cfg, data)
         with shared_run_name(cfg):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if trainer.global_step % t.checkpoint_every:
+            # ModelCheckpoint refreshes last.ckpt only when it makes a periodic save, so a run
+            # whose last step is not a multiple of checkpoint_every would leave resume, eval and
+            # TrainResult the weights of its last periodic save (step 700 of a 750-step run).
+            # Every rank calls this: the trainer writes on rank zero and syncs the others.
+            trainer.save_checkpoint(last)
         if t.max_steps % t.val_every:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -567,7 +574,6 @@ def train(
                 run_id=run_id,
             )
             metrics |= evaluation.metrics
-        last = run_dir / "checkpoints" / "last.ckpt"
         return TrainResult(run_id, run_dir, metrics, last if last.exists() else None)
 
     if client is None:

@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from sparsezoo.config import load_config
+from sparsezoo.eval.runner import load_model, resolve_target
 from sparsezoo.tracking import TrackingError
 from sparsezoo.train import lr_schedule, train
 
@@ -35,6 +36,15 @@ class CrashAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class FinalWeights(L.Callback):
+    """Keep a copy of the model's weights as training ends."""
+
+    state: dict[str, torch.Tensor]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
 def _uri(overrides: list[str]) -> str:
@@ -151,3 +161,20 @@ def test_a_fresh_run_in_a_used_directory_sets_the_old_checkpoints_aside(
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
     (previous,) = second.run_dir.glob("checkpoints.previous-*")
     assert (previous / "last.ckpt").read_bytes() == old_bytes
+
+
+def test_last_checkpoint_is_the_final_step_when_that_is_not_a_periodic_save(
+    tiny_overrides: list[str],
+) -> None:
+    """5 steps with checkpoint_every=2: Lightning's periodic saves stop at step 4, and last.ckpt
+    (what resume, ``sparsezoo eval`` and TrainResult read) must still hold step 5's weights."""
+    final = FinalWeights()
+    result = train(load_config(None, [*tiny_overrides, "train.max_steps=5"]), callbacks=[final])
+    assert result.checkpoint == result.run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(result.checkpoint, weights_only=False)
+    assert saved["global_step"] == 5
+    assert saved["state_dict"].keys() == final.state.keys()
+    for name, weight in final.state.items():
+        assert torch.equal(saved["state_dict"][name], weight), name
+    _, step = load_model(resolve_target(str(result.run_dir), ["passkey"]), torch.device("cpu"))
+    assert step == 5
