@@ -212,8 +212,10 @@ class BenchRow:
     """One mechanism in one mode at one length: raw repeat times, median, ratios, memory.
 
     ``speedup`` is dense's median over this median (measured in the same rounds);
-    ``theoretical_speedup`` is the cost model's ratio (prefill FLOPs, or rows read per decode
-    step) and ``share`` their quotient.
+    ``speedup_min`` and ``speedup_max`` bound the paired ratios of single rounds (dense's time
+    over this one's in the same round), so a target inside the machine's round-to-round spread
+    shows as one; ``theoretical_speedup`` is the cost model's ratio (prefill FLOPs, or rows
+    read per decode step) and ``share`` their quotient.
     ``peak_mem_mb`` (allocator bytes held at once) and ``peak_rss_mb`` (resident set, CPU only;
     0 on CUDA) are measured in one extra untimed call (see :class:`sparsezoo.perf.PeakMemory`).
     ``rows_read`` is the KV rows per KV head the decode step read.
@@ -225,6 +227,8 @@ class BenchRow:
     times_ms: list[float]
     median_ms: float
     speedup: float
+    speedup_min: float
+    speedup_max: float
     theoretical_speedup: float
     share: float
     peak_mem_mb: float
@@ -438,6 +442,7 @@ def _row(
     """Summarize one mechanism's repeat times against the baseline's from the same rounds."""
     median = statistics.median(times[name])
     speedup = statistics.median(times[BASELINE]) / median
+    paired = [base / ms for base, ms in zip(times[BASELINE], times[name], strict=True)]
     return BenchRow(
         mode=mode,
         seq_len=seq_len,
@@ -445,6 +450,8 @@ def _row(
         times_ms=times[name],
         median_ms=median,
         speedup=speedup,
+        speedup_min=min(paired),
+        speedup_max=max(paired),
         theoretical_speedup=theory,
         share=speedup / theory,
         peak_mem_mb=peak[0],
@@ -495,7 +502,16 @@ def render_table(result: BenchResult) -> Table:
     )
     for header in ("mode", "T", "mechanism"):
         table.add_column(header, no_wrap=True)
-    numeric = ("median ms", "speedup", "theoretical", "share", "peak MB", "RSS MB", "rows read")
+    numeric = (
+        "median ms",
+        "speedup",
+        "rounds",
+        "theoretical",
+        "share",
+        "peak MB",
+        "RSS MB",
+        "rows read",
+    )
     for header in numeric:
         table.add_column(header, justify="right")
     for r in result.rows:
@@ -505,6 +521,7 @@ def render_table(result: BenchResult) -> Table:
             r.mechanism,
             f"{r.median_ms:.2f}",
             f"{r.speedup:.2f}x",
+            f"{r.speedup_min:.2f}-{r.speedup_max:.2f}x",
             f"{r.theoretical_speedup:.2f}x",
             f"{r.share:.0%}",
             f"{r.peak_mem_mb:.1f}",
@@ -580,14 +597,17 @@ def flatten_config(cfg: BenchConfig) -> dict[str, str]:
 def bench_metrics(result: BenchResult) -> dict[str, float]:
     """Metrics under stable keys ``bench/<mode>/<mechanism>/T<len>/<name>``.
 
-    Names are ``ms`` (median), ``speedup``, ``theoretical_speedup``, ``peak_mem_mb``,
-    ``peak_rss_mb``, and ``rows_read`` for decode rows.
+    Names are ``ms`` (median), ``speedup``, ``speedup_min`` and ``speedup_max`` (the range of
+    single rounds' paired ratios), ``theoretical_speedup``, ``peak_mem_mb``, ``peak_rss_mb``,
+    and ``rows_read`` for decode rows.
     """
     metrics: dict[str, float] = {}
     for r in result.rows:
         prefix = f"bench/{r.mode}/{r.mechanism}/T{r.seq_len}"
         metrics[f"{prefix}/ms"] = r.median_ms
         metrics[f"{prefix}/speedup"] = r.speedup
+        metrics[f"{prefix}/speedup_min"] = r.speedup_min
+        metrics[f"{prefix}/speedup_max"] = r.speedup_max
         metrics[f"{prefix}/theoretical_speedup"] = r.theoretical_speedup
         metrics[f"{prefix}/peak_mem_mb"] = r.peak_mem_mb
         metrics[f"{prefix}/peak_rss_mb"] = r.peak_rss_mb

@@ -35,6 +35,15 @@ from sparsezoo.tracking import MlflowClient
 WINDOW = 32
 LENGTHS = [64, 128]
 MODES = ["fwd", "fwdbwd", "decode", "decode_attn"]
+METRICS = (
+    "ms",
+    "speedup",
+    "speedup_min",
+    "speedup_max",
+    "theoretical_speedup",
+    "peak_mem_mb",
+    "peak_rss_mb",
+)
 TINY = {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "repeats": 2, "warmup": 1, "threads": 1}
 TINY_ARGS = [
     *("--lengths", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"),
@@ -87,8 +96,11 @@ def test_dense_is_the_baseline(result: BenchResult) -> None:
     for mode, T in itertools.product(MODES, LENGTHS):
         dense = result.row(mode, T, "dense")
         assert (dense.speedup, dense.theoretical_speedup, dense.share) == (1.0, 1.0, 1.0)
+        assert (dense.speedup_min, dense.speedup_max) == (1.0, 1.0)
         window = result.row(mode, T, "sliding_window")
         assert window.speedup == pytest.approx(dense.median_ms / window.median_ms)
+        paired = [d / w for d, w in zip(dense.times_ms, window.times_ms, strict=True)]
+        assert (window.speedup_min, window.speedup_max) == (min(paired), max(paired))
         assert window.share == pytest.approx(window.speedup / window.theoretical_speedup)
 
 
@@ -200,7 +212,7 @@ def test_metric_keys_and_flat_params(result: BenchResult) -> None:
     assert metrics["bench/decode/sliding_window/T128/rows_read"] == WINDOW
     assert "bench/fwd/sliding_window/T128/rows_read" not in metrics
     for mode, T, name in itertools.product(MODES, LENGTHS, ["dense", "sliding_window"]):
-        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb", "peak_rss_mb"):
+        for metric in METRICS:
             assert f"bench/{mode}/{name}/T{T}/{metric}" in metrics
     flat = flatten_config(result.config)
     assert flat["lengths"] == "64,128"
@@ -221,7 +233,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     )
     assert bench_command(args) == 0
     out = capsys.readouterr().out
-    assert "sliding_window" in out and "theoretical" in out
+    assert "sliding_window" in out and "theoretical" in out and "rounds" in out
     assert (tmp_path / "out" / "bench.json").is_file()
 
     client = MlflowClient(tracking_uri=uri)
@@ -235,7 +247,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert run.data.params["params.sliding_window.window"] == str(WINDOW)
     assert run.data.params["modes"] == "fwd,decode"
     for mode, T, name in itertools.product(["fwd", "decode"], LENGTHS, ["dense", "sliding_window"]):
-        for metric in ("ms", "speedup", "theoretical_speedup", "peak_mem_mb", "peak_rss_mb"):
+        for metric in METRICS:
             assert f"bench/{mode}/{name}/T{T}/{metric}" in run.data.metrics
     assert run.data.metrics["bench/decode/dense/T64/rows_read"] == 65
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
