@@ -241,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="long-context evaluation of a trained run, logged to MLflow")
     p.add_argument("run", help="MLflow run id, run directory or checkpoint file")
-    p.add_argument("items", nargs="*", help="eval.<key>=value settings")
+    p.add_argument(
+        "items",
+        nargs="*",
+        help="eval.<key>=value settings; attention.params.<mechanism>.<knob>=value test-time "
+        "knobs (scored into a new eval run tagged with them)",
+    )
     p.add_argument(
         "--suite",
         action="append",

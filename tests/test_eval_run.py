@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from sparsezoo import tracking
 from sparsezoo.cli import main
 from sparsezoo.config import ExperimentConfig, flatten, load_config, to_yaml
-from sparsezoo.eval.runner import TAG_CANNOT_RUN, TAG_EVALUATED, TAG_SUITES
+from sparsezoo.eval.runner import TAG_CANNOT_RUN, TAG_EVALUATED, TAG_KNOBS, TAG_SUITES
 from sparsezoo.model import SparseLM
 from sparsezoo.train import CONFIG_FILE, RUN_FILE, prepare_run_data, train
 
@@ -59,6 +59,23 @@ def make_run(overrides: list[str], mlflow: bool = True) -> tuple[ExperimentConfi
 def run(tiny_overrides: list[str]) -> tuple[ExperimentConfig, Path, str]:
     """A run directory with its MLflow run."""
     return make_run(tiny_overrides)
+
+
+@pytest.fixture
+def nsa_run(tiny_overrides: list[str]) -> tuple[ExperimentConfig, Path, str]:
+    """An NSA run with small blocks: at 64 tokens a query in the last selection block has its
+    three forced blocks and one free one among n_select = 4."""
+    nsa = "attention.params.nsa"
+    blocks = [f"{nsa}.block_size=16", f"{nsa}.stride=8", f"{nsa}.select_size=16"]
+    return make_run(
+        [
+            *tiny_overrides,
+            "attention.mechanism=nsa",
+            f"{nsa}.n_select=4",
+            f"{nsa}.window=8",
+            *blocks,
+        ]
+    )
 
 
 @pytest.fixture
@@ -137,6 +154,75 @@ def test_eval_by_run_id_and_by_checkpoint_into_a_new_linked_run(
     assert new.data.tags[TAG_EVALUATED] == run_id
     assert "eval/passkey/acc" in new.data.metrics
     assert "eval/passkey/acc" not in client.get_run(run_id).data.metrics
+
+
+def test_test_time_knob_scores_into_a_new_tagged_run_and_leaves_the_trained_runs_results(
+    nsa_run: tuple[ExperimentConfig, Path, str],
+) -> None:
+    cfg, run_dir, run_id = nsa_run
+    suites = ["--suite", "loss_by_position", *SMALL_GRIDS]
+    assert main(["eval", str(run_dir), *suites]) == 0
+    own = json.loads((run_dir / "eval" / "results.json").read_text())["metrics"]
+    knob = "attention.params.nsa.n_select=3"
+    assert main(["eval", str(run_dir), *suites, knob]) == 0
+    client = MlflowClient(cfg.tracking.uri)
+    trained = client.get_run(run_id)
+    assert trained.data.metrics["eval/loss_by_position/loss"] == own["eval/loss_by_position/loss"]
+    assert TAG_KNOBS not in trained.data.tags
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    (new,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`sparsezoo.kind` = 'eval'"
+    )
+    assert new.info.run_name == "eval-tiny-nsa.n_select=3"
+    assert new.data.tags[TAG_KNOBS] == knob
+    assert new.data.tags[TAG_EVALUATED] == run_id
+    assert new.data.params["attention.params.nsa.n_select"] == "3"
+    assert trained.data.params["attention.params.nsa.n_select"] == "4"
+    knob_results = run_dir / "eval" / "nsa.n_select=3" / "results.json"
+    scored = json.loads(knob_results.read_text())["metrics"]
+    assert scored == pytest.approx({k: v for k, v in new.data.metrics.items()})
+    # one free block fewer changes what the last block's queries read, hence the loss
+    assert scored["eval/loss_by_position/loss"] != pytest.approx(own["eval/loss_by_position/loss"])
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["metrics"] == own
+    artifacts = {a.path for a in client.list_artifacts(new.info.run_id, "eval")}
+    assert artifacts == {"eval/loss_by_position.png", "eval/results.json"}
+
+
+@pytest.mark.parametrize(
+    ("knob", "message"),
+    [
+        (
+            "attention.params.moba.top_k=2",
+            "this run's layers use nsa, so only attention.params.nsa.<knob> knobs",
+        ),
+        (
+            "attention.params.nsa.n_select=2",
+            "attention.params.nsa: n_select=2 is below the minimum 3",
+        ),
+        ("attention.params.nsa.n_selekt=5", "n_selekt"),
+        (
+            "attention.params.nsa.block_size=8",
+            "with attention.params.nsa.block_size=8 (only knobs that keep the weights' shapes",
+        ),
+    ],
+)
+def test_bad_test_time_knobs_exit_2_and_log_nothing(
+    nsa_run: tuple[ExperimentConfig, Path, str],
+    knob: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg, run_dir, _ = nsa_run
+    assert main(["eval", str(run_dir), "--suite", "passkey", *SMALL_GRIDS, knob]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert message in err
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    assert not client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`sparsezoo.kind` = 'eval'"
+    )
+    assert not (run_dir / "eval").exists()
 
 
 def test_evaluation_is_deterministic(run: tuple[ExperimentConfig, Path, str]) -> None:

@@ -6,7 +6,10 @@ end-of-training hook calls it) and logs metrics, figures and ``results.json`` in
 directory or a checkpoint inside one), rebuilds the model from the run's saved config and
 checkpoint, and logs into the evaluated run (so an ablation's report picks up the ``eval/*``
 metrics) or, with ``new_run``, into a new run tagged ``sparsezoo.kind=eval`` and linked to it
-by the ``sparsezoo.evaluated_run`` tag.
+by the ``sparsezoo.evaluated_run`` tag. Test-time knobs (``attention.params.<mechanism>.<key>``
+overrides, e.g. more selected blocks than the model trained with) score a model the run did not
+train as such, so their results always go into a new eval run tagged with the knobs, and their
+files into a folder of their own: the trained run's own ``eval/*`` numbers stay its own.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sparsezoo import tracking
-from sparsezoo.config import EVAL_SUITES, ConfigError, ExperimentConfig, flatten, load_config
+from sparsezoo.config import (
+    EVAL_SUITES,
+    ConfigError,
+    ExperimentConfig,
+    flatten,
+    load_config,
+    parse_layer_spec,
+)
 from sparsezoo.eval import extrapolation, loss_by_position, mqar, passkey
 from sparsezoo.eval.core import EvalContext, SuiteOutput
 from sparsezoo.model import SparseLM
@@ -47,6 +57,8 @@ RESULTS_FILE = "results.json"
 TAG_EVALUATED = "sparsezoo.evaluated_run"
 TAG_SUITES = "sparsezoo.eval.suites"
 TAG_CANNOT_RUN = "sparsezoo.eval.cannot_run"
+TAG_KNOBS = "sparsezoo.eval.knobs"
+KNOB_PREFIX = "attention.params."
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
@@ -166,6 +178,19 @@ class EvalTarget:
     run_dir: Path
     run_id: str | None
     tracking_uri: str
+    knobs: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The knobs as a short file-name-safe label (``nsa.n_select=5``); empty without knobs."""
+        short = (k.removeprefix(KNOB_PREFIX) for k in self.knobs)
+        return re.sub(r"[^A-Za-z0-9._=+-]", "-", "+".join(short))
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the files go: ``<run dir>/eval``, or a folder of the knobs' own under it."""
+        base = self.run_dir / ARTIFACT_DIR
+        return base / self.label if self.knobs else base
 
 
 def parse_suites(values: Sequence[str]) -> list[str]:
@@ -187,14 +212,17 @@ def resolve_target(
     ``reference`` is a checkpoint file inside a run directory, a run directory (its
     ``checkpoints/last.ckpt``), or an MLflow run id looked up in ``tracking_uri`` (default:
     ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``) whose run directory is then found
-    from its config. ``overrides`` must be ``eval.<key>=value``: the model is the run's.
-    Raises EvalError or ConfigError naming what is wrong.
+    from its config. ``overrides`` are ``eval.<key>=value`` settings and test-time knobs
+    (``attention.params.<mechanism>.<key>=value`` of a mechanism the run's layers use); the
+    rest of the model is the run's. Raises EvalError or ConfigError naming what is wrong.
     """
     for item in overrides:
-        if "=" not in item or not item.startswith("eval."):
+        if "=" not in item or not item.startswith(("eval.", KNOB_PREFIX)):
             raise ConfigError(
                 f"bad setting {item!r}: sparsezoo eval takes eval.<key>=value settings "
-                "(e.g. eval.passkey.samples=8); the model and data are the run's own"
+                "(e.g. eval.passkey.samples=8) and attention.params.<mechanism>.<knob>=value "
+                "test-time knobs (e.g. attention.params.nsa.n_select=5); the rest of the model "
+                "and the data are the run's own"
             )
     path = Path(reference)
     if path.exists():
@@ -216,10 +244,30 @@ def resolve_target(
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     suites_override = f"eval.suites=[{','.join(suites)}]"
     cfg = load_config(run_dir / CONFIG_FILE, [*overrides, suites_override])
+    knobs = tuple(item for item in overrides if item.startswith(KNOB_PREFIX))
+    _check_knobs(knobs, cfg)
     uri = tracking.resolve_tracking_uri(
         tracking_uri or record.get("tracking_uri") or cfg.tracking.uri
     )
-    return EvalTarget(cfg, checkpoint, run_dir, record.get("run_id"), uri)
+    return EvalTarget(cfg, checkpoint, run_dir, record.get("run_id"), uri, knobs)
+
+
+def _check_knobs(knobs: Sequence[str], cfg: ExperimentConfig) -> None:
+    """Each test-time knob must belong to a mechanism some layer of the run uses.
+
+    A knob of another mechanism would change nothing the model computes, and its eval run
+    would then claim an effect that was never applied.
+    """
+    used = sorted(
+        set(parse_layer_spec(cfg.attention.layers, cfg.attention.mechanism, cfg.model.n_layers))
+    )
+    for knob in knobs:
+        mechanism = knob.removeprefix(KNOB_PREFIX).split(".", 1)[0]
+        if mechanism not in used:
+            raise ConfigError(
+                f"bad setting {knob!r}: this run's layers use {', '.join(used)}, so only "
+                f"{' or '.join(KNOB_PREFIX + m + '.<knob>' for m in used)} knobs change its model"
+            )
 
 
 def _run_dir_of(run_id: str, uri: str) -> Path:
@@ -242,7 +290,11 @@ def _run_dir_of(run_id: str, uri: str) -> Path:
 
 
 def load_model(target: EvalTarget, device: torch.device) -> tuple[SparseLM, int]:
-    """The run's model with the checkpoint's weights on ``device``, and the checkpoint's step."""
+    """The run's model with the checkpoint's weights on ``device``, and the checkpoint's step.
+
+    Test-time knobs that change the shape of a weight (a compression block size, say) make the
+    checkpoint not fit: the error then names them.
+    """
     try:
         ckpt = torch.load(target.checkpoint, map_location="cpu", weights_only=True)
         state = {
@@ -253,8 +305,14 @@ def load_model(target: EvalTarget, device: torch.device) -> tuple[SparseLM, int]
         model = SparseLM.from_config(target.cfg)
         model.load_state_dict(state)
     except (OSError, EOFError, KeyError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
+        knobs = (
+            f" with {' '.join(target.knobs)} (only knobs that keep the weights' shapes can "
+            "change at test time)"
+            if target.knobs
+            else ""
+        )
         raise EvalError(
-            f"{target.checkpoint}: not a checkpoint of this run's model "
+            f"{target.checkpoint}: not a checkpoint of this run's model{knobs} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from exc
     return model.to(device).eval(), int(ckpt.get("global_step", 0))
@@ -280,7 +338,8 @@ def evaluate(
     Files go to ``<run dir>/eval/``. Metrics go into the evaluated run, or with ``new_run``
     (and for runs trained without tracking) into a new ``sparsezoo.kind=eval`` run of the same
     experiment tagged with the evaluated run; nothing is logged when the run's config disables
-    tracking.
+    tracking. Test-time knobs imply ``new_run``: that run carries the knobs as a tag (and in
+    its params), and the files go to ``<run dir>/eval/<knobs>/``.
     """
     target = resolve_target(reference, suites, overrides, tracking_uri)
     cfg = target.cfg
@@ -296,7 +355,7 @@ def evaluate(
         return evaluate_model(
             model,
             cfg,
-            out_dir=target.run_dir / ARTIFACT_DIR,
+            out_dir=target.out_dir,
             val_path=val_path,
             step=step,
             client=client,
@@ -307,18 +366,17 @@ def evaluate(
         return run(None, None)
     tracking.check_tracking(target.tracking_uri)
     client = MlflowClient(target.tracking_uri)
-    if target.run_id is not None and not new_run:
+    if target.run_id is not None and not new_run and not target.knobs:
         return run(client, target.run_id)
-    run_id = tracking.create_run(
-        client,
-        cfg.experiment,
-        f"eval-{target.run_dir.name}",
-        {
-            "sparsezoo.kind": "eval",
-            "sparsezoo.mechanism": mechanism_tag(cfg),
-            TAG_EVALUATED: target.run_id or str(target.run_dir),
-        },
-    )
+    tags = {
+        "sparsezoo.kind": "eval",
+        "sparsezoo.mechanism": mechanism_tag(cfg),
+        TAG_EVALUATED: target.run_id or str(target.run_dir),
+    }
+    if target.knobs:
+        tags[TAG_KNOBS] = " ".join(target.knobs)
+    name = "-".join(filter(None, ("eval", target.run_dir.name, target.label)))
+    run_id = tracking.create_run(client, cfg.experiment, name, tags)
     tracking.log_params(client, run_id, flatten(cfg))
     with tracking.run_status(client, run_id):
         return run(client, run_id)
