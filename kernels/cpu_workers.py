@@ -8,12 +8,14 @@ worker threads, each with single-threaded ops and its own reused scratch buffers
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 import torch
 
@@ -41,34 +43,55 @@ class Workspace:
 
 
 class _Pool:
-    """The process's persistent helper threads, grown on demand and rebuilt after a fork.
+    """The process's persistent helper threads, one job queue each, grown on demand and
+    forgotten after a fork.
 
     Threads are kept rather than started per call: each thread's first GEMMs allocate MKL's
     per-thread packing buffers, which a fresh thread per call allocated again every time
     (measured on MoBA's fwd+bwd at 32k tokens, two workers: 21 MB more live memory at the
-    backward's peak than with kept threads), and a start costs ~0.1 ms per thread.
+    backward's peak than with kept threads), and a start costs ~0.1 ms per thread. Job i of a
+    call goes to helper i's own queue, so the jobs of one call always run on distinct threads
+    side by side; a shared ``ThreadPoolExecutor`` starts its threads lazily and gives a job to
+    whichever thread it counts idle, so which threads a call used (and when a thread started)
+    depended on timing.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._size = 0
+        self._queues: list[queue.SimpleQueue] = []
         os.register_at_fork(after_in_child=self._forget)
 
-    def get(self, size: int) -> ThreadPoolExecutor:
-        """An executor with at least ``size`` threads (started lazily by the executor)."""
+    def submit(self, jobs: list[Callable[[], None]]) -> list[Future]:
+        """Start job i on helper i (starting helpers that do not exist yet); their futures."""
         with self._lock:
-            if self._executor is None or self._size < size:
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(size, thread_name_prefix="sparsezoo-worker")
-                self._size = size
-            return self._executor
+            while len(self._queues) < len(jobs):
+                inbox: queue.SimpleQueue = queue.SimpleQueue()
+                name = f"sparsezoo-worker-{len(self._queues)}"
+                threading.Thread(target=_serve, args=(inbox,), name=name, daemon=True).start()
+                self._queues.append(inbox)
+            inboxes = self._queues[: len(jobs)]
+        futures: list[Future] = []
+        for inbox, job in zip(inboxes, jobs, strict=True):
+            futures.append(Future())
+            inbox.put((job, futures[-1]))
+        return futures
 
     def _forget(self) -> None:
         """In a forked child the parent's threads do not exist: start afresh on next use."""
         self._lock = threading.Lock()
-        self._executor, self._size = None, 0
+        self._queues = []
+
+
+def _serve(inbox: queue.SimpleQueue) -> None:
+    """A helper thread's loop: run each job from its queue and settle the job's future."""
+    while True:
+        job, future = inbox.get()
+        try:
+            job()
+        except BaseException as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
 
 
 _POOL = _Pool()
@@ -129,10 +152,7 @@ def run_workers(jobs: list[Callable[[], None]]) -> None:
     job's error, else a helper's).
     """
     with single_threaded_ops():
-        futures = []
-        if len(jobs) > 1:
-            pool = _POOL.get(len(jobs) - 1)
-            futures = [pool.submit(_job_call, job) for job in jobs[1:]]
+        futures = _POOL.submit([functools.partial(_job_call, job) for job in jobs[1:]])
         try:
             _job_call(jobs[0])
         finally:

@@ -42,10 +42,18 @@ def test_jobs_run_on_kept_single_threaded_helpers() -> None:
         assert sorted(i for i, *_ in seen) == [0, 1, 2]
         assert all(n == 1 and not grad for _, _, n, grad in seen)
         assert [ident for i, ident, *_ in seen if i == 0] == [threading.get_ident()]
+        assert len({ident for _, ident, *_ in seen}) == 3  # one thread per job, side by side
     # the second call ran on threads that already existed before it: none was started
     second = {ident for i, ident, *_ in runs[1] if i > 0}
     assert second and second <= alive[1] and threading.get_ident() not in second
     assert torch.get_num_threads() == threads
+
+
+def test_jobs_of_a_call_run_side_by_side() -> None:
+    # every job waits for all the others: only one thread per job, all at once, gets past it
+    for jobs in (2, 4, 3):
+        barrier = threading.Barrier(jobs, timeout=30)
+        run_workers([barrier.wait] * jobs)
 
 
 def test_an_error_surfaces_after_every_job_finished() -> None:
