@@ -154,6 +154,11 @@ def test_eval_by_run_id_and_by_checkpoint_into_a_new_linked_run(
     assert new.data.tags[TAG_EVALUATED] == run_id
     assert "eval/passkey/acc" in new.data.metrics
     assert "eval/passkey/acc" not in client.get_run(run_id).data.metrics
+    # the new run's files sit apart: the run's own results file keeps only its own suites
+    own = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(own["suites"]) == {"mqar"}
+    apart = json.loads((run_dir / "eval" / new.info.run_id / "results.json").read_text())
+    assert apart["metrics"] == pytest.approx(dict(new.data.metrics))
 
 
 def test_test_time_knob_scores_into_a_new_tagged_run_and_leaves_the_trained_runs_results(

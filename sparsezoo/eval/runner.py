@@ -337,9 +337,11 @@ def evaluate(
 
     Files go to ``<run dir>/eval/``. Metrics go into the evaluated run, or with ``new_run``
     (and for runs trained without tracking) into a new ``sparsezoo.kind=eval`` run of the same
-    experiment tagged with the evaluated run; nothing is logged when the run's config disables
-    tracking. Test-time knobs imply ``new_run``: that run carries the knobs as a tag (and in
-    its params), and the files go to ``<run dir>/eval/<knobs>/``.
+    experiment tagged with the evaluated run, whose files then go to
+    ``<run dir>/eval/<eval run id>/`` when the evaluated run has an MLflow run of its own;
+    nothing is logged when the run's config disables tracking. Test-time knobs imply
+    ``new_run``: that run carries the knobs as a tag (and in its params), and the files go to
+    ``<run dir>/eval/<knobs>/``.
     """
     target = resolve_target(reference, suites, overrides, tracking_uri)
     cfg = target.cfg
@@ -351,11 +353,11 @@ def evaluate(
             bundle.append(prepare_run_data(cfg).val_path)
         return bundle[0]
 
-    def run(client: MlflowClient | None, run_id: str | None) -> EvalResult:
+    def run(client: MlflowClient | None, run_id: str | None, out_dir: Path) -> EvalResult:
         return evaluate_model(
             model,
             cfg,
-            out_dir=target.out_dir,
+            out_dir=out_dir,
             val_path=val_path,
             step=step,
             client=client,
@@ -363,11 +365,11 @@ def evaluate(
         )
 
     if not cfg.tracking.enabled:
-        return run(None, None)
+        return run(None, None, target.out_dir)
     tracking.check_tracking(target.tracking_uri)
     client = MlflowClient(target.tracking_uri)
     if target.run_id is not None and not new_run and not target.knobs:
-        return run(client, target.run_id)
+        return run(client, target.run_id, target.out_dir)
     tags = {
         "sparsezoo.kind": "eval",
         "sparsezoo.mechanism": mechanism_tag(cfg),
@@ -378,5 +380,8 @@ def evaluate(
     name = "-".join(filter(None, ("eval", target.run_dir.name, target.label)))
     run_id = tracking.create_run(client, cfg.experiment, name, tags)
     tracking.log_params(client, run_id, flatten(cfg))
+    # a tracked run's own eval/ holds its own results: a new eval run of it writes apart
+    plain_new_run = target.run_id is not None and not target.knobs
+    out_dir = target.out_dir / run_id if plain_new_run else target.out_dir
     with tracking.run_status(client, run_id):
-        return run(client, run_id)
+        return run(client, run_id, out_dir)
