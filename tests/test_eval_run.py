@@ -13,7 +13,13 @@ from mlflow.tracking import MlflowClient
 from sparsezoo import tracking
 from sparsezoo.cli import main
 from sparsezoo.config import ExperimentConfig, flatten, load_config, to_yaml
-from sparsezoo.eval.runner import TAG_CANNOT_RUN, TAG_EVALUATED, TAG_KNOBS, TAG_SUITES
+from sparsezoo.eval.runner import (
+    TAG_CANNOT_RUN,
+    TAG_EVALUATED,
+    TAG_KNOBS,
+    TAG_SUITES,
+    EvalTarget,
+)
 from sparsezoo.model import SparseLM
 from sparsezoo.train import CONFIG_FILE, RUN_FILE, prepare_run_data, train
 
@@ -300,3 +306,27 @@ def test_training_config_runs_eval_suites_at_the_end(tiny_overrides: list[str]) 
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert {"eval/passkey_heatmap.png", "eval/mqar_heatmap.png", "eval/results.json"} <= artifacts
     assert (result.run_dir / "eval" / "passkey_heatmap.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("run_id", "knobs", "eval_run_id", "folder"),
+    [
+        ("abc", (), None, "eval"),
+        ("abc", (), "abc", "eval"),
+        ("abc", (), "new", "eval/new"),
+        (None, (), "new", "eval"),
+        ("abc", ("attention.params.nsa.n_select=5",), "new", "eval/nsa.n_select=5"),
+        (None, ("attention.params.moba.top_k=4",), "new", "eval/moba.top_k=4"),
+    ],
+)
+def test_eval_files_folder_follows_the_run_the_metrics_go_into(
+    tmp_path: Path,
+    run_id: str | None,
+    knobs: tuple[str, ...],
+    eval_run_id: str | None,
+    folder: str,
+) -> None:
+    """The trained run's own ``eval/`` only for its own results (or an untracked run's), a
+    folder per knob setting, and one per new eval run of a tracked run."""
+    target = EvalTarget(ExperimentConfig(), tmp_path / "x.ckpt", tmp_path, run_id, "", knobs)
+    assert target.out_dir(eval_run_id) == tmp_path / folder

@@ -186,11 +186,20 @@ class EvalTarget:
         short = (k.removeprefix(KNOB_PREFIX) for k in self.knobs)
         return re.sub(r"[^A-Za-z0-9._=+-]", "-", "+".join(short))
 
-    @property
-    def out_dir(self) -> Path:
-        """Where the files go: ``<run dir>/eval``, or a folder of the knobs' own under it."""
+    def out_dir(self, eval_run_id: str | None = None) -> Path:
+        """Where the files of an evaluation go, given the run its metrics go into.
+
+        ``<run dir>/eval`` when they go into the evaluated run itself (or nowhere, or into a
+        new run of a run trained without tracking, which has no results of its own there);
+        ``<run dir>/eval/<knobs>`` for test-time knobs; ``<run dir>/eval/<eval run id>`` for
+        a new eval run of a tracked run, whose own ``eval/`` holds the trained run's results.
+        """
         base = self.run_dir / ARTIFACT_DIR
-        return base / self.label if self.knobs else base
+        if self.knobs:
+            return base / self.label
+        if eval_run_id is not None and self.run_id is not None and eval_run_id != self.run_id:
+            return base / eval_run_id
+        return base
 
 
 def parse_suites(values: Sequence[str]) -> list[str]:
@@ -365,11 +374,11 @@ def evaluate(
         )
 
     if not cfg.tracking.enabled:
-        return run(None, None, target.out_dir)
+        return run(None, None, target.out_dir())
     tracking.check_tracking(target.tracking_uri)
     client = MlflowClient(target.tracking_uri)
     if target.run_id is not None and not new_run and not target.knobs:
-        return run(client, target.run_id, target.out_dir)
+        return run(client, target.run_id, target.out_dir(target.run_id))
     tags = {
         "sparsezoo.kind": "eval",
         "sparsezoo.mechanism": mechanism_tag(cfg),
@@ -380,8 +389,5 @@ def evaluate(
     name = "-".join(filter(None, ("eval", target.run_dir.name, target.label)))
     run_id = tracking.create_run(client, cfg.experiment, name, tags)
     tracking.log_params(client, run_id, flatten(cfg))
-    # a tracked run's own eval/ holds its own results: a new eval run of it writes apart
-    plain_new_run = target.run_id is not None and not target.knobs
-    out_dir = target.out_dir / run_id if plain_new_run else target.out_dir
     with tracking.run_status(client, run_id):
-        return run(client, run_id, out_dir)
+        return run(client, run_id, target.out_dir(run_id))
