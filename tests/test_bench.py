@@ -4,6 +4,7 @@ MLflow logging and input errors. Shapes are tiny; no assertion depends on measur
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -24,12 +25,13 @@ from sparsezoo.bench import (
     flatten_config,
     parse_lengths,
     parse_param,
+    restore_cache,
     run_bench,
     write_outputs,
 )
 from sparsezoo.mechanisms.base import AttentionMechanism
 from sparsezoo.mechanisms.dense import DenseAttention
-from sparsezoo.registry import list_mechanisms
+from sparsezoo.registry import build_attention, get_mechanism, list_mechanisms
 from sparsezoo.tracking import MlflowClient
 
 WINDOW = 32
@@ -330,3 +332,29 @@ def test_parse_param_types_values() -> None:
     assert parse_param("sliding_window.backend=torch") == ("sliding_window", "backend", "torch")
     assert parse_param("nsa.flag=True") == ("nsa", "flag", True)
     assert parse_param("nsa.name='a b'") == ("nsa", "name", "a b")
+
+
+@pytest.mark.parametrize("name", list_mechanisms())
+def test_restore_cache_resets_a_decoded_cache_in_place(name: str) -> None:
+    """After a decode step on the working copy, restore_cache brings back the filled state in
+    the copy's own tensors (same objects: the step reads long-lived memory), and the next step
+    decodes exactly as the first did."""
+    torch.manual_seed(0)
+    module = build_attention(
+        name, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=200,
+        **get_mechanism(name).test_preset,
+    ).eval()  # fmt: skip
+    x_BTC, token_B1C = torch.randn(1, 150, 32), torch.randn(1, 1, 32)
+    filled = module.new_cache(1, 151)
+    module.fill_cache(x_BTC, filled)
+    cache = copy.deepcopy(filled)
+    tensors = {k: v for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        first = module(token_B1C, cache=cache)
+        assert cache.length == 151
+        restore_cache(cache, filled)
+        assert cache.length == filled.length == 150
+        for key, tensor in tensors.items():
+            assert getattr(cache, key) is tensor, key
+            assert torch.equal(tensor, getattr(filled, key)), key
+        assert torch.equal(module(token_B1C, cache=cache), first)
