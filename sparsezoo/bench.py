@@ -15,7 +15,9 @@ auxiliary losses) w.r.t. the input and every parameter; ``decode`` is one new to
 cache already holding T tokens, and ``decode_attn`` times only the part of that step that reads
 the cache (the output of ``AttentionMechanism.decode_reader``): projections and the cache
 append run untimed, since at B=1 the weights of a large model (2·C·HQ·D for Q and O) can
-outweigh a long KV cache and hide the attention cost. Legend: B batch, T time, C d_model.
+outweigh a long KV cache and hide the attention cost. Both decode modes read one kept cache,
+reset in place to the filled state before each step (``restore_cache``), as a decoder's cache is
+long-lived memory. Legend: B batch, T time, C d_model.
 """
 
 from __future__ import annotations
