@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import dot_precision, pad16, require_cuda
+from ..triton_common import (
+    dot_precision,
+    pad16,
+    require_cuda,
+    softmax_grads,
+    softmax_out,
+    softmax_tile,
+)
 from .attention import on_head_sets
 
 # Slots per loop step: a [16, 64] x [64, 64] dot per step; not autotuned (no GPU was at hand
@@ -88,26 +95,16 @@ def _fwd_kernel(
         _, used_L, k_LP, v_LP = _slot_block(
             idx_row, k0, K, pos, si_k, k_row, v_row, sk_t, sk_d, sv_t, sv_d, offs_l, offs_d, D
         )
-        s_RL = tl.dot(q_RP, tl.trans(k_LP), input_precision=PRECISION) * scale
-        s_RL = tl.where(used_L[None, :], s_RL, float("-inf"))
-        m_new_R = tl.maximum(m_R, tl.max(s_RL, 1))
-        # while no slot was used the max is -inf: shift by 0 so exp gives 0, never NaN
-        shift_R = tl.where(m_new_R == float("-inf"), 0.0, m_new_R)
-        p_RL = tl.exp(s_RL - shift_R[:, None])
-        alpha_R = tl.exp(m_R - shift_R)
-        l_R = l_R * alpha_R + tl.sum(p_RL, 1)
-        acc_RP = acc_RP * alpha_R[:, None] + tl.dot(
-            p_RL.to(v_LP.dtype), v_LP, input_precision=PRECISION
+        m_R, l_R, acc_RP = softmax_tile(
+            q_RP, k_LP, v_LP, used_L[None, :], m_R, l_R, acc_RP, scale, PRECISION
         )
-        m_R = m_new_R
-    empty_R = l_R == 0.0
-    l_R = tl.where(empty_R, 1.0, l_R)
-    lse_R = tl.where(empty_R, float("-inf"), m_R + tl.log(l_R))
+    # a row with no valid slot keeps acc 0, l 0 and max -inf: output 0 and lse -inf
+    o_RP, lse_R = softmax_out(m_R, l_R, acc_RP)
     g_ok = offs_g < G
     o_ptrs = o_ptr + b * so_b + t * so_t + (h * G + offs_g)[:, None] * so_h + offs_d[None, :] * so_d
     tl.store(
         o_ptrs,
-        (acc_RP / l_R[:, None]).to(o_ptr.dtype.element_ty),
+        o_RP.to(o_ptr.dtype.element_ty),
         mask=g_ok[:, None] & (offs_d < D)[None, :],
     )
     tl.store(lse_ptr + ((b * T + t) * H + h) * G + offs_g, lse_R, mask=g_ok)
@@ -168,11 +165,10 @@ def _bwd_kernel(
         row_L, used_L, k_LP, v_LP = _slot_block(
             idx_row, k0, K, pos, si_k, k_row, v_row, sk_t, sk_d, sv_t, sv_d, offs_l, offs_d, D
         )
-        s_RL = tl.dot(q_RP, tl.trans(k_LP), input_precision=PRECISION) * scale
         # used slots of a non-empty row have finite lse; every other entry is exactly 0
-        p_RL = tl.where(used_L[None, :], tl.exp(s_RL - lse_R[:, None]), 0.0)
-        dp_RL = tl.dot(do_RP, tl.trans(v_LP), input_precision=PRECISION)
-        ds_RL = p_RL * (dp_RL - delta_R[:, None])
+        p_RL, ds_RL = softmax_grads(
+            q_RP, do_RP, k_LP, v_LP, used_L[None, :], lse_R, delta_R, scale, PRECISION
+        )
         dq_RP += tl.dot(ds_RL.to(k_LP.dtype), k_LP, input_precision=PRECISION)
         dk_LP = tl.dot(tl.trans(ds_RL).to(q_RP.dtype), q_RP, input_precision=PRECISION)
         dv_LP = tl.dot(tl.trans(p_RL).to(do_RP.dtype), do_RP, input_precision=PRECISION)

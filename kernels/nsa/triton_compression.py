@@ -21,7 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import dot_precision, pad16, require_cuda, tile_ptrs
+from ..triton_common import (
+    dkdv_tile,
+    dot_precision,
+    pad16,
+    require_cuda,
+    softmax_grads,
+    softmax_out,
+    softmax_tile,
+    tile_ptrs,
+)
 
 # The usual flash-attention tile for D <= 128; not autotuned (no GPU was at hand when written).
 # Tests shrink them to make short sequences span many blocks.
@@ -86,27 +95,18 @@ def _fwd_kernel(
         v_CP = tl.load(
             tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
         )
-        s_MC = tl.dot(q_MP, tl.trans(k_CP), input_precision=PRECISION) * scale
         visible_MC = _visible(offs_m[:, None], offs_n[None, :], T, N, block_size, stride)
-        s_MC = tl.where(visible_MC, s_MC, float("-inf"))
-        m_new_M = tl.maximum(m_M, tl.max(s_MC, 1))
-        # an early row that sees no token of this block keeps max -inf; shift by 0, not inf - inf
-        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
-        p_MC = tl.exp(s_MC - m_safe_M[:, None])
-        alpha_M = tl.exp(m_M - m_safe_M)
-        l_M = l_M * alpha_M + tl.sum(p_MC, 1)
-        acc_MP = acc_MP * alpha_M[:, None] + tl.dot(
-            p_MC.to(v_CP.dtype), v_CP, input_precision=PRECISION
+        m_M, l_M, acc_MP = softmax_tile(
+            q_MP, k_CP, v_CP, visible_MC, m_M, l_M, acc_MP, scale, PRECISION
         )
-        m_M = m_new_M
     # a query that sees no token keeps acc 0, l 0 and max -inf: output 0 and lse -inf
-    l_M = tl.where(l_M == 0.0, 1.0, l_M)
+    o_MP, lse_M = softmax_out(m_M, l_M, acc_MP)
     tl.store(
         tile_ptrs(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
-        (acc_MP / l_M[:, None]).to(o_ptr.dtype.element_ty),
+        o_MP.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    tl.store(lse_ptr + (b * T + offs_m) * HQ + hq, m_M + tl.log(l_M), mask=row_ok)
+    tl.store(lse_ptr + (b * T + offs_m) * HQ + hq, lse_M, mask=row_ok)
 
 
 @triton.jit
@@ -155,12 +155,11 @@ def _dq_kernel(
         v_CP = tl.load(
             tile_ptrs(v_ptr, b, hk, offs_n, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_ok, other=0.0
         )
-        s_MC = tl.dot(q_MP, tl.trans(k_CP), input_precision=PRECISION) * scale
         visible_MC = _visible(offs_m[:, None], offs_n[None, :], T, N, block_size, stride)
-        # rows with lse -inf see nothing, so the where drops their inf before it is used
-        p_MC = tl.where(visible_MC, tl.exp(s_MC - lse_M[:, None]), 0.0)
-        dp_MC = tl.dot(do_MP, tl.trans(v_CP), input_precision=PRECISION)
-        ds_MC = p_MC * (dp_MC - delta_M[:, None])
+        # rows with lse -inf see nothing, so the mask drops their inf before it is used
+        _, ds_MC = softmax_grads(
+            q_MP, do_MP, k_CP, v_CP, visible_MC, lse_M, delta_M, scale, PRECISION
+        )
         dq_MP += tl.dot(ds_MC.to(k_CP.dtype), k_CP, input_precision=PRECISION)
     tl.store(
         tile_ptrs(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
@@ -226,14 +225,12 @@ def _dkdv_kernel(
             row_M = (b * T + offs_m) * H * G + hq
             lse_M = tl.load(lse_ptr + row_M, mask=row_ok, other=0.0)
             delta_M = tl.load(delta_ptr + row_M, mask=row_ok, other=0.0)
-            # transposed scores [tokens, queries] so dk and dv come out as plain dots
-            s_CM = tl.dot(k_CP, tl.trans(q_MP), input_precision=PRECISION) * scale
             visible_CM = _visible(offs_m[None, :], offs_n[:, None], T, N, block_size, stride)
-            p_CM = tl.where(visible_CM, tl.exp(s_CM - lse_M[None, :]), 0.0)
-            dv_CP += tl.dot(p_CM.to(do_MP.dtype), do_MP, input_precision=PRECISION)
-            dp_CM = tl.dot(v_CP, tl.trans(do_MP), input_precision=PRECISION)
-            ds_CM = p_CM * (dp_CM - delta_M[None, :])
-            dk_CP += tl.dot(ds_CM.to(q_MP.dtype), q_MP, input_precision=PRECISION)
+            dk_part, dv_part = dkdv_tile(
+                k_CP, v_CP, q_MP, do_MP, visible_CM, lse_M, delta_M, scale, PRECISION
+            )
+            dk_CP += dk_part
+            dv_CP += dv_part
     tl.store(
         tile_ptrs(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
         (dk_CP * scale).to(dk_ptr.dtype.element_ty),

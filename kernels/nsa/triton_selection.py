@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import dot_precision, pad16, require_cuda
+from ..triton_common import (
+    dkdv_tile,
+    dot_precision,
+    pad16,
+    require_cuda,
+    softmax_grads,
+    softmax_out,
+    softmax_tile,
+)
 
 # Most blocks are chosen by about S · block_size queries, but block 0 (forced by NSA) by all T.
 # A dK/dV program walks at most this many queries of one block, so a popular block is spread
@@ -84,25 +92,17 @@ def _fwd_kernel(
             kv_ok = key_ok[:, None] & d_ok[None, :]
             k_KP = tl.load(k_1P + offs_k[:, None] * sk_t, mask=kv_ok, other=0.0)
             v_KP = tl.load(v_1P + offs_k[:, None] * sv_t, mask=kv_ok, other=0.0)
-            s_RK = tl.dot(q_RP, tl.trans(k_KP), input_precision=PRECISION) * scale
-            s_RK = tl.where(key_ok[None, :], s_RK, float("-inf"))
-            # key `start` is visible, so the new max is finite and the first alpha is exp(-inf) = 0
-            m_new_R = tl.maximum(m_R, tl.max(s_RK, 1))
-            p_RK = tl.exp(s_RK - m_new_R[:, None])
-            alpha_R = tl.exp(m_R - m_new_R)
-            l_R = l_R * alpha_R + tl.sum(p_RK, 1)
-            acc_RP = acc_RP * alpha_R[:, None] + tl.dot(
-                p_RK.to(v_KP.dtype), v_KP, input_precision=PRECISION
+            m_R, l_R, acc_RP = softmax_tile(
+                q_RP, k_KP, v_KP, key_ok[None, :], m_R, l_R, acc_RP, scale, PRECISION
             )
-            m_R = m_new_R
     # a query with no selected key keeps acc 0 and l 0: output 0, lse -inf, never 0 / 0
-    l_R = tl.where(l_R == 0.0, 1.0, l_R)
+    o_RP, lse_R = softmax_out(m_R, l_R, acc_RP)
     tl.store(
         o_ptr + b * so_b + t * so_t + head_R[:, None] * so_h + offs_d[None, :] * so_d,
-        (acc_RP / l_R[:, None]).to(o_ptr.dtype.element_ty),
+        o_RP.to(o_ptr.dtype.element_ty),
         mask=rows_ok,
     )
-    tl.store(lse_ptr + (b * T + t) * H * G + head_R, m_R + tl.log(l_R), mask=head_R < h * G + G)
+    tl.store(lse_ptr + (b * T + t) * H * G + head_R, lse_R, mask=head_R < h * G + G)
 
 
 @triton.jit
@@ -157,10 +157,9 @@ def _dq_kernel(
             kv_ok = key_ok[:, None] & d_ok[None, :]
             k_KP = tl.load(k_1P + offs_k[:, None] * sk_t, mask=kv_ok, other=0.0)
             v_KP = tl.load(v_1P + offs_k[:, None] * sv_t, mask=kv_ok, other=0.0)
-            s_RK = tl.dot(q_RP, tl.trans(k_KP), input_precision=PRECISION) * scale
-            p_RK = tl.where(key_ok[None, :], tl.exp(s_RK - lse_R[:, None]), 0.0)
-            dp_RK = tl.dot(do_RP, tl.trans(v_KP), input_precision=PRECISION)
-            ds_RK = p_RK * (dp_RK - delta_R[:, None])
+            _, ds_RK = softmax_grads(
+                q_RP, do_RP, k_KP, v_KP, key_ok[None, :], lse_R, delta_R, scale, PRECISION
+            )
             dq_RP += tl.dot(ds_RK.to(k_KP.dtype), k_KP, input_precision=PRECISION)
     tl.store(
         dq_ptr + b * sdq_b + t * sdq_t + head_R[:, None] * sdq_h + offs_d[None, :] * sdq_d,
@@ -231,13 +230,12 @@ def _dkdv_kernel(
         do_RP = tl.load(do_RP_base + t * sdo_t, mask=rows_ok, other=0.0)
         lse_R = tl.load(lse_ptr + row_R_base + t * H * G, mask=g_ok, other=0.0)
         delta_R = tl.load(delta_ptr + row_R_base + t * H * G, mask=g_ok, other=0.0)
-        # transposed scores [keys, group rows] so dk and dv come out as plain dots
-        s_KR = tl.dot(k_KP, tl.trans(q_RP), input_precision=PRECISION) * scale
-        p_KR = tl.where((key_ok & (offs_k <= t))[:, None], tl.exp(s_KR - lse_R[None, :]), 0.0)
-        dv_KP += tl.dot(p_KR.to(do_RP.dtype), do_RP, input_precision=PRECISION)
-        dp_KR = tl.dot(v_KP, tl.trans(do_RP), input_precision=PRECISION)
-        ds_KR = p_KR * (dp_KR - delta_R[None, :])
-        dk_KP += tl.dot(ds_KR.to(q_RP.dtype), q_RP, input_precision=PRECISION)
+        visible_K1 = (key_ok & (offs_k <= t))[:, None]
+        dk_part, dv_part = dkdv_tile(
+            k_KP, v_KP, q_RP, do_RP, visible_K1, lse_R, delta_R, scale, PRECISION
+        )
+        dk_KP += dk_part
+        dv_KP += dv_part
     if slot < 0:
         tl.store(
             dk_ptr + b * sdk_b + h * sdk_h + offs_k[:, None] * sdk_t + offs_d[None, :] * sdk_d,

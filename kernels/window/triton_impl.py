@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import dot_precision, pad16, require_cuda, tile_ptrs
+from ..triton_common import (
+    dkdv_tile,
+    dot_precision,
+    pad16,
+    require_cuda,
+    softmax_grads,
+    softmax_out,
+    softmax_tile,
+    tile_ptrs,
+)
 
 # The usual flash-attention tile for D <= 128; not autotuned (no GPU was at hand when written).
 # Tests shrink them to make short sequences span many blocks.
@@ -77,28 +86,19 @@ def _fwd_kernel(
             mask=kv_ok,
             other=0.0,
         )
-        s_MN = tl.dot(q_MP, tl.trans(k_NP), input_precision=PRECISION) * scale
-        s_MN = tl.where(_visible(offs_m[:, None], offs_n[None, :], T, window), s_MN, float("-inf"))
-        m_new_M = tl.maximum(m_M, tl.max(s_MN, 1))
-        # a row whose keys all lie outside this block keeps max -inf; shift by 0 to avoid inf - inf
-        m_safe_M = tl.where(m_new_M == float("-inf"), 0.0, m_new_M)
-        p_MN = tl.exp(s_MN - m_safe_M[:, None])
-        alpha_M = tl.exp(m_M - m_safe_M)
-        l_M = l_M * alpha_M + tl.sum(p_MN, 1)
-        acc_MP = acc_MP * alpha_M[:, None] + tl.dot(
-            p_MN.to(v_NP.dtype), v_NP, input_precision=PRECISION
+        visible_MN = _visible(offs_m[:, None], offs_n[None, :], T, window)
+        m_M, l_M, acc_MP = softmax_tile(
+            q_MP, k_NP, v_NP, visible_MN, m_M, l_M, acc_MP, scale, PRECISION
         )
-        m_M = m_new_M
-    # rows past T see no key at all; give them a unit denominator, they are not stored
-    l_M = tl.where(l_M == 0.0, 1.0, l_M)
-    o_MP = acc_MP / l_M[:, None]
+    # rows past T see no key at all: they get output 0 and are not stored
+    o_MP, lse_M = softmax_out(m_M, l_M, acc_MP)
     row_ok = offs_m < T
     tl.store(
         tile_ptrs(o_ptr, b, hq, offs_m, offs_d, so_b, so_t, so_h, so_d),
         o_MP.to(o_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    tl.store(lse_ptr + pid_bh * T + offs_m, m_M + tl.log(l_M), mask=row_ok)
+    tl.store(lse_ptr + pid_bh * T + offs_m, lse_M, mask=row_ok)
 
 
 @triton.jit
@@ -151,11 +151,10 @@ def _dq_kernel(
             mask=kv_ok,
             other=0.0,
         )
-        s_MN = tl.dot(q_MP, tl.trans(k_NP), input_precision=PRECISION) * scale
         visible_MN = _visible(offs_m[:, None], offs_n[None, :], T, window)
-        p_MN = tl.where(visible_MN, tl.exp(s_MN - lse_M[:, None]), 0.0)
-        dp_MN = tl.dot(do_MP, tl.trans(v_NP), input_precision=PRECISION)
-        ds_MN = p_MN * (dp_MN - delta_M[:, None])
+        _, ds_MN = softmax_grads(
+            q_MP, do_MP, k_NP, v_NP, visible_MN, lse_M, delta_M, scale, PRECISION
+        )
         dq_MP += tl.dot(ds_MN.to(k_NP.dtype), k_NP, input_precision=PRECISION)
     tl.store(
         tile_ptrs(dq_ptr, b, hq, offs_m, offs_d, sdq_b, sdq_t, sdq_h, sdq_d),
@@ -223,14 +222,12 @@ def _dkdv_kernel(
             )
             lse_M = tl.load(lse_ptr + row_bh + offs_m, mask=row_ok, other=0.0)
             delta_M = tl.load(delta_ptr + row_bh + offs_m, mask=row_ok, other=0.0)
-            # transposed scores [keys, queries] so dk and dv come out as plain dots
-            s_NM = tl.dot(k_NP, tl.trans(q_MP), input_precision=PRECISION) * scale
             visible_NM = _visible(offs_m[None, :], offs_n[:, None], T, window)
-            p_NM = tl.where(visible_NM, tl.exp(s_NM - lse_M[None, :]), 0.0)
-            dv_NP += tl.dot(p_NM.to(do_MP.dtype), do_MP, input_precision=PRECISION)
-            dp_NM = tl.dot(v_NP, tl.trans(do_MP), input_precision=PRECISION)
-            ds_NM = p_NM * (dp_NM - delta_M[None, :])
-            dk_NP += tl.dot(ds_NM.to(q_MP.dtype), q_MP, input_precision=PRECISION)
+            dk_part, dv_part = dkdv_tile(
+                k_NP, v_NP, q_MP, do_MP, visible_NM, lse_M, delta_M, scale, PRECISION
+            )
+            dk_NP += dk_part
+            dv_NP += dv_part
     tl.store(
         tile_ptrs(dk_ptr, b, hk, offs_n, offs_d, sdk_b, sdk_t, sdk_h, sdk_d),
         (dk_NP * scale).to(dk_ptr.dtype.element_ty),
