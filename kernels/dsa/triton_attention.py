@@ -23,14 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (
-    dot_precision,
-    pad16,
-    require_cuda,
-    softmax_grads,
-    softmax_out,
-    softmax_tile,
-)
+from ..triton_common import dot_precision, pad16, require_cuda
+from ..triton_flash import softmax_grads, softmax_out, softmax_tile
 from .attention import on_head_sets
 
 # Slots per loop step: a [16, 64] x [64, 64] dot per step; not autotuned (no GPU was at hand

@@ -21,16 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (
-    dkdv_tile,
-    dot_precision,
-    pad16,
-    require_cuda,
-    softmax_grads,
-    softmax_out,
-    softmax_tile,
-    tile_ptrs,
-)
+from ..triton_common import dot_precision, pad16, require_cuda, tile_ptrs
+from ..triton_flash import dkdv_tile, softmax_grads, softmax_out, softmax_tile
 
 # The usual flash-attention tile for D <= 128; not autotuned (no GPU was at hand when written).
 # Tests shrink them to make short sequences span many blocks.

@@ -27,15 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (
-    dkdv_tile,
-    dot_precision,
-    pad16,
-    require_cuda,
-    softmax_grads,
-    softmax_out,
-    softmax_tile,
-)
+from ..triton_common import dot_precision, pad16, require_cuda
+from ..triton_flash import dkdv_tile, softmax_grads, softmax_out, softmax_tile
 
 # Most blocks are chosen by about S · block_size queries, but block 0 (forced by NSA) by all T.
 # A dK/dV program walks at most this many queries of one block, so a popular block is spread
