@@ -209,13 +209,19 @@ class KVCache:
         device: torch.device,
     ) -> None:
         self.max_len = max_len
-        self.k_BSHD = torch.zeros(
-            batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device
-        )
-        self.v_BSHD = torch.zeros_like(self.k_BSHD)
+        shape = (batch_size, max_len, n_kv_heads, head_dim)
+        self.k_BSHD, self.v_BSHD = self._kv_buffers(shape, dtype, device)
         self.length = 0
         self._deferred_rows: Callable[[], int] | None = None
         self.rows_read = 0
+
+    def _kv_buffers(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zeroed K and V buffers [B, S, H, D]: two tensors here; a subclass may return
+        views of one storage laid out for its decode reads."""
+        k_BSHD = torch.zeros(shape, dtype=dtype, device=device)
+        return k_BSHD, torch.zeros_like(k_BSHD)
 
     @property
     def rows_read(self) -> int:

@@ -107,7 +107,8 @@ class DSAParams(MechanismParams):
 
 
 class DSACache(KVCache):
-    """Decode cache: post-RoPE K/V (the base buffers) and the fp32 indexer keys [B, S, E]."""
+    """Decode cache: post-RoPE K/V (the base buffers, one token-major storage) and the fp32
+    indexer keys [B, S, E]."""
 
     def __init__(
         self,
@@ -123,6 +124,18 @@ class DSACache(KVCache):
         super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         # fp32 like the indexer itself, whatever the K/V dtype
         self.k_idx_BSE = torch.zeros(batch_size, max_len, index_dim, device=device)
+
+    def _kv_buffers(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as the two halves of one [B, S, 2, H, D] storage: a token's K and V lie
+        side by side in one row of 2·H·D numbers (as DeepSeek's MLA cache keeps one latent row
+        per token), so a decode step gathers each selected token once (``sparse_attention``
+        detects the layout). 2048 rows at 64k tokens, 4 KV heads of 128, cold, one thread:
+        1.2 ms for the packed rows against 2.0-2.4 ms for separate K and V rows."""
+        B, S, H, D = shape
+        kv_BS2HD = torch.zeros(B, S, 2, H, D, dtype=dtype, device=device)
+        return kv_BS2HD[:, :, 0], kv_BS2HD[:, :, 1]
 
 
 class LightningIndexer(nn.Module):

@@ -109,20 +109,12 @@ class NSACache(KVCache):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
+        self.select_size = params.select_size
         super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         shape = (batch_size, max_len, n_kv_heads, head_dim)
-        # head-major storage behind the [B, S, H, D] views of the selection K/V, padded to whole
-        # selection blocks: a step reads a selected block of a KV head as one contiguous run of
-        # l' rows (token-major, its rows lie H·D apart: at 64k tokens, 4 KV heads of 128, a
-        # gather of 2048 such rows took ~1.4 ms per MB); the window's K/V head-major too
-        padded = -(-max_len // params.select_size) * params.select_size
-        major = (batch_size, n_kv_heads, padded, head_dim)
-        self.k_BHSD = torch.zeros(major, dtype=dtype, device=device)
-        self.v_BHSD = torch.zeros(major, dtype=dtype, device=device)
-        self.k_BSHD = self.k_BHSD[:, :, :max_len].transpose(1, 2)
-        self.v_BSHD = self.v_BHSD[:, :, :max_len].transpose(1, 2)
         self.win_k_BSHD = self.win_v_BSHD = None
         if params.kv_mode == "independent":
+            # head-major like the selection K/V: a step reads a head's window as one run
             major = (batch_size, n_kv_heads, max_len, head_dim)
             self.win_k_BSHD = torch.zeros(major, dtype=dtype, device=device).transpose(1, 2)
             self.win_v_BSHD = torch.zeros(major, dtype=dtype, device=device).transpose(1, 2)
@@ -135,6 +127,19 @@ class NSACache(KVCache):
         self.kcmp_BHND = torch.zeros(cmp_shape, dtype=dtype, device=device)
         self.vcmp_BHND = torch.zeros(cmp_shape, dtype=dtype, device=device)
         self.n_cmp = 0
+
+    def _kv_buffers(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, H, D] views of head-major selection K/V storage (``k_BHSD``, ``v_BHSD``),
+        padded to whole selection blocks: a step reads a selected block of a KV head as one
+        contiguous run of l' rows (token-major, its rows lie H·D apart: at 64k tokens, 4 KV
+        heads of 128, a gather of 2048 such rows took ~1.4 ms per MB)."""
+        B, S, H, D = shape
+        padded = -(-S // self.select_size) * self.select_size
+        self.k_BHSD = torch.zeros(B, H, padded, D, dtype=dtype, device=device)
+        self.v_BHSD = torch.zeros_like(self.k_BHSD)
+        return self.k_BHSD[:, :, :S].transpose(1, 2), self.v_BHSD[:, :, :S].transpose(1, 2)
 
 
 def _linear_init(module: nn.Linear) -> nn.Linear:

@@ -250,10 +250,15 @@ def test_per_group_selection_differs_between_groups() -> None:
 )
 def test_decode_reads_only_selected_rows(sharing: str, context: int) -> None:
     """One decode step reads min(k, context) K/V rows per KV head; the cache keeps the
-    indexer keys of every token."""
+    indexer keys of every token, and each token's K and V side by side in one storage (the
+    layout sparse_attention gathers whole tokens from)."""
     attn = _dsa(**{**SPARSE, "sharing": sharing}).eval()
     cache = attn.new_cache(2, context)
     assert isinstance(cache, DSACache)
+    H, D = cache.k_BSHD.shape[2:]
+    assert cache.k_BSHD.untyped_storage().data_ptr() == cache.v_BSHD.untyped_storage().data_ptr()
+    assert cache.k_BSHD.stride(1) == 2 * H * D
+    assert cache.v_BSHD.storage_offset() - cache.k_BSHD.storage_offset() == H * D
     x = _x(2, context)
     with torch.no_grad():
         attn.fill_cache(x[:, :-1], cache)

@@ -402,6 +402,26 @@ def test_sparse_attention_bf16_close_to_fp32() -> None:
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize(("T", "per_head"), [(1, False), (1, True), (9, False), (9, True)])
+def test_sparse_attention_reads_packed_kv_in_place(T: int, per_head: bool) -> None:
+    """K and V as the two halves of one [B, S, 2, H, D] storage (DSACache's layout) are read
+    where they lie, with no copy of the cache (the rows the kernel gathers from are views of
+    that storage), and give the oracle's outputs, probabilities and gradients (the storage's
+    gradient holds dk and dv in its two halves)."""
+    B, S, HQ, H, D, K = 2, 70, 8, 2, 16, 24
+    q, k, v = make_qkv(B, T, S, HQ, H, D)
+    kv = torch.stack([k.detach(), v.detach()], dim=2).requires_grad_()
+    packed_k, packed_v = kv[:, :, 0], kv[:, :, 1]
+    rows = attention._kv_rows(packed_k, packed_v)
+    assert rows.packed and rows.m == 2 * H
+    assert rows.k_BRD.data_ptr() == kv.data_ptr() == rows.v_BRD.data_ptr() - H * D * 4
+    idx = random_indices((B, T, *((H,) if per_head else ()), K), S, seed=5)
+    o, probs = sparse_attention(q, packed_k, packed_v, idx, return_probs=True, backend="torch")
+    dq, dkv = cotangent_grads(o, (q, kv))
+    expected = attention_results("naive", (q, k, v), idx)
+    assert_all_close([o, probs, dq, dkv[:, :, 0], dkv[:, :, 1]], expected)
+
+
 def test_sparse_attention_never_materializes_all_slots(threads: Callable[[int], None]) -> None:
     """Forward and backward at T = 2048, K = 256 stay within the size of q or of the indices:
     no [T, K, D] gather and no [T, HQ, K] score tensor for all queries at once."""

@@ -20,6 +20,7 @@ dim, K index slots, U key sets per query (1 shared, or H), C queries of a chunk.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -215,64 +216,112 @@ class _Slots:
         return s if self.all_used else s.masked_fill_(unused, float("-inf"))
 
 
+@dataclass(frozen=True)
+class _KVRows:
+    """fp32 K and V of one call as rows [B, R, D]: key s of KV head h is row s·m + h of
+    ``k_BRD`` and of ``v_BRD``. ``packed``: K and V of a token lie side by side in one
+    storage ([B, S, 2, H, D], as ``DSACache`` keeps them), so a token's whole K and V row of
+    2·H·D numbers can be read at once."""
+
+    k_BRD: torch.Tensor
+    v_BRD: torch.Tensor
+    m: int
+    packed: bool
+
+    def tokens(self, b: int, H: int) -> tuple[torch.Tensor, ...]:
+        """Sequence b's whole tokens: (K [S, H·D], V [S, H·D]) or, packed, one [S, 2·H·D]."""
+        k_RD = self.k_BRD[b]
+        D = k_RD.shape[1]
+        S = (k_RD.shape[0] - H) // self.m + 1
+        if self.packed:
+            return (k_RD.as_strided((S, 2 * H * D), (self.m * D, 1)),)
+        return tuple(x[b].as_strided((S, H * D), (self.m * D, 1)) for x in (self.k_BRD, self.v_BRD))
+
+
+def _rows(x_BSHD: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """fp32 rows [B, R, D] and the token stride m (key s of head h is row s·m + h): a view when
+    x is fp32 with each token's heads contiguous (a contiguous tensor, or half of a packed
+    storage), else a contiguous copy with m = H."""
+    B, S, H, D = x_BSHD.shape
+    stride = x_BSHD.stride()
+    if x_BSHD.dtype == torch.float32 and stride[2:] == (D, 1) and stride[1] % D == 0:
+        m = stride[1] // D
+        if m >= H:
+            return x_BSHD.as_strided((B, (S - 1) * m + H, D), (stride[0], D, 1)), m
+    return x_BSHD.float().contiguous().view(B, S * H, D), H
+
+
+def _kv_rows(k_BSHD: torch.Tensor, v_BSHD: torch.Tensor) -> _KVRows:
+    """K and V of a call as ``_KVRows`` (views where the layout allows, see ``_rows``)."""
+    H, D = k_BSHD.shape[2:]
+    (k_BRD, mk), (v_BRD, mv) = _rows(k_BSHD), _rows(v_BSHD)
+    if mk != mv:
+        (k_BRD, mk), (v_BRD, mv) = _rows(k_BSHD.contiguous()), _rows(v_BSHD.contiguous())
+    packed = (
+        mk == 2 * H
+        and k_BRD.untyped_storage().data_ptr() == v_BRD.untyped_storage().data_ptr()
+        and v_BRD.storage_offset() - k_BRD.storage_offset() == H * D
+        and k_BRD.stride(0) == v_BRD.stride(0)
+    )
+    return _KVRows(k_BRD, v_BRD, mk, packed)
+
+
 def _head_slots(
-    k_RD: torch.Tensor,
-    v_RD: torch.Tensor,
+    kv: _KVRows,
+    b: int,
     h: int,
-    H: int,
     idx_CK: torch.Tensor,
     pos_C: torch.Tensor,
     ws: Workspace,
 ) -> _Slots:
-    """KV head h's slots of one chunk, gathered from one sequence's contiguous [S·H, D] rows.
+    """KV head h's slots of one chunk of sequence b, gathered as rows of ``kv``.
 
     A gather reads contiguous rows whatever H (gathering from a strided [S, D] head slice was
     measured ~50x slower). The gathers land in workspace buffers (valid until the next chunk):
     fresh multi-MB tensors per chunk cost more in page faults than the gather itself (14x).
     """
     C, K = idx_CK.shape
+    k_RD, v_RD = kv.k_BRD[b], kv.v_BRD[b]
     D = k_RD.shape[1]
     rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
-    flat = rows if H == 1 else torch.add(rows * H, h, out=ws.get("flat", idx_CK, C * K))
+    flat = rows if kv.m == 1 else torch.add(rows * kv.m, h, out=ws.get("flat", idx_CK, C * K))
     k_CKD = torch.index_select(k_RD, 0, flat, out=ws.get("k", k_RD, C * K, D)).view(C, K, D)
     v_CKD = torch.index_select(v_RD, 0, flat, out=ws.get("v", v_RD, C * K, D)).view(C, K, D)
     return _Slots(k_CKD, v_CKD, rows, (idx_CK >= 0) & (idx_CK <= pos_C[:, None]))
 
 
 def _shared_slots(
-    k_RD: torch.Tensor,
-    v_RD: torch.Tensor,
+    kv: _KVRows,
+    b: int,
     H: int,
     idx_CK: torch.Tensor,
     pos_C: torch.Tensor,
     ws: Workspace,
 ) -> list[_Slots]:
-    """The slots of one chunk whose KV heads share the indices: one gather of whole tokens
-    (H·D contiguous numbers each) instead of H gathers of D; k, v are strided views into it,
-    which the batched matmuls read directly. A decode step at 64k tokens, 4 KV heads of 128,
-    2048 slots: the per-head gathers took ~1 ms each per head and K/V.
+    """The slots of one chunk of sequence b whose KV heads share the indices: one gather of
+    whole tokens (H·D numbers each, or 2·H·D when ``kv`` is packed: K and V at once) instead of
+    H gathers of D; k, v are strided views into it, which the batched matmuls read directly.
+    A decode step at 64k tokens, 4 KV heads of 128, 2048 slots: the per-head gathers took ~1 ms
+    each per head and K/V.
 
     One _Slots per head ([C, K, D]), or for a one-query chunk one _Slots batched over the
     heads ([H, K, D], the heads as the matmuls' batch): one set of ops instead of H (measured
     0.82 -> 0.56 ms for 4 heads of 16 x 128 over 1024 slots on one core).
     """
     C, K = idx_CK.shape
-    D = k_RD.shape[1]
     rows = torch.clamp_min(idx_CK, 0, out=ws.get("rows", idx_CK, C, K)).view(-1)
-    tokens_k, tokens_v = k_RD.view(-1, H * D), v_RD.view(-1, H * D)
-    k_CKHD = torch.index_select(tokens_k, 0, rows, out=ws.get("k", k_RD, C * K, H * D))
-    v_CKHD = torch.index_select(tokens_v, 0, rows, out=ws.get("v", v_RD, C * K, H * D))
-    k_CKHD, v_CKHD = k_CKHD.view(C, K, H, D), v_CKHD.view(C, K, H, D)
+    gathered = [
+        torch.index_select(t, 0, rows, out=ws.get(f"kv{i}", t, C * K, t.shape[1]))
+        for i, t in enumerate(kv.tokens(b, H))
+    ]
+    if kv.packed:
+        half = gathered[0].shape[1] // 2
+        gathered = [gathered[0][:, :half], gathered[0][:, half:]]
+    k_CKHD, v_CKHD = (x.view(C, K, H, -1) for x in gathered)
     used_CK = (idx_CK >= 0) & (idx_CK <= pos_C[:, None])
     if C == 1:
         return [_Slots(k_CKHD[0].transpose(0, 1), v_CKHD[0].transpose(0, 1), rows, used_CK)]
     return [_Slots(k_CKHD[:, :, h], v_CKHD[:, :, h], rows, used_CK) for h in range(H)]
-
-
-def _flat_rows(x_BSHD: torch.Tensor) -> torch.Tensor:
-    """fp32 [B, S·H, D]: row s·H + h is key s of head h (a view when already contiguous)."""
-    B, S, H, D = x_BSHD.shape
-    return x_BSHD.float().contiguous().view(B, S * H, D)
 
 
 def _scaled(q_CGD: torch.Tensor, scale: float, ws: Workspace) -> torch.Tensor:
@@ -316,11 +365,11 @@ def _forward(
     S, H, K = k_BSHD.shape[1], k_BSHD.shape[2], idx_BTHK.shape[3]
     G = HQ // H
     q_BTHGD = q_BTHD.float().view(B, T, H, G, D)
-    k, v = _flat_rows(k_BSHD), _flat_rows(v_BSHD)
     pos_T = _positions(T, S, q_BTHD.device)
     probs_BTHK = torch.empty(B, T, H, K, device=q_BTHD.device) if want_probs else None
     # indices shared by all KV heads arrive as a stride-0 expansion over H
     shared = H > 1 and idx_BTHK.stride(2) == 0
+    kv = _kv_rows(k_BSHD, v_BSHD)
 
     def run(
         chunks: list[tuple[int, int, int]],
@@ -333,13 +382,11 @@ def _forward(
         for b, t0, t1 in chunks:
             idx_CHK = idx_BTHK[b, t0:t1, :, k0:k1]
             pos_C = pos_T[t0:t1]
-            heads = _shared_slots(k[b], v[b], H, idx_CHK[:, 0], pos_C, ws) if shared else []
+            heads = _shared_slots(kv, b, H, idx_CHK[:, 0], pos_C, ws) if shared else []
             # a one-query chunk of shared slots is one unit over all heads: [H, G, ...] at (b, t0)
             one_query = shared and t1 - t0 == 1
             for h in range(1 if one_query else H):
-                slots = (
-                    heads[h] if shared else _head_slots(k[b], v[b], h, H, idx_CHK[:, h], pos_C, ws)
-                )
+                slots = heads[h] if shared else _head_slots(kv, b, h, idx_CHK[:, h], pos_C, ws)
                 at = (b, t0) if one_query else (b, slice(t0, t1), h)
                 q_CGD = _scaled(q_BTHGD[at], scale, ws)
                 o_CGD, lse_CG, probs_CK = _forward_chunk(slots, q_CGD, ws, want_probs)
@@ -415,20 +462,20 @@ def _backward(
     G = HQ // H
     q_BTHGD = q_BTHD.float().view(B, T, H, G, D)
     do_BTHGD = do_BTHD.float().view(B, T, H, G, D)
-    k, v = _flat_rows(k_BSHD), _flat_rows(v_BSHD)
+    kv = _kv_rows(k_BSHD, v_BSHD)
     delta_BTHG = (do_BTHGD * o_BTHD.view(B, T, H, G, D)).sum(-1)
     lse_BTHG = lse_BTH.view(B, T, H, G)
     pos_T = _positions(T, S, q_BTHD.device)
     dq_BTHGD = torch.empty_like(q_BTHGD)
     runs = _worker_runs(B, T, idx_BTHK.shape[3])
-    dk_W = [k.new_zeros(B, H, S, D) for _ in runs]
-    dv_W = [k.new_zeros(B, H, S, D) for _ in runs]
+    dk_W = [q_BTHGD.new_zeros(B, H, S, D) for _ in runs]
+    dv_W = [q_BTHGD.new_zeros(B, H, S, D) for _ in runs]
 
     def run(i: int) -> None:
         ws = Workspace()
         for b, t0, t1 in runs[i]:
             for h in range(H):
-                slots = _head_slots(k[b], v[b], h, H, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
+                slots = _head_slots(kv, b, h, idx_BTHK[b, t0:t1, h], pos_T[t0:t1], ws)
                 q_CGD = _scaled(q_BTHGD[b, t0:t1, h], scale, ws)
                 do_CGD = do_BTHGD[b, t0:t1, h]
                 lse_C1G = lse_BTHG[b, t0:t1, h, None, :]
