@@ -67,18 +67,22 @@ class MoBACache(KVCache):
         device: torch.device,
     ) -> None:
         super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
-        # head-major storage behind the [B, S, H, D] views: a decode step reads each routed
-        # block of a KV head as one contiguous run (token-major, a head's rows lie H·D apart:
-        # at 64k tokens, 16 heads, the step's reads took ~3x longer)
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k_BSHD = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
-        self.v_BSHD = torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
         self.block_size = block_size
         n_blocks = max_len // block_size
         self.kmean_BNHD = torch.zeros(
             batch_size, n_blocks, n_kv_heads, head_dim, dtype=torch.float32, device=device
         )
         self.n_means = 0
+
+    def _kv_buffers(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, H, D] views of head-major storage: a decode step reads each routed block of
+        a KV head as one contiguous run (token-major, a head's rows lie H·D apart: at 64k
+        tokens, 16 heads, the step's reads took ~3x longer)."""
+        B, S, H, D = shape
+        k_BHSD = torch.zeros(B, H, S, D, dtype=dtype, device=device)
+        return k_BHSD.transpose(1, 2), torch.zeros_like(k_BHSD).transpose(1, 2)
 
     def append(self, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
         """Store the new tokens' K/V and the mean keys of the blocks they complete."""

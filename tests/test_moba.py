@@ -78,6 +78,15 @@ def test_decode_reads_only_means_own_and_routed_rows(s: int) -> None:
     assert mha_cache.rows_read == i + (s - i * 512) + 2 * 512 == mha.cost(s).keys
 
 
+def test_cache_keeps_each_kv_heads_rows_contiguous() -> None:
+    """The cache's K/V are head-major: a routed block of one KV head is one contiguous run."""
+    attn = _moba(n_heads=4, n_kv_heads=2, block_size=4, top_k=2)
+    cache = attn.new_cache(2, 11)
+    for x_BSHD in (cache.k_BSHD, cache.v_BSHD):
+        assert x_BSHD.shape == (2, 11, 2, 16)
+        assert x_BSHD[1, 4:8, 1].is_contiguous()
+
+
 def test_partial_block_never_gets_a_mean() -> None:
     """Feeding the cache token by token, a block's mean appears exactly when it completes."""
     attn = _moba(block_size=4, top_k=2)

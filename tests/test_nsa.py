@@ -83,6 +83,18 @@ def test_stats_gates_forced_share_and_density() -> None:
         assert float(st[f"gate_{branch}"]) == pytest.approx(0.5, abs=0.01)  # gates start near 0.5
 
 
+def test_cache_keeps_selection_blocks_contiguous_and_padded() -> None:
+    """The selection K/V are head-major and padded to whole selection blocks: a selected
+    block of one KV head, the tail block included, is one contiguous run of l' rows."""
+    attn = _nsa(n_heads=4, n_kv_heads=2, block_size=8, stride=4, select_size=16, window=12)
+    cache = attn.new_cache(1, 40)
+    assert cache.k_BSHD.shape == cache.v_BSHD.shape == (1, 40, 2, 16)
+    assert cache.k_BHSD.shape == cache.v_BHSD.shape == (1, 2, 48, 16)
+    for x_BHSD in (cache.k_BHSD, cache.v_BHSD):
+        assert x_BHSD[0, 1, 32:48].is_contiguous()
+    assert cache.k_BSHD.untyped_storage().data_ptr() == cache.k_BHSD.data_ptr()
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_decode_over_head_splits_equals_the_full_forward(threads: int) -> None:
     """Decoding splits the KV heads over the workers (here 4 heads over 1 or 3 workers, one
