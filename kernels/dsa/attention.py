@@ -552,7 +552,10 @@ def sparse_attention_torch(
     once per KV head (one read serves the G query heads of the group), scores them with one
     batched matmul and applies them with another; the backward recomputes the scores from the
     saved row lse. Chunks run on ``worker_count()`` worker threads owning disjoint
-    query ranges. Returns (o_BTHD in q's dtype, fp32 slot probabilities or None).
+    query ranges. fp32 K/V whose heads are contiguous per token are read where they lie
+    (a contiguous [B, S, H, D], or the two halves of one [B, S, 2, H, D] storage, whose
+    selected tokens are gathered as whole K-and-V rows); other layouts and dtypes are copied
+    to fp32 first. Returns (o_BTHD in q's dtype, fp32 slot probabilities or None).
     """
     return on_head_sets(_SparseAttention.apply, q_BTHD, k_BSHD, v_BSHD, indices, scale, want_probs)
 
