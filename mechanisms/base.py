@@ -80,26 +80,30 @@ def knob(
     low: float | None = None,
     high: float | None = None,
     choices: tuple[Any, ...] | None = None,
+    phase: bool = False,
 ) -> Any:
     """Declare a mechanism parameter with its default, help text and allowed range.
 
     The range metadata drives both validation and the ``sparsezoo mechanisms`` listing, so the
-    documented range and the enforced range can never drift apart.
+    documented range and the enforced range can never drift apart. ``phase`` marks a knob a
+    curriculum phase may change during training: it leaves the parameters as they are, and the
+    mechanism reads it from ``self.params`` on every call.
     """
-    return field(
-        default=default, metadata={"help": help, "low": low, "high": high, "choices": choices}
-    )
+    metadata = {"help": help, "low": low, "high": high, "choices": choices, "phase": phase}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class KnobInfo:
-    """One parameter of a mechanism as users see it (name, type, default, allowed values, help)."""
+    """One parameter of a mechanism as users see it (name, type, default, allowed values, help,
+    and whether a curriculum phase may change it)."""
 
     name: str
     type: str
     default: Any
     allowed: str
     help: str
+    phase: bool = False
 
 
 @dataclass
@@ -136,6 +140,11 @@ class MechanismParams:
                 raise MechanismConfigError(f"{f.name}={value!r} is above the maximum {high}")
 
     @classmethod
+    def phase_knobs(cls) -> tuple[str, ...]:
+        """The knobs a curriculum phase may change (declared with ``knob(..., phase=True)``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("phase"))
+
+    @classmethod
     def describe(cls) -> list[KnobInfo]:
         """List the knobs with their types, defaults, allowed ranges and help texts."""
         hints = typing.get_type_hints(cls)
@@ -158,6 +167,7 @@ class MechanismParams:
                     default=f.default,
                     allowed=allowed,
                     help=meta.get("help", ""),
+                    phase=bool(meta.get("phase")),
                 )
             )
         return out
@@ -307,6 +317,8 @@ class AttentionMechanism(nn.Module, abc.ABC):
         params.validate(shape)
         self.shape = shape
         self.params = params
+        # the knobs it was built with: a training phase may override some for its steps
+        self.configured_params = params
         self.scale = shape.head_dim**-0.5
         self._deferred_stats: Callable[[], dict[str, torch.Tensor]] | None = None
         self.stats = {}
@@ -338,6 +350,15 @@ class AttentionMechanism(nn.Module, abc.ABC):
     def dense_limit(cls, seq_len: int) -> dict[str, Any] | None:
         """Knob values under which the mechanism equals dense attention at ``seq_len``, or None."""
         return None
+
+    def set_phase_params(self, overrides: dict[str, Any]) -> None:
+        """Use the configured knobs with ``overrides`` (a training phase's, see
+        ``data.curriculum``); ``{}`` restores the configured ones. Only the phase knobs may
+        differ: those declared ``knob(..., phase=True)`` (the config refuses the others).
+        Raises MechanismConfigError for invalid values."""
+        params = dataclasses.replace(self.configured_params, **overrides)
+        params.validate(self.shape)
+        self.params = params
 
     def set_step(self, step: int) -> None:
         """Training-phase hook: the trainer passes the global step before every training step.

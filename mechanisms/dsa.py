@@ -70,7 +70,9 @@ _CHUNK_ELEMENTS = 1 << 22
 class DSAParams(MechanismParams):
     """DSA knobs; k is the paper's 2048, the indexer is scaled down from V3.2's 64 x 128."""
 
-    topk: int = knob(2048, help="tokens k each query attends (min(k, t+1) visible)", low=1)
+    topk: int = knob(
+        2048, help="tokens k each query attends (min(k, t+1) visible)", low=1, phase=True
+    )
     index_heads: int = knob(4, help="indexer heads H_I", low=1)
     index_dim: int = knob(64, help="indexer head width d_I", low=2)
     index_rope_dim: int = knob(
@@ -86,7 +88,9 @@ class DSAParams(MechanismParams):
         help="dense warm-up steps training only the indexer before sparse training (0: none)",
         low=0,
     )
-    kl_coef: float = knob(1.0, help="weight of the indexer KL in the training loss (> 0)", low=0.0)
+    kl_coef: float = knob(
+        1.0, help="weight of the indexer KL in the training loss (> 0)", low=0.0, phase=True
+    )
     backend: str = knob("auto", help="kernel backend", choices=("auto", "torch", "naive", "triton"))
 
     def validate(self, shape: AttentionShape) -> None:

@@ -44,7 +44,9 @@ class MoBAParams(MechanismParams):
     """MoBA knobs; defaults are the paper's scaling-law setting (B=512, k=3)."""
 
     block_size: int = knob(512, help="keys per block B (the tail block may be shorter)", low=1)
-    top_k: int = knob(3, help="blocks per query k, counting the own block (k - 1 routed)", low=1)
+    top_k: int = knob(
+        3, help="blocks per query k, counting the own block (k - 1 routed)", low=1, phase=True
+    )
     backend: str = knob("auto", help="kernel backend", choices=("auto", "torch", "naive", "triton"))
 
 

@@ -66,8 +66,12 @@ class NSAParams(MechanismParams):
     block_size: int = knob(32, help="compression block length l", low=1)
     stride: int = knob(16, help="compression stride d (l and l' must be multiples of d)", low=1)
     select_size: int = knob(64, help="selection block length l' (>= l)", low=1)
-    n_select: int = knob(16, help="selected blocks n, counting 1 initial + 2 local forced", low=3)
-    window: int = knob(512, help="sliding window w: query t sees keys (t - w, t]", low=1)
+    n_select: int = knob(
+        16, help="selected blocks n, counting 1 initial + 2 local forced", low=3, phase=True
+    )
+    window: int = knob(
+        512, help="sliding window w: query t sees keys (t - w, t]", low=1, phase=True
+    )
     kv_mode: str = knob(
         "independent",
         help="K/V per branch (paper) or one shared K/V",

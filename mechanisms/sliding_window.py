@@ -21,7 +21,9 @@ from .base import Cost, KVCache, MechanismParams, QKVAttention, decode_mask, kno
 class SlidingWindowParams(MechanismParams):
     """Knobs of sliding-window attention."""
 
-    window: int = knob(512, help="keys per query, the query itself included: (t - w, t]", low=1)
+    window: int = knob(
+        512, help="keys per query, the query itself included: (t - w, t]", low=1, phase=True
+    )
     backend: str = knob("auto", help="kernel backend", choices=("auto", "torch", "naive", "triton"))
 
 

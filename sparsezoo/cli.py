@@ -160,18 +160,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_mechanisms(args: argparse.Namespace) -> int:
-    """List registered mechanisms with their knobs, defaults and allowed ranges."""
+    """List registered mechanisms with their knobs, defaults, allowed ranges and which knobs a
+    curriculum phase may change (``data.curriculum[].attention_params``)."""
     con = console()
     for name in list_mechanisms():
         cls = get_mechanism(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         table = Table(title=f"{name} — {doc}", title_justify="left", expand=False)
-        for col in ("knob", "type", "default", "allowed", "help"):
+        for col in ("knob", "type", "default", "allowed", "phase", "help"):
             table.add_column(col)
         for k in cls.Params.describe():
-            table.add_row(k.name, k.type, repr(k.default), k.allowed, k.help)
+            phase = "yes" if k.phase else ""
+            table.add_row(k.name, k.type, repr(k.default), k.allowed, phase, k.help)
         if not cls.Params.describe():
-            table.add_row("(none)", "", "", "", "")
+            table.add_row("(none)", "", "", "", "", "")
         con.print(table)
     return 0
 

@@ -67,7 +67,9 @@ class CurriculumPhase:
     """A phase of a length curriculum: ``steps`` steps of rows of ``seq_len`` tokens.
 
     ``batch_size`` 0 means ``train.batch_size``; ``passkey_mix`` and ``passkey_near`` null mean
-    the ``data`` section's values.
+    the ``data`` section's values. ``attention_params`` sets mechanism knobs for the phase's
+    steps, keyed like ``attention.params`` (``{nsa: {n_select: 4}}``), over those; only knobs
+    that leave the model's parameters unchanged (the same model trains through every phase).
     """
 
     seq_len: int = 256
@@ -75,6 +77,7 @@ class CurriculumPhase:
     batch_size: int = 0
     passkey_mix: float | None = None
     passkey_near: float | None = None
+    attention_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -464,7 +467,32 @@ def validate_config(cfg: ExperimentConfig) -> None:
             cls.Params.from_dict(dict(cfg.attention.params.get(name, {}))).validate(shape)
         except (MechanismConfigError, TypeError) as exc:
             raise ConfigError(f"attention.params.{name}: {exc}") from exc
+    for i, phase in enumerate(cfg.data.curriculum):
+        for name, knobs in phase.attention_params.items():
+            _validate_phase_knobs(cfg, shape, f"data.curriculum[{i}].attention_params", name, knobs)
     _validate_eval(cfg)
+
+
+def _validate_phase_knobs(
+    cfg: ExperimentConfig, shape: AttentionShape, key: str, name: str, knobs: dict[str, Any]
+) -> None:
+    """A phase's knobs for mechanism ``name``: phase knobs of a registered mechanism
+    (``MechanismParams.phase_knobs``), valid over ``attention.params``."""
+    try:
+        cls = get_mechanism(name)
+    except UnknownMechanismError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+    allowed = cls.Params.phase_knobs()
+    for knob_name, value in knobs.items():
+        if knob_name not in allowed:
+            raise ConfigError(
+                f"{key}.{name}.{knob_name}={value!r} cannot change between phases; the knobs a "
+                f"phase may set for {name}: {', '.join(allowed) or 'none'}"
+            )
+    try:
+        cls.Params.from_dict({**cfg.attention.params.get(name, {}), **knobs}).validate(shape)
+    except (MechanismConfigError, TypeError) as exc:
+        raise ConfigError(f"{key}.{name}: {exc}") from exc
 
 
 def _validate_curriculum(cfg: ExperimentConfig) -> None:
@@ -499,6 +527,17 @@ def _validate_curriculum(cfg: ExperimentConfig) -> None:
 def phase_passkey_mix(cfg: ExperimentConfig, phase: CurriculumPhase) -> float:
     """A curriculum phase's share of passkey rows (its own, else ``data.passkey_mix``)."""
     return cfg.data.passkey_mix if phase.passkey_mix is None else phase.passkey_mix
+
+
+def phase_attention_params(cfg: ExperimentConfig, step: int) -> dict[str, dict[str, Any]]:
+    """The mechanism knobs the curriculum phase holding training step ``step`` sets, keyed by
+    mechanism ({} from the end of the phases on)."""
+    end = 0
+    for phase in cfg.data.curriculum:
+        end += phase.steps
+        if step < end:
+            return {name: dict(knobs) for name, knobs in phase.attention_params.items()}
+    return {}
 
 
 def trains_on_passkeys(cfg: ExperimentConfig) -> bool:

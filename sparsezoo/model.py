@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,13 @@ class SparseLM(nn.Module):
         allowed = {id(p) for params in declared if params is not None for p in params}
         for p in self._phase_pool:
             p.requires_grad_(not restricted or id(p) in allowed)
+
+    def set_phase_params(self, params: dict[str, dict[str, Any]]) -> None:
+        """Give every layer's mechanism the knobs ``params`` holds for it (keyed by mechanism
+        name, a curriculum phase's ``attention_params``); a mechanism not named gets its
+        configured knobs back."""
+        for attn in self.mechanisms():
+            attn.set_phase_params(params.get(attn.name, {}))
 
     def mechanisms(self) -> list[AttentionMechanism]:
         """The attention module of every layer, in order."""

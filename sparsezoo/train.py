@@ -35,6 +35,7 @@ from sparsezoo.config import (
     flatten,
     load_config,
     parse_layer_spec,
+    phase_attention_params,
     phase_passkey_mix,
     to_yaml,
     trains_on_passkeys,
@@ -90,8 +91,10 @@ class LMModule(L.LightningModule):
         )
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Pass the global step to the mechanisms' phase schedules (e.g. DSA's warm-up)."""
+        """Pass the global step to the mechanisms' phase schedules (e.g. DSA's warm-up) and
+        give them the knobs of the curriculum phase it falls in."""
         self.model.set_training_step(self.global_step)
+        self.model.set_phase_params(phase_attention_params(self.cfg, self.global_step))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """LM loss plus the mechanisms' auxiliary losses; logs loss and attention stats."""

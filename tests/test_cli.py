@@ -66,6 +66,10 @@ def test_mechanisms_lists_knobs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["mechanisms"]) == 0
     out = capsys.readouterr().out
     assert "dense" in out and "sliding_window" in out and "window" in out and "512" in out
+    assert "phase" in out
+    nsa = out[out.index("nsa —") : out.index("sliding_window —")]
+    phase_rows = [line for line in nsa.splitlines() if "│ yes" in line]
+    assert sorted(line.split("│")[1].strip() for line in phase_rows) == ["n_select", "window"]
 
 
 def test_ui_serves_the_store_on_loopback(tmp_path: Path, free_port: int) -> None:

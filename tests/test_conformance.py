@@ -9,6 +9,7 @@ them, so they never join the parametrized list.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +41,57 @@ from sparsezoo.testing import (
 
 # Collected at import, before any test registers a broken mechanism.
 REAL_MECHANISMS = registry.list_mechanisms()
+
+
+def _other_value(params: MechanismParams, knob_name: str) -> Any:
+    """A valid value of the knob other than its current one: a float doubled, an int halved
+    (or raised by one when halving would leave its range)."""
+    value = getattr(params, knob_name)
+    if isinstance(value, float):
+        return 2.0 * value
+    low = next(f for f in dataclasses.fields(params) if f.name == knob_name).metadata["low"]
+    return value // 2 if value // 2 >= (low or 0) and value // 2 != value else value + 1
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "knob_name"),
+    [
+        (name, knob_name)
+        for name in REAL_MECHANISMS
+        for knob_name in registry.get_mechanism(name).Params.phase_knobs()
+    ],
+)
+def test_phase_knobs_keep_the_parameters_and_apply_on_the_next_call(
+    mechanism: str, knob_name: str
+) -> None:
+    """A knob a curriculum phase may set keeps every parameter's name and shape, and after
+    ``set_phase_params`` the module computes (output, gradients, auxiliary losses) exactly
+    what a module built with that value and the same weights does; ``{}`` restores it."""
+    name = mechanism
+    cls = registry.get_mechanism(name)
+    kwargs = dict(d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    attn = registry.build_attention(name, **kwargs, **cls.test_preset).train()
+    other = {knob_name: _other_value(attn.params, knob_name)}
+    rebuilt = registry.build_attention(name, **kwargs, **{**cls.test_preset, **other}).train()
+    shapes = {k: p.shape for k, p in attn.named_parameters()}
+    assert {k: p.shape for k, p in rebuilt.named_parameters()} == shapes
+    rebuilt.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 200, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(module: AttentionMechanism) -> list[torch.Tensor]:
+        xg = x.clone().requires_grad_()
+        y = module(xg)
+        loss = sum(module.aux_losses.values(), (y * y).mean())
+        return [y, *module.aux_losses.values(), *torch.autograd.grad(loss, xg)]
+
+    configured = run(attn)
+    attn.set_phase_params(other)
+    assert getattr(attn.params, knob_name) == other[knob_name]
+    for a, b in zip(run(attn), run(rebuilt), strict=True):
+        torch.testing.assert_close(a, b)
+    attn.set_phase_params({})
+    for a, b in zip(run(attn), configured, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(

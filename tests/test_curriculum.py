@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from sparsezoo.config import ConfigError, load_config, trains_on_passkeys
+from sparsezoo.config import ConfigError, load_config, phase_attention_params, trains_on_passkeys
 from sparsezoo.data import IGNORE_INDEX, PasskeyMix, TokenWindows
 from sparsezoo.data.curriculum import Phase, PhasedBatches
 from sparsezoo.data.dataset import TOKEN_DTYPE
@@ -115,6 +115,62 @@ def test_curriculum_config_parses_and_names_bad_keys(tmp_path: Path) -> None:
     for phase_text, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*BASE, f"data.curriculum=[{{{phase_text}}}]"])
+
+
+def test_phase_attention_params_are_checked_and_follow_the_steps() -> None:
+    """A phase's mechanism knobs apply over attention.params for its steps only; the config
+    names the offending key for an unknown mechanism, a knob that is not a phase knob (with
+    the ones that are) and an invalid value."""
+    nsa = [*BASE, "attention.mechanism=nsa", "attention.params.nsa.n_select=5"]
+
+    def phases(text: str) -> list[str]:
+        return [
+            *nsa,
+            f"data.curriculum=[{{seq_len: 32, steps: 2, attention_params: {text}}}, "
+            "{seq_len: 64, steps: 3}]",
+        ]
+
+    cfg = load_config(None, phases("{nsa: {n_select: 4, window: 16}, dsa: {topk: 8}}"))
+    knobs = {"nsa": {"n_select": 4, "window": 16}, "dsa": {"topk": 8}}
+    assert [phase_attention_params(cfg, step) for step in range(7)] == [knobs] * 2 + [{}] * 5
+    key = r"data\.curriculum\[0\]\.attention_params"
+    fixed = r"cannot change between phases; the knobs a phase may set for nsa: n_select, window"
+    bad = {
+        "{foo: {n_select: 4}}": rf"{key}: unknown attention mechanism 'foo'",
+        "{nsa: {n_selekt: 4}}": rf"{key}\.nsa\.n_selekt=4 {fixed}",
+        "{nsa: {n_select: 2}}": rf"{key}\.nsa: n_select=2 is below the minimum 3",
+        "{nsa: {kv_mode: shared}}": rf"{key}\.nsa\.kv_mode='shared' {fixed}",
+        "{nsa: {n_select: 4, block_size: 64}}": rf"{key}\.nsa\.block_size=64 {fixed}",
+        "{dense: {x: 1}}": rf"{key}\.dense\.x=1 cannot change .* for dense: none",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, phases(text))
+
+
+def test_training_sets_each_phases_knobs_then_restores_the_configured_ones(
+    tiny_overrides: list[str],
+) -> None:
+    """Every layer's mechanism trains the phase's steps with its knobs and the steps after
+    the phases with attention.params' (a real run: the knob is read on each step)."""
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides,
+            "attention.mechanism=sliding_window",
+            "attention.params.sliding_window.window=16",
+            "data.curriculum=[{seq_len: 32, steps: 2, attention_params: "
+            "{sliding_window: {window: 4}}}, {seq_len: 32, steps: 1}]",
+        ],
+    )
+    windows: list[list[int]] = []
+
+    class Knobs(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            windows.append([attn.params.window for attn in pl_module.model.mechanisms()])
+
+    train(cfg, callbacks=[Knobs()])
+    assert windows == [[4, 4]] * 2 + [[16, 16]] * 4
 
 
 class _Bundle:
