@@ -357,8 +357,10 @@ class AttentionMechanism(nn.Module, abc.ABC):
         differ: those declared ``knob(..., phase=True)`` (the config refuses the others).
         Raises MechanismConfigError for invalid values."""
         params = dataclasses.replace(self.configured_params, **overrides)
-        params.validate(self.shape)
-        self.params = params
+        # called before every training step: validate only when the knobs change
+        if params != self.params:
+            params.validate(self.shape)
+            self.params = params
 
     def set_step(self, step: int) -> None:
         """Training-phase hook: the trainer passes the global step before every training step.

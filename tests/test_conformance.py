@@ -23,6 +23,7 @@ from sparsezoo.mechanisms.base import (
     AttentionMechanism,
     Cost,
     KVCache,
+    MechanismConfigError,
     MechanismParams,
     causal_pairs,
     decode_mask,
@@ -92,6 +93,9 @@ def test_phase_knobs_keep_the_parameters_and_apply_on_the_next_call(
     attn.set_phase_params({})
     for a, b in zip(run(attn), configured, strict=True):
         torch.testing.assert_close(a, b)
+    with pytest.raises(MechanismConfigError, match=f"{knob_name}=-1 is below the minimum"):
+        attn.set_phase_params({knob_name: -1})
+    assert attn.params == attn.configured_params
 
 
 @pytest.mark.parametrize(
