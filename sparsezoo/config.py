@@ -68,8 +68,9 @@ class CurriculumPhase:
 
     ``batch_size`` 0 means ``train.batch_size``; ``passkey_mix`` and ``passkey_near`` null mean
     the ``data`` section's values. ``attention_params`` sets mechanism knobs for the phase's
-    steps, keyed like ``attention.params`` (``{nsa: {n_select: 4}}``), over those; only knobs
-    that leave the model's parameters unchanged (the same model trains through every phase).
+    steps, keyed like ``attention.params`` (``{nsa: {n_select: 4}}``), over those; only phase
+    knobs (``knob(..., phase=True)``, column ``phase`` of ``sparsezoo mechanisms``), which
+    leave the model's parameters unchanged: the same model trains through every phase.
     """
 
     seq_len: int = 256
