@@ -127,10 +127,20 @@ class SparseLM(nn.Module):
         self, input_ids_BT: torch.Tensor, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
         """Logits [B, T, V] for ``input_ids``; with per-layer caches, decode after the cached."""
+        return self.lm_head(self.hidden_states(input_ids_BT, caches))
+
+    def hidden_states(
+        self, input_ids_BT: torch.Tensor, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """The final normalised hidden states [B, T, C], what ``lm_head`` turns into logits.
+
+        A loss on a few positions (passkey answers) applies ``lm_head`` to those rows only:
+        the logits of the others, [B, T, V], cost more than the tiny model's layers.
+        """
         x_BTC = self.embed(input_ids_BT)
         for i, block in enumerate(self.blocks):
             x_BTC = block(x_BTC, None if caches is None else caches[i])
-        return self.lm_head(self.norm(x_BTC))
+        return self.norm(x_BTC)
 
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty decode cache per layer."""

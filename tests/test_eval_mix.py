@@ -13,7 +13,13 @@ from sparsezoo.config import load_config
 from sparsezoo.data import IGNORE_INDEX, PasskeyMix, TokenWindows
 from sparsezoo.data.dataset import TOKEN_DTYPE
 from sparsezoo.data.synthetic import NEEDLE_MARKER, QUERY_MARKER
-from sparsezoo.train import LMDataModule, _OffsetWindows, row_mean_loss, token_losses
+from sparsezoo.train import (
+    LMDataModule,
+    LMModule,
+    _OffsetWindows,
+    row_mean_loss,
+    token_losses,
+)
 
 
 @pytest.fixture
@@ -139,6 +145,42 @@ def test_row_mean_loss_weighs_each_row_equally() -> None:
     assert losses[2].abs().sum() == 0
     expected = (losses[0].mean() + losses[1, 6:].mean()) / 2
     torch.testing.assert_close(row_mean_loss(losses, sparse), expected)
+
+
+@pytest.mark.parametrize("passkey_mix", [0.0, 1.0])
+def test_training_loss_on_labelled_positions_equals_the_loss_of_all_logits(
+    passkey_mix: float,
+) -> None:
+    """The step's loss applies lm_head at labelled positions only: loss and every parameter's
+    gradient equal those of the full [B, T, V] logits (row mean for passkeys, token mean for
+    text); an unlabelled row is skipped."""
+    cfg = load_config(
+        None,
+        [
+            "model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+            "model.n_kv_heads=1", "data.seq_len=24", f"data.passkey_mix={passkey_mix}",
+        ],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = LMModule(cfg)
+    ids = torch.randint(0, 64, (3, 24))
+    labels = torch.randint(0, 64, (3, 24))
+    labels[0, :20] = IGNORE_INDEX
+    labels[1, ::3] = IGNORE_INDEX
+    labels[2] = IGNORE_INDEX
+    logits = module.model(ids)
+    if passkey_mix:
+        expected = row_mean_loss(token_losses(logits, labels), labels)
+    else:
+        expected = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+    want = torch.autograd.grad(expected, list(module.parameters()))
+    loss = module._lm_loss({"input_ids": ids, "labels": labels})
+    got = torch.autograd.grad(loss, list(module.parameters()))
+    torch.testing.assert_close(loss, expected)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 class _Bundle:
