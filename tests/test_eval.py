@@ -51,7 +51,21 @@ def tiny_cfg(*overrides: str) -> ExperimentConfig:
     return load_config(None, [*TINY, *overrides])
 
 
-class PasskeyOracle(nn.Module):
+class LogitsOracle(nn.Module):
+    """A hand-written stand-in for SparseLM: ``forward`` gives the logits, which are also its
+    hidden states (the eval applies ``lm_head``, here the identity, to those it needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the context a device
+        self.lm_head = nn.Identity()
+
+    def hidden_states(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """The logits of ``forward``."""
+        return self(ids_BT)
+
+
+class PasskeyOracle(LogitsOracle):
     """Copies the passkey from the needle, like a perfect retrieval model.
 
     Sees the needle only when the query is at most ``reach`` tokens after it (a sliding-window
@@ -62,7 +76,6 @@ class PasskeyOracle(nn.Module):
         self, passkey_len: int, reach: int = 10**9, shift: int = 0, slip: int | None = None
     ) -> None:
         super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))  # gives the context a device
         self.k, self.reach, self.shift, self.slip = passkey_len, reach, shift, slip
 
     def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
@@ -82,12 +95,8 @@ class PasskeyOracle(nn.Module):
         return logits_BTV
 
 
-class InductionOracle(nn.Module):
+class InductionOracle(LogitsOracle):
     """Predicts the token that followed the latest earlier occurrence of the current token."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
         B, T = ids_BT.shape
@@ -220,8 +229,11 @@ def test_scoring_is_batched_deterministic_and_leaves_the_model_as_it_was() -> No
     labels = torch.randint(0, VOCAB, (7, 64))
     losses = one.losses(ids, labels)
     with torch.no_grad():
-        expected = token_losses(model.eval()(ids), labels)
+        logits = model.eval()(ids)
+        expected = token_losses(logits, labels)
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+    # predictions apply the head at the asked positions only: the argmax of the full logits
+    assert torch.equal(one.predictions(ids, [5, 63]), logits[:, [5, 63]].argmax(-1))
     model.train()
     first = passkey_task(context(model, cfg), [64]).metrics
     assert model.training

@@ -111,9 +111,13 @@ class EvalContext:
         )
 
     def _batched(
-        self, input_ids_NT: torch.Tensor, score: Callable[[torch.Tensor, slice], torch.Tensor]
+        self,
+        input_ids_NT: torch.Tensor,
+        score: Callable[[SparseLM, torch.Tensor, slice], torch.Tensor],
     ) -> torch.Tensor:
-        """``score(logits_BTV, rows)`` over batches of ``eval.batch_size``, concatenated.
+        """``score(model, h_BTC, rows)`` over batches of ``eval.batch_size``, concatenated;
+        ``h_BTC`` are the model's final hidden states, which ``score`` turns into the logits it
+        needs (``model.lm_head``: at a few positions for predictions, not [B, T, V]).
 
         Only the scores stay in memory, never all the logits. Past the trained length a failing
         forward (a mechanism's length limit, running out of memory) becomes CannotRun; at
@@ -129,7 +133,7 @@ class EvalContext:
                 for start in range(0, input_ids_NT.shape[0], self.cfg.eval.batch_size):
                     rows = slice(start, start + self.cfg.eval.batch_size)
                     ids_BT = input_ids_NT[rows].to(self.device)
-                    out.append(score(model(ids_BT).float(), rows).cpu())
+                    out.append(score(model, model.hidden_states(ids_BT), rows).cpu())
         except (ValueError, RuntimeError, MemoryError) as exc:
             if length <= self.trained_len:
                 raise
@@ -141,13 +145,17 @@ class EvalContext:
     def predictions(self, input_ids_NT: torch.Tensor, positions_K: Sequence[int]) -> torch.Tensor:
         """Greedy next-token predictions at ``positions_K`` of every row, LongTensor[N, K]."""
         index = torch.as_tensor(list(positions_K), device=self.device)
-        return self._batched(input_ids_NT, lambda logits_BTV, _: logits_BTV[:, index].argmax(-1))
+        return self._batched(
+            input_ids_NT, lambda model, h_BTC, _: model.lm_head(h_BTC[:, index]).argmax(-1)
+        )
 
     def losses(self, input_ids_NT: torch.Tensor, labels_NT: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every position against ``labels_NT``, FloatTensor[N, T]."""
         return self._batched(
             input_ids_NT,
-            lambda logits_BTV, rows: token_losses(logits_BTV, labels_NT[rows].to(self.device)),
+            lambda model, h_BTC, rows: token_losses(
+                model.lm_head(h_BTC), labels_NT[rows].to(self.device)
+            ),
         )
 
     def seed(self, *coords: object) -> int:
