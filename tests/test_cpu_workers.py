@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -73,6 +74,17 @@ def test_an_error_surfaces_after_every_job_finished() -> None:
     with pytest.raises(ValueError, match="helper failed"):
         run_workers([lambda: None, lambda: (_ for _ in ()).throw(ValueError("helper failed"))])
     assert torch.get_num_threads() == threads
+
+
+def test_a_finished_call_leaves_no_reference_to_its_jobs_data() -> None:
+    # a helper that kept its last job would keep the tensors of the job's closure alive until
+    # its next job, hiding them from the caller's memory and freeing them in a later call
+    for _ in range(3):
+        data = torch.ones(1000)
+        ref = weakref.ref(data)
+        run_workers([lambda: None, lambda d=data: d.sum()])
+        del data
+        assert ref() is None
 
 
 def _child(queue: multiprocessing.Queue) -> None:
