@@ -177,10 +177,11 @@ def test_own_sub_blocks_match_naive(
     tile: int,
     used: int,
 ) -> None:
-    """The own part cut into sub-blocks (a causal call, then one call per sub-block against the
-    block's earlier keys with the query group folded into the rows: a view for one KV head, a
-    copy for 2 of 4) matches the oracle; blocks the tile does not divide, and the partial tail
-    block (13, 44 keys), are attended whole."""
+    """The own part cut into sub-blocks (one call per sub-block against the block's keys up to
+    its own, causal through the additive mask, with the query group folded into the rows: a
+    view for one KV head, a copy for 2 of 4) matches the oracle on outputs and gradients;
+    blocks the tile does not divide, and the partial tail block (13, 44 keys), are attended
+    whole."""
     monkeypatch.setattr(torch_impl, "_OWN_TILE", tile)
     qkv = make_qkv(B, T, HQ, H, 8)
     expected = output_and_grads("naive", qkv, block_size, 3)
