@@ -190,6 +190,15 @@ def test_own_sub_blocks_match_naive(
     assert torch_impl._own_tile(T % block_size) == T % block_size
 
 
+def test_expert_ids_sort_in_the_narrowest_type_that_holds_them() -> None:
+    """Ids up to 255 sort as uint8, up to 32767 as int16, then int32 and int64 (CASES' 1050
+    experts of T = 2100 take the int16 path through the oracle comparison)."""
+    cases = [(255, torch.uint8), (256, torch.int16), (32767, torch.int16), (32768, torch.int32)]
+    cases += [(2**31 - 1, torch.int32), (2**31, torch.int64)]
+    for largest, dtype in cases:
+        assert torch_impl._id_dtype(largest) == dtype
+
+
 def test_chunks_split_long_expert_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """With tiny chunks every block's routed rows span many flash calls; results still match."""
     monkeypatch.setattr(torch_impl, "_CHUNK_ROWS", 5)
