@@ -88,19 +88,21 @@ def _validate(
 
 
 def _top_first(scores_YJ: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n largest scores per row, descending, ties to the lower index; overwrites the input.
+    """The n largest scores per row, descending, ties to the lower index, and the (n + 1)-th
+    largest value: (values [Y, n + 1], indices [Y, n]); overwrites the input.
 
     n passes of ``max``, which returns the first maximal index (documented), each followed by
     masking the pick: exactly the first n of a stable descending sort. For the few picks MoBA
-    makes this was 2x faster than ``topk`` on CPU, and the tie rule needs no second pass.
+    makes this was 2x faster than ``topk`` on CPU, and the tie rule needs no second pass. The
+    last value needs no index: ``amax`` (5-9x faster than ``max`` over rows of 8-32 scores).
     """
     values, picks = [], []
-    for r in range(n):
+    for _ in range(n):
         value_Y, pick_Y = scores_YJ.max(dim=-1)
         values.append(value_Y)
         picks.append(pick_Y)
-        if r + 1 < n:
-            scores_YJ.scatter_(-1, pick_Y[:, None], float("-inf"))
+        scores_YJ.scatter_(-1, pick_Y[:, None], float("-inf"))
+    values.append(scores_YJ.amax(dim=-1))
     return torch.stack(values, dim=-1), torch.stack(picks, dim=-1)
 
 
@@ -140,8 +142,8 @@ def _route_rows(
         q_BLHGD = q_BTHD[:, row:end].float().reshape(B, L, H, G, D)
         q_BHXD = q_BLHGD.permute(0, 2, 1, 3, 4).reshape(B, H, L * G, D)
         scores_BHXJ = torch.matmul(q_BHXD, kmeanT_BHDN[..., :i])
-        top_YR, picked_YR = _top_first(scores_BHXJ.view(-1, i), R + 1)
-        picked_BHLGR = picked_YR[:, :R].sort(dim=-1).values.view(B, H, L, G, R)
+        top_YR, picked_YR = _top_first(scores_BHXJ.view(-1, i), R)
+        picked_BHLGR = picked_YR.sort(dim=-1).values.view(B, H, L, G, R)
         idx_BTHR[:, row:end].view(B, L, H, G, R).copy_(picked_BHLGR.permute(0, 2, 1, 3, 4))
         margin_BHLG = (top_YR[:, R - 1] - top_YR[:, R]).view(B, H, L, G)
         margin_BTH[:, row:end].view(B, L, H, G).copy_(margin_BHLG.permute(0, 2, 1, 3))
