@@ -145,13 +145,34 @@ def test_torch_groups_of_chunks_match_naive(
     """Many body groups per batch row (tiles overlapping across groups), a partial tail chunk
     and GQA: outputs and every gradient equal the oracle's."""
     monkeypatch.setattr(torch_impl, "_GROUP_ROWS", group_rows)
-    pieces = torch_impl._pieces(B, T, window)
+    pieces = torch_impl._pieces(B, T, window, HQ // H)
     assert sum(not p.causal and p.b == 0 for p in pieces) >= 3
     qkv = make_qkv(B, T, HQ, H, 8)
     expected = output_and_grads("naive", qkv, window)
     actual = output_and_grads("torch", qkv, window)
     for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_chunks_halve_while_folded_rows_keep_the_big_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks start at a quarter of the window and halve while C·G folded rows stay at the
+    kernel's large-tile size; halved chunks with folded GQA rows (a copy for 2 of 6 KV heads,
+    a view for one) still match the oracle on outputs and every gradient."""
+    assert torch_impl._chunk_size(512, 16) == 64
+    assert torch_impl._chunk_size(512, 4) == 128
+    assert torch_impl._chunk_size(512, 1) == 128
+    assert torch_impl._chunk_size(128, 64) == 32
+    monkeypatch.setattr(torch_impl, "_MIN_CHUNK", 2)
+    monkeypatch.setattr(torch_impl, "_BIG_TILE_ROWS", 12)
+    assert torch_impl._chunk_size(40, 3) == 5
+    for HQ, H in ((6, 2), (3, 1)):
+        qkv = make_qkv(2, 301, HQ, H, 8)
+        expected = output_and_grads("naive", qkv, 40)
+        actual = output_and_grads("torch", qkv, 40)
+        for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
+            torch.testing.assert_close(
+                a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}"
+            )
 
 
 def test_torch_path_saves_only_inputs_output_and_lse() -> None:

@@ -38,6 +38,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..cpu_workers import run_workers, worker_count
+from ..group_rows import fold_group_rows, unfold_group_rows
 
 __all__ = ["moba_attention_torch"]
 
@@ -108,22 +109,6 @@ def _sub_block(
 ) -> torch.Tensor:
     """[X, L / n, *rest] view of sub-block s (of n) of every L-row block in rows t0 .. t1 - 1."""
     return x_BTX[b, t0:t1].view(-1, n, L // n, *x_BTX.shape[2:])[:, s]
-
-
-def _fold(x_XSHr: torch.Tensor, H: int) -> torch.Tensor:
-    """[X, S, HQ, *rest] -> [X, H, S·G, *rest]: each KV head's query rows (t, g) in one run,
-    so a non-causal flash call sees S·G rows per head rather than S (bigger, faster tiles).
-    A view when H = 1 or G = 1, else a copy."""
-    X, S, HQ, *rest = x_XSHr.shape
-    x_XHSGr = x_XSHr.reshape(X, S, H, HQ // H, *rest).transpose(1, 2)
-    return x_XHSGr.reshape(X, H, S * (HQ // H), *rest)
-
-
-def _unfold(x_XHYr: torch.Tensor, S: int) -> torch.Tensor:
-    """Inverse of ``_fold``: [X, H, S·G, *rest] -> [X, S, HQ, *rest]."""
-    X, H, Y, *rest = x_XHYr.shape
-    x_XSHGr = x_XHYr.reshape(X, H, S, Y // S, *rest).transpose(1, 2)
-    return x_XSHGr.reshape(X, S, H * (Y // S), *rest)
 
 
 def _prefix_rows(x_BTHD: torch.Tensor, b: int, t0: int, t1: int, L: int, keys: int) -> torch.Tensor:
@@ -198,14 +183,14 @@ def _own_forward(
     for s in range(n):
         keys = (s + 1) * tile
         out_XHYD, lse_XHY = _flash(
-            _fold(_sub_block(q_BTHD, b, t0, t1, L, n, s), H),
+            fold_group_rows(_sub_block(q_BTHD, b, t0, t1, L, n, s), H),
             _prefix_rows(k_BTHD, b, t0, t1, L, keys),
             _prefix_rows(v_BTHD, b, t0, t1, L, keys),
             attn_mask=mask_11YL[..., L - keys :],
             scale=scale,
         )
-        _sub_block(o_BTHD, b, t0, t1, L, n, s).copy_(_unfold(out_XHYD, tile))
-        _sub_block(lse_BTH, b, t0, t1, L, n, s).copy_(_unfold(lse_XHY, tile))
+        _sub_block(o_BTHD, b, t0, t1, L, n, s).copy_(unfold_group_rows(out_XHYD, tile))
+        _sub_block(lse_BTH, b, t0, t1, L, n, s).copy_(unfold_group_rows(lse_XHY, tile))
 
 
 def _own_backward(
@@ -235,8 +220,10 @@ def _own_backward(
         keys = (s + 1) * tile
         do_XSHD = _sub_block(do_BTHD, b, t0, t1, L, n, s)
         o_XSHD = _stand_in(do_XSHD, _sub_block(c_BTH, b, t0, t1, L, n, s))
-        rows = [_fold(x, H) for x in (do_XSHD, _sub_block(q_BTHD, b, t0, t1, L, n, s), o_XSHD)]
-        rows.append(_fold(_sub_block(lse_BTH, b, t0, t1, L, n, s), H))
+        rows = [
+            fold_group_rows(x, H) for x in (do_XSHD, _sub_block(q_BTHD, b, t0, t1, L, n, s), o_XSHD)
+        ]
+        rows.append(fold_group_rows(_sub_block(lse_BTH, b, t0, t1, L, n, s), H))
         dq_XHYD, dk_XHKD, dv_XHKD = _flash_backward(
             rows[0],
             rows[1],
@@ -249,7 +236,7 @@ def _own_backward(
             attn_mask=mask_11YL[..., L - keys :],
             scale=scale,
         )
-        _sub_block(dq_BTHD, b, t0, t1, L, n, s).copy_(_unfold(dq_XHYD, tile))
+        _sub_block(dq_BTHD, b, t0, t1, L, n, s).copy_(unfold_group_rows(dq_XHYD, tile))
         _prefix_rows(dk_BTHD, b, t0, t1, L, keys).add_(dk_XHKD)
         _prefix_rows(dv_BTHD, b, t0, t1, L, keys).add_(dv_XHKD)
 
