@@ -15,6 +15,7 @@ from torch import nn
 
 import sparsezoo
 from sparsezoo.config import load_config
+from sparsezoo.kernels.dsa import indexer
 from sparsezoo.kernels.rope import apply_rope, rope_angles
 from sparsezoo.mechanisms import MechanismConfigError
 from sparsezoo.mechanisms import dsa as dsa_module
@@ -265,6 +266,10 @@ def test_decode_reads_only_selected_rows(sharing: str, context: int) -> None:
         attn(x[:, -1:], cache=cache)
     assert cache.rows_read == min(16, context)
     assert cache.k_idx_BSE.dtype == torch.float32 and cache.k_idx_BSE[:, : context - 1].any()
+    # indexer keys stored keys-contiguous per dim: the step scores them without a copy
+    assert cache.k_idx_BSE.stride(1) == 1
+    keys_by_dim = indexer._keys_by_dim(cache.k_idx_BSE)
+    assert keys_by_dim.data_ptr() == cache.k_idx_BSE.data_ptr()
     expected_density = min(16, context) / context
     assert float(attn.stats["density"]) == pytest.approx(expected_density)
 

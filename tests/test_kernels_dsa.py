@@ -222,14 +222,17 @@ def test_decode_topk_splits_the_keys_over_the_workers(
     U: int | None,
 ) -> None:
     """A decode step (fewer query chunks than workers) scores with the keys split over the
-    workers, [P, E] @ [E, C·N], and selects what the oracle selects, the last query's future
-    key excluded; the chunked path is never taken."""
+    workers, [C·N, E] @ [E, p], and selects what the oracle selects, the last query's future
+    key excluded; the chunked path is never taken. Keys stored keys-contiguous per dim (the
+    decode cache's layout, read without a copy) select the same."""
     threads(workers)
     monkeypatch.setattr(indexer, "_split", None)  # the query-chunk path would call it
     q, k, w = make_index_inputs(B, T, 777, 4, 8, U, seed=5)
     expected = indexer_topk(q, k, w, 40, backend="naive")
     actual = indexer_topk(q, k, w, 40, backend="torch")
     assert_same_selection(actual, expected, indexer_scores(q, k, w, backend="naive"))
+    k_by_dim = k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(indexer_topk(q, k_by_dim, w, 40, backend="torch"), actual)
     if T > 1:
         assert (actual[:, 0] < 777 - T + 1).all()
 

@@ -369,12 +369,12 @@ def indexer_topk_torch(
     S = k_idx_BSE.shape[1]
     w_BTUN = _as_sets(w_idx).float() * scale
     U = w_BTUN.shape[2]
-    q, k = q_idx_BTNE.float(), k_idx_BSE.float()
+    q, kt_BES = q_idx_BTNE.float(), _keys_by_dim(k_idx_BSE)
     out_BTUK, first = _topk_output(B, T, S, U, topk, q.device)
 
     def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
         C, P = t1 - t0, S - T + t1
-        relu_CNP = _chunk_relu(q[b, t0:t1], k[b, :P].T, out=ws.get("relu", q, C * N, P))
+        relu_CNP = _chunk_relu(q[b, t0:t1], kt_BES[b, :, :P], out=ws.get("relu", q, C * N, P))
         scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP, out=ws.get("scores", q, C, U, P))
         _mask_future(scores_CUP, S - T + t0)
         idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
@@ -387,7 +387,7 @@ def indexer_topk_torch(
         with single_threaded_ops():
             for b, t0, t1 in chunks:
                 P = S - T + t1
-                scores_CUP = _scores_by_keys(q[b, t0:t1], k[b, :P], w_BTUN[b, t0:t1])
+                scores_CUP = _scores_by_keys(q[b, t0:t1], kt_BES[b, :, :P], w_BTUN[b, t0:t1])
                 _mask_future(scores_CUP, S - T + t0)
                 idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
                 out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
@@ -399,28 +399,35 @@ def indexer_topk_torch(
     return out_BTUK.squeeze(2) if w_idx.dim() == 3 else out_BTUK
 
 
-def _scores_by_keys(q_CNE: torch.Tensor, k_PE: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
+def _keys_by_dim(k_idx_BSE: torch.Tensor) -> torch.Tensor:
+    """The fp32 indexer keys as [B, E, S] with keys contiguous along S: a view of the decode
+    cache's storage (``DSACache``), else one copy (8 MB at 32k tokens, E = 64).
+
+    Scores are [rows, E] @ [E, keys]; with Kᵀ a transposed view of row-major keys that matmul
+    ran at half speed on this CPU: [128, 64] @ [64, 32768], one core, 6.9 ms against 3.6 ms
+    with contiguous rows, and for one decode query's 4 heads 1.84 ms (as [32768, 64] @ [64, 4])
+    against 1.10 ms, cold.
+    """
+    kt_BES = k_idx_BSE.float().transpose(1, 2)
+    return kt_BES if kt_BES.stride(2) == 1 else kt_BES.contiguous()
+
+
+def _scores_by_keys(q_CNE: torch.Tensor, kt_EP: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
     """Scores [C, U, P] of a few queries (``w_CUN`` comes scaled), the keys split over the
     workers; future keys are not masked here.
 
-    Each worker multiplies its keys by the queries, [P, E] @ [E, C·N], then weights the heads:
-    with the keys as the long side the matmul streams them once. The [C·N, E] @ [E, P] form
-    of the chunked path was measured 3.5x slower at a 64k-key decode step (2.5 vs 0.72 ms,
-    N = 4, E = 64, two threads). The top-k stays on one thread: its dozen small ops run 3x
-    slower when two workers contend for the interpreter lock (measured: two 32k-key rows on
-    two workers 0.75 ms, one on one 0.25 ms).
+    Each worker scores its range of keys, [C·N, E] @ [E, p], then weights the heads. The top-k
+    stays on one thread: its dozen small ops run 3x slower when two workers contend for the
+    interpreter lock (measured: two 32k-key rows on two workers 0.75 ms, one on one 0.25 ms).
     """
     C, N, E = q_CNE.shape
-    P, U = k_PE.shape[0], w_CUN.shape[1]
+    P, U = kt_EP.shape[1], w_CUN.shape[1]
     scores_CUP = q_CNE.new_empty(C, U, P)
-    qt_ER = q_CNE.reshape(C * N, E).T
-    wt_CNU = w_CUN.transpose(1, 2)
+    q_RE = q_CNE.reshape(C * N, E)
 
     def part(p0: int, p1: int) -> None:
-        relu_PR = torch.mm(k_PE[p0:p1], qt_ER).relu_()
-        # [C, p, N] @ [C, N, U]: the head-weighted score of every key of the part
-        s_CPU = torch.bmm(relu_PR.view(p1 - p0, C, N).transpose(0, 1), wt_CNU)
-        scores_CUP[:, :, p0:p1] = s_CPU.transpose(1, 2)
+        relu_CNp = torch.mm(q_RE, kt_EP[:, p0:p1]).relu_().view(C, N, p1 - p0)
+        scores_CUP[:, :, p0:p1] = torch.bmm(w_CUN, relu_CNp)
 
     ranges = even_ranges(P, worker_count())
     run_on_workers([lambda p0=p0, p1=p1: part(p0, p1) for p0, p1 in ranges])
