@@ -200,13 +200,17 @@ def test_topk_runs_after_the_causal_mask() -> None:
 def test_topk_chunk_borders_and_workers(
     monkeypatch: pytest.MonkeyPatch, threads: Callable[[int], None]
 ) -> None:
-    """Hundreds of tiny chunks over three workers select what the oracle selects."""
+    """Hundreds of tiny chunks over three workers select what the oracle selects, with each
+    chunk's keys scored in one block or in blocks of 7 keys (the last one partial)."""
     monkeypatch.setattr(indexer, "_CHUNK_ELEMENTS", 700)
     threads(3)
     q, k, w = make_index_inputs(2, 333, 333, 2, 8, 2)
     expected = indexer_topk(q, k, w, 13, backend="naive")
-    actual = indexer_topk(q, k, w, 13, backend="torch")
-    assert_same_selection(actual, expected, indexer_scores(q, k, w, backend="naive"))
+    scores = indexer_scores(q, k, w, backend="naive")
+    assert_same_selection(indexer_topk(q, k, w, 13, backend="torch"), expected, scores)
+    monkeypatch.setattr(indexer, "_MIN_KEY_BLOCK", 7)
+    monkeypatch.setattr(indexer, "_L2_ELEMENTS", 1)
+    assert_same_selection(indexer_topk(q, k, w, 13, backend="torch"), expected, scores)
     assert torch.get_num_threads() == 3
 
 

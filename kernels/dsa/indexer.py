@@ -52,6 +52,10 @@ _AVAILABLE = ("naive", "torch", "triton")
 # process, alternating, 4 x 64 indexer, k = 2048, two threads) 7.4-9.6 -> 6.3-6.5 s at 32k and
 # 2.7-2.8 -> 2.4 s at 16k, equal at 8k; 64 MB chunks fall out of the L3 cache (7.5-7.9 s at 32k).
 _CHUNK_ELEMENTS = 1 << 22
+# fp32 ReLU terms of one key block of a chunk (2 MB: this CPU's L2 per core; see _chunk_scores)
+# and the fewest keys of a block (a block's matmul and ops stay large).
+_L2_ELEMENTS = 1 << 19
+_MIN_KEY_BLOCK = 1024
 # Fewest queries of a chunk cut only to keep every worker busy: with fewer, each chunk's
 # [C·N, E] @ [E, P] matmul streams all its keys for too little work.
 _MIN_CHUNK_QUERIES = 8
@@ -343,6 +347,30 @@ def _chunk_relu(
     return relu_RP.relu_().view(C, N, -1)
 
 
+def _chunk_scores(
+    q_CNE: torch.Tensor, kt_EP: torch.Tensor, w_CUN: torch.Tensor, ws: Workspace
+) -> torch.Tensor:
+    """Head-weighted ReLU scores [C, U, P] of a chunk's queries (``w_CUN`` comes scaled), in a
+    workspace buffer valid until the next chunk; future keys are not masked here.
+
+    Keys go in blocks whose [C·N, block] ReLU terms fit the core's L2 cache, so the matmul
+    writes, the ReLU and the head weighting all stay there (one block per step instead of
+    three passes over the chunk's 16 MB of terms).
+    """
+    C, N, E = q_CNE.shape
+    P, U = kt_EP.shape[1], w_CUN.shape[1]
+    scores_CUP = ws.get("scores", q_CNE, C, U, P)
+    q_RE = q_CNE.reshape(C * N, E)
+    block = max(_MIN_KEY_BLOCK, _L2_ELEMENTS // (C * N))
+    for p0 in range(0, P, block):
+        p1 = min(P, p0 + block)
+        relu_RB = torch.mm(q_RE, kt_EP[:, p0:p1], out=ws.get("relu", q_CNE, C * N, p1 - p0))
+        weighted_CUB = ws.get("weighted", q_CNE, C, U, p1 - p0)
+        torch.bmm(w_CUN, relu_RB.relu_().view(C, N, p1 - p0), out=weighted_CUB)
+        scores_CUP[:, :, p0:p1] = weighted_CUB
+    return scores_CUP
+
+
 def _mask_future(scores_CUP: torch.Tensor, first_pos: int) -> None:
     """-inf on the keys after each query of a chunk whose first query sits at ``first_pos``."""
     C, P = scores_CUP.shape[0], scores_CUP.shape[2]
@@ -373,12 +401,11 @@ def indexer_topk_torch(
     out_BTUK, first = _topk_output(B, T, S, U, topk, q.device)
 
     def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
-        C, P = t1 - t0, S - T + t1
-        relu_CNP = _chunk_relu(q[b, t0:t1], kt_BES[b, :, :P], out=ws.get("relu", q, C * N, P))
-        scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP, out=ws.get("scores", q, C, U, P))
+        P = S - T + t1
+        scores_CUP = _chunk_scores(q[b, t0:t1], kt_BES[b, :, :P], w_BTUN[b, t0:t1], ws)
         _mask_future(scores_CUP, S - T + t0)
         idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
-        out_BTUK[b, t0:t1] = idx_RK.view(C, U, topk)
+        out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
 
     chunks = [(b, *c) for b in range(B) for c in _chunks(T, S, N, first)]
     if 0 < len(chunks) < worker_count():
