@@ -38,7 +38,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..cpu_workers import run_workers, worker_count
-from ..group_rows import fold_group_rows, unfold_group_rows
+from ..group_rows import fold_group_rows, folded_band_mask, unfold_group_rows
 
 __all__ = ["moba_attention_torch"]
 
@@ -148,11 +148,7 @@ def _own_mask(L: int, tile: int, G: int, dtype: torch.dtype, device: torch.devic
     Sub-block s uses the view of its last (s + 1)·tile columns: its block's earlier keys and
     its own keys, causal, in one call.
     """
-    rows_Y = torch.arange(tile * G, device=device) // G
-    cols_S = torch.arange(tile, device=device)
-    mask_YL = torch.zeros(tile * G, L, dtype=dtype, device=device)
-    mask_YL[:, L - tile :].masked_fill_(cols_S[None, :] > rows_Y[:, None], float("-inf"))
-    return mask_YL[None, None]
+    return folded_band_mask(tile, G, L, -L, L - tile, dtype, device)[None, None]
 
 
 def _own_forward(

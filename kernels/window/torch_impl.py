@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..group_rows import fold_group_rows, unfold_group_rows
+from ..group_rows import fold_group_rows, folded_band_mask, unfold_group_rows
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -66,15 +66,9 @@ def _band_mask(
     """Chunk-relative additive window mask [C·G, C + window - 1] of a chunk's folded rows.
 
     Folded row i·G + g is query i of the chunk (``fold_group_rows``), at tile position
-    i + window - 1, so its keys (t - window, t] are the tile columns i .. i + window - 1; other
-    columns get -inf (aten's flash kernel takes a mask of the query's dtype, not bool).
+    i + window - 1, so its keys (t - window, t] are the tile columns i .. i + window - 1.
     """
-    i_Y1 = torch.arange(C * G, device=device)[:, None] // G
-    j_1K = torch.arange(C + window - 1, device=device)[None, :]
-    band_YK = (j_1K >= i_Y1) & (j_1K < i_Y1 + window)
-    return torch.zeros(band_YK.shape, dtype=dtype, device=device).masked_fill_(
-        ~band_YK, float("-inf")
-    )
+    return folded_band_mask(C, G, C + window - 1, 0, window - 1, dtype, device)
 
 
 def _piece_mask(
