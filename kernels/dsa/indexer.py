@@ -338,13 +338,20 @@ def _split(costs: list[int], workers: int) -> list[list[int]]:
     return [run for run in runs if run]
 
 
-def _chunk_relu(
-    q_CNE: torch.Tensor, kt_EP: torch.Tensor, out: torch.Tensor | None = None
+def _weighted_relu(
+    q_CNE: torch.Tensor,
+    kt_EP: torch.Tensor,
+    w_CUN: torch.Tensor,
+    ws: Workspace | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ReLU(q_j · k) of a chunk's queries against its visible keys: [C, N, P], one matmul."""
+    """Σ_j w_j · ReLU(q_j · k) of queries against keys ``kt_EP`` [E, P]: [C, U, P] (into
+    ``out`` when given), the ReLU terms [C·N, P] in ``ws``'s buffer (else a fresh tensor)."""
     C, N, E = q_CNE.shape
-    relu_RP = torch.mm(q_CNE.reshape(C * N, E), kt_EP, out=out)
-    return relu_RP.relu_().view(C, N, -1)
+    P = kt_EP.shape[1]
+    relu = None if ws is None else ws.get("relu", q_CNE, C * N, P)
+    relu_RP = torch.mm(q_CNE.reshape(C * N, E), kt_EP, out=relu).relu_()
+    return torch.bmm(w_CUN, relu_RP.view(C, N, P), out=out)
 
 
 def _chunk_scores(
@@ -357,16 +364,14 @@ def _chunk_scores(
     writes, the ReLU and the head weighting all stay there (one block per step instead of
     three passes over the chunk's 16 MB of terms).
     """
-    C, N, E = q_CNE.shape
+    C, N, _ = q_CNE.shape
     P, U = kt_EP.shape[1], w_CUN.shape[1]
     scores_CUP = ws.get("scores", q_CNE, C, U, P)
-    q_RE = q_CNE.reshape(C * N, E)
     block = max(_MIN_KEY_BLOCK, _L2_ELEMENTS // (C * N))
     for p0 in range(0, P, block):
         p1 = min(P, p0 + block)
-        relu_RB = torch.mm(q_RE, kt_EP[:, p0:p1], out=ws.get("relu", q_CNE, C * N, p1 - p0))
         weighted_CUB = ws.get("weighted", q_CNE, C, U, p1 - p0)
-        torch.bmm(w_CUN, relu_RB.relu_().view(C, N, p1 - p0), out=weighted_CUB)
+        _weighted_relu(q_CNE, kt_EP[:, p0:p1], w_CUN, ws, out=weighted_CUB)
         scores_CUP[:, :, p0:p1] = weighted_CUB
     return scores_CUP
 
@@ -447,14 +452,11 @@ def _scores_by_keys(q_CNE: torch.Tensor, kt_EP: torch.Tensor, w_CUN: torch.Tenso
     stays on one thread: its dozen small ops run 3x slower when two workers contend for the
     interpreter lock (measured: two 32k-key rows on two workers 0.75 ms, one on one 0.25 ms).
     """
-    C, N, E = q_CNE.shape
-    P, U = kt_EP.shape[1], w_CUN.shape[1]
+    C, U, P = q_CNE.shape[0], w_CUN.shape[1], kt_EP.shape[1]
     scores_CUP = q_CNE.new_empty(C, U, P)
-    q_RE = q_CNE.reshape(C * N, E)
 
     def part(p0: int, p1: int) -> None:
-        relu_CNp = torch.mm(q_RE, kt_EP[:, p0:p1]).relu_().view(C, N, p1 - p0)
-        scores_CUP[:, :, p0:p1] = torch.bmm(w_CUN, relu_CNp)
+        scores_CUP[:, :, p0:p1] = _weighted_relu(q_CNE, kt_EP[:, p0:p1], w_CUN)
 
     ranges = even_ranges(P, worker_count())
     run_on_workers([lambda p0=p0, p1=p1: part(p0, p1) for p0, p1 in ranges])
@@ -488,8 +490,8 @@ class _DenseScores(torch.autograd.Function):
         for b in range(B):
             for t0, t1 in _chunks(T, S, N):
                 P = S - T + t1
-                relu_CNP = _chunk_relu(q_BTNE[b, t0:t1], k_BSE[b, :P].T)
-                scores_CUP = torch.bmm(w_BTUN[b, t0:t1], relu_CNP).mul_(scale)
+                q_CNE, kt_EP = q_BTNE[b, t0:t1], k_BSE[b, :P].T
+                scores_CUP = _weighted_relu(q_CNE, kt_EP, w_BTUN[b, t0:t1]).mul_(scale)
                 _mask_future(scores_CUP, S - T + t0)
                 out_BTUS[b, t0:t1, :, :P] = scores_CUP
         ctx.save_for_backward(q_BTNE, k_BSE, w_BTUN)
