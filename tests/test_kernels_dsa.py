@@ -255,7 +255,8 @@ def test_topk_chunks_keep_every_worker_busy(threads: Callable[[int], None]) -> N
 
 def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
     """Rows whose best keys all sit on the sampled stride (the threshold keeps too few
-    candidates), rows of near-ties and random rows all get exactly torch's top-k set."""
+    candidates), rows of near-ties and random rows all get exactly torch's top-k set, in a
+    batch of rows and each row alone."""
     gen = torch.Generator().manual_seed(0)
     R, P, topk = 6, 4096, 64
     scores = torch.randn(R, P, generator=gen)
@@ -264,6 +265,9 @@ def test_thresholded_topk_is_exact_on_adversarial_rows() -> None:
     scores[2, 3000:] = float("-inf")  # a causal tail
     selected = indexer.select_topk_rows(scores, topk)
     for r in range(R):
+        # a lone row (a decode step's) takes its own path to the same keys
+        alone = indexer.select_topk_rows(scores[r : r + 1], topk)
+        assert set(alone[0].tolist()) == set(selected[r].tolist())
         kth = scores[r].topk(topk).values.min()
         chosen = scores[r, selected[r]]
         assert (chosen >= kth).all() and selected[r].unique().numel() == topk
