@@ -207,6 +207,11 @@ def indexer_topk_naive(
 
 def _break_ties(scores_RP: torch.Tensor, kth_R1: torch.Tensor, topk: int) -> torch.Tensor:
     """Exactly ``topk`` keys per row: all above the k-th value, then the latest equal ones."""
+    if scores_RP.shape[0] == 1:
+        # one row: its above and tied keys listed, the tied ones' last (topk - above) taken
+        above_N = (scores_RP[0] > kth_R1[0]).nonzero().squeeze(1)
+        tied_M = (scores_RP[0] == kth_R1[0]).nonzero().squeeze(1)
+        return torch.cat([above_N, tied_M[tied_M.numel() - (topk - above_N.numel()) :]])[None]
     above_RP = scores_RP > kth_R1
     tied_RP = scores_RP == kth_R1
     need_R1 = topk - above_RP.sum(-1, keepdim=True)
@@ -310,8 +315,12 @@ def _topk_output(
 ) -> tuple[torch.Tensor, int]:
     """The [B, T, U, topk] selection with the queries that see at most ``topk`` keys filled
     (all their keys, -1 after), and the first query that needs scoring."""
-    out_BTUK = torch.full((B, T, U, topk), -1, dtype=torch.int64, device=device)
     first = min(T, max(0, topk - (S - T)))  # query t sees S - T + t + 1 keys
+    if first == 0:
+        # every query sees more than topk keys: its scoring fills all of its row (a decode
+        # step past k tokens spent ~0.1 ms on the fill's small ops)
+        return torch.empty((B, T, U, topk), dtype=torch.int64, device=device), 0
+    out_BTUK = torch.full((B, T, U, topk), -1, dtype=torch.int64, device=device)
     pos_C = _positions(T, S, device)[:first]
     slot_K = torch.arange(topk, device=device)
     all_CK = torch.where(slot_K[None, :] <= pos_C[:, None], slot_K[None, :], -1)
