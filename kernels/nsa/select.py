@@ -179,11 +179,13 @@ def _select_naive(
     return idx_BHTn.transpose(1, 2)
 
 
+@functools.cache
 def _overlap_band(block_size: int, stride: int, select_size: int) -> torch.Tensor:
     """Weights [K] of the compressed tokens l/d - 1 before block j's start through its end.
 
     Every selection block sees the same pattern, so it is read off block 1 of overlap_weights,
-    whose first overlapping token l'/d - l/d + 1 is never negative since l <= l'.
+    whose first overlapping token l'/d - l/d + 1 is never negative since l <= l'. Cached per
+    knob triple (a decode step would rebuild it from a dozen small ops); callers only read it.
     """
     per_block = select_size // stride
     w_NS = overlap_weights(block_size, stride, select_size, 2 * per_block, 2)
