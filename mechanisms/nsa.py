@@ -57,7 +57,6 @@ from .base import (
 )
 
 BRANCHES = ("cmp", "slc", "win")
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @dataclass
@@ -521,19 +520,19 @@ class NativeSparseAttention(AttentionMechanism):
             c.view(-1, p.select_size * D).index_select(0, flat_X).view(sel_shape).float()
             for c in (cache.k_BHSD, cache.v_BHSD)
         )
-        # one aten flash call, (new token, KV head) as its (batch, head); never an empty row:
-        # a query's own block is forced, and holds the query itself
+        # one SDPA call (aten's flash kernel on CPU), (new token, KV head) as its (batch, head);
+        # never an empty row: a query's own block is forced, and holds the query itself
         X, R = B * T, p.n_select * p.select_size
         mask_XU1R = torch.zeros(X, U, 1, R, device=device).masked_fill_(
             ~ok_BTUKL.view(X, U, 1, R), float("-inf")
         )
-        o_XUGD = _flash(
+        o_XUGD = nn.functional.scaled_dot_product_attention(
             qs_BTHGD[:, :, h0:h1].reshape(X, U, G, D),
             k_sel.view(X, U, R, D),
             v_sel.view(X, U, R, D),
             attn_mask=mask_XU1R,
             scale=1.0,
-        )[0]
+        )
         o_slc_BTHGD[:, :, h0:h1] = o_XUGD.view(B, T, U, G, D)
 
     def _selected_rows(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> int:
