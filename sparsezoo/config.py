@@ -43,6 +43,7 @@ class ModelConfig:
     max_seq_len: int | None = None  # None: data.seq_len
     rope_theta: float = 10000.0
     rope_dim: int | None = None  # None: rotate all of head_dim; fewer: partial RoPE (even)
+    short_conv: int = 0  # taps of a causal depthwise conv on each attention input; 0: none
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -388,6 +389,12 @@ def validate_config(cfg: ExperimentConfig) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), ">= 1")
+    _check(
+        m.short_conv == 0 or m.short_conv >= 2,
+        "model.short_conv",
+        m.short_conv,
+        "0 (no convolution) or a width >= 2 (taps over the current and earlier tokens)",
+    )
     _check(m.vocab_size >= 0, "model.vocab_size", m.vocab_size, ">= 0 (0 = from tokenizer)")
     _check(
         m.n_heads % m.n_kv_heads == 0,

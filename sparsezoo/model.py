@@ -1,6 +1,7 @@
 """The sparsezoo model family: a Llama-style decoder whose attention comes from the registry.
 
-RMSNorm, RoPE (inside each mechanism), SwiGLU MLP, GQA, optional tied embeddings. Each layer's
+RMSNorm, RoPE (inside each mechanism), SwiGLU MLP, GQA, optional tied embeddings, and an
+optional short causal convolution on each attention input (``model.short_conv``). Each layer's
 attention mechanism is picked by name (``attention.layers`` makes hybrids one line), so dense,
 sliding-window, NSA, MoBA and DSA models differ only in that choice.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,19 +54,67 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+@dataclass
+class LayerCache:
+    """One layer's decode state: its mechanism's KV cache and, with a short convolution, the
+    last ``width - 1`` attention inputs [B, width - 1, C] the next token's convolution reads."""
 
-    def __init__(self, attn: AttentionMechanism, dim: int, hidden: int, eps: float) -> None:
+    attn: KVCache
+    conv_tail_BWC: torch.Tensor | None = None
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time with a residual: y_t = x_t + sum_j w_j * x_(t-j)
+    for j = 0..width-1, one weight per channel and tap.
+
+    On an attention input it gives every key the previous tokens' content, so a single
+    attention layer can match "the token after an earlier occurrence of mine" (an induction
+    copy) without first forming a previous-token head by position (the short convolutions of
+    Zoology's MQAR models and of "canon layers"). It mixes only the last ``width`` tokens, so
+    which keys a mechanism may attend to is unchanged.
+    """
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        # tap j of channel c at weight[c, 0, width - 1 - j]: conv1d's cross-correlation order
+        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
+
+    def forward(
+        self, x_BTC: torch.Tensor, tail_BWC: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y [B, T, C], the new tail): ``tail_BWC`` holds the ``width - 1`` inputs before
+        ``x_BTC`` (decoding after a prefix), None for the sequence start (zeros)."""
+        B, T, C = x_BTC.shape
+        if tail_BWC is None:
+            tail_BWC = x_BTC.new_zeros(B, self.width - 1, C)
+        padded_BXC = torch.cat([tail_BWC, x_BTC], dim=1)
+        mixed_BCT = F.conv1d(padded_BXC.transpose(1, 2), self.weight.to(x_BTC.dtype), groups=C)
+        return x_BTC + mixed_BCT.transpose(1, 2), padded_BXC[:, T:]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(conv(norm(x))), then x + mlp(norm(x)); ``conv`` is
+    a :class:`ShortConv` of ``conv_width`` taps, or absent (0)."""
+
+    def __init__(
+        self, attn: AttentionMechanism, dim: int, hidden: int, eps: float, conv_width: int = 0
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
+        self.conv = ShortConv(dim, conv_width) if conv_width else None
         self.attn = attn
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x_BTC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """Run the block; with a cache the attention decodes after the cached tokens."""
-        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cache=cache)
+        h_BTC = self.attn_norm(x_BTC)
+        if self.conv is not None:
+            h_BTC, tail_BWC = self.conv(h_BTC, None if cache is None else cache.conv_tail_BWC)
+            if cache is not None:
+                cache.conv_tail_BWC = tail_BWC
+        x_BTC = x_BTC + self.attn(h_BTC, cache=None if cache is None else cache.attn)
         return x_BTC + self.mlp(self.mlp_norm(x_BTC))
 
 
@@ -95,7 +145,7 @@ class SparseLM(nn.Module):
         for name in names:
             cls = get_mechanism(name)
             params = cls.Params.from_dict(dict(cfg.attention.params.get(name, {})))
-            blocks.append(Block(cls(shape, params), m.d_model, hidden, m.norm_eps))
+            blocks.append(Block(cls(shape, params), m.d_model, hidden, m.norm_eps, m.short_conv))
         self.layer_mechanisms = names
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(blocks)
@@ -114,9 +164,10 @@ class SparseLM(nn.Module):
 
     def _init_weights(self, std: float, n_layers: int) -> None:
         # Residual output projections are scaled down with depth (GPT-2 rule) so the residual
-        # stream's variance stays flat as layers are added.
+        # stream's variance stays flat as layers are added. Short convolutions keep their zero
+        # init: each starts as the identity and learns which earlier tokens to mix in.
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name.endswith("conv.weight"):
                 continue
             scale = (
                 1 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "down.weight")) else 1
@@ -124,13 +175,13 @@ class SparseLM(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(
-        self, input_ids_BT: torch.Tensor, caches: list[KVCache] | None = None
+        self, input_ids_BT: torch.Tensor, caches: list[LayerCache] | None = None
     ) -> torch.Tensor:
         """Logits [B, T, V] for ``input_ids``; with per-layer caches, decode after the cached."""
         return self.lm_head(self.hidden_states(input_ids_BT, caches))
 
     def hidden_states(
-        self, input_ids_BT: torch.Tensor, caches: list[KVCache] | None = None
+        self, input_ids_BT: torch.Tensor, caches: list[LayerCache] | None = None
     ) -> torch.Tensor:
         """The final normalised hidden states [B, T, C], what ``lm_head`` turns into logits.
 
@@ -142,9 +193,9 @@ class SparseLM(nn.Module):
             x_BTC = block(x_BTC, None if caches is None else caches[i])
         return self.norm(x_BTC)
 
-    def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch_size: int, max_len: int) -> list[LayerCache]:
         """One empty decode cache per layer."""
-        return [b.attn.new_cache(batch_size, max_len) for b in self.blocks]
+        return [LayerCache(b.attn.new_cache(batch_size, max_len)) for b in self.blocks]
 
     def set_training_step(self, step: int) -> None:
         """Pass the global training step to every mechanism, then freeze what its phase asks.

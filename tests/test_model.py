@@ -7,7 +7,7 @@ import torch
 
 from sparsezoo import SparseLM, load_config
 from sparsezoo.config import ConfigError
-from sparsezoo.model import mlp_hidden_size
+from sparsezoo.model import ShortConv, mlp_hidden_size
 from sparsezoo.registry import get_mechanism
 
 BASE = ["model.vocab_size=97", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2"]
@@ -54,7 +54,7 @@ def test_model_decoding_equals_full_forward() -> None:
         caches = m.new_caches(2, 23)
         steps = [m(ids[:, t : t + 1], caches=caches) for t in range(23)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
-    assert [c.rows_read for c in caches] == [5, 23]
+    assert [c.attn.rows_read for c in caches] == [5, 23]
 
 
 @pytest.mark.parametrize("rope_dim", [0, 4])
@@ -81,6 +81,63 @@ def test_partial_rope_model_decodes_like_its_forward(rope_dim: int) -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-4)
     # same seed, same weights: only the rotation differs (small logits at init_std 0.02)
     assert (other - full).abs().max() > 1e-5
+
+
+def test_short_conv_is_causal_over_its_width_and_starts_as_the_identity() -> None:
+    """A ShortConv of width 3 makes y_t from x_(t-2..t) only: a change at t0 moves y at t0,
+    t0 + 1, t0 + 2 and nowhere else; with its zero init it is the identity (the model's
+    _init_weights leaves it so)."""
+    torch.manual_seed(0)
+    conv = ShortConv(6, 3)
+    x_BTC = torch.randn(2, 11, 6)
+    assert torch.equal(conv(x_BTC)[0], x_BTC)
+    model = _model("model.short_conv=3")
+    assert all(not b.conv.weight.any() for b in model.blocks)
+    torch.nn.init.normal_(conv.weight)
+    bumped_BTC = x_BTC.clone()
+    bumped_BTC[:, 4] += 1.0
+    moved_T = (conv(bumped_BTC)[0] - conv(x_BTC)[0]).abs().amax(dim=(0, 2)) > 0
+    assert moved_T.tolist() == [t in (4, 5, 6) for t in range(11)]
+
+
+def test_short_conv_model_decodes_like_its_forward() -> None:
+    """With model.short_conv every layer's convolution carries its last inputs across decode
+    calls (LayerCache): a prefix of 9 tokens prefilled at once, then token by token, equals the
+    full forward for one layer of each built-in mechanism; the convolution really acts (other
+    weights change the logits)."""
+    names = ["dense", "sliding_window", "nsa", "moba", "dsa"]
+    presets = [
+        f"attention.params.{name}.{key}={value}"
+        for name in names
+        for key, value in get_mechanism(name).test_preset.items()
+    ]
+    m = _model(
+        f"model.n_layers={len(names)}",
+        f"attention.layers={','.join(names)}",
+        *presets,
+        "model.short_conv=3",
+    )
+    ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in m.blocks:
+            torch.nn.init.normal_(block.conv.weight, std=0.5)
+        full = m(ids)
+        caches = m.new_caches(2, 50)
+        steps = [m(ids[:, :9], caches=caches)]
+        steps += [m(ids[:, t : t + 1], caches=caches) for t in range(9, 50)]
+        m.blocks[0].conv.weight.zero_()
+        other = m(ids)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-4)
+    assert (other - full).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("width", [1, -1])
+def test_bad_short_conv_names_the_key(width: int) -> None:
+    """A convolution of one tap or a negative width is a ConfigError naming model.short_conv."""
+    with pytest.raises(
+        ConfigError, match=r"model\.short_conv=.*0 \(no convolution\) or a width >= 2"
+    ):
+        load_config(None, [*BASE, f"model.short_conv={width}"])
 
 
 @pytest.mark.parametrize("rope_dim", [3, 10, -2])
