@@ -12,6 +12,18 @@ from sparsezoo.registry import get_mechanism
 
 BASE = ["model.vocab_size=97", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2"]
 
+_NAMES = ["dense", "sliding_window", "nsa", "moba", "dsa"]
+# one layer of each built-in mechanism at its sparse test preset
+EVERY_MECHANISM = [
+    f"model.n_layers={len(_NAMES)}",
+    f"attention.layers={','.join(_NAMES)}",
+    *(
+        f"attention.params.{name}.{key}={value}"
+        for name in _NAMES
+        for key, value in get_mechanism(name).test_preset.items()
+    ),
+]
+
 
 def _model(*overrides: str) -> SparseLM:
     torch.manual_seed(0)
@@ -63,21 +75,14 @@ def test_partial_rope_model_decodes_like_its_forward(rope_dim: int) -> None:
     with one layer of each built-in mechanism at its sparse test preset, rotating 4 of 8 dims
     (or none), decodes token by token exactly as its full forward; the rotation is really
     partial (another rope_dim changes the logits)."""
-    names = ["dense", "sliding_window", "nsa", "moba", "dsa"]
-    presets = [
-        f"attention.params.{name}.{key}={value}"
-        for name in names
-        for key, value in get_mechanism(name).test_preset.items()
-    ]
-    layers = [f"model.n_layers={len(names)}", f"attention.layers={','.join(names)}", *presets]
-    m = _model(*layers, f"model.rope_dim={rope_dim}")
+    m = _model(*EVERY_MECHANISM, f"model.rope_dim={rope_dim}")
     assert all(a.shape.rope_dim == rope_dim for a in m.mechanisms())
     ids = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = m(ids)
         caches = m.new_caches(1, 70)
         steps = [m(ids[:, t : t + 1], caches=caches) for t in range(70)]
-        other = _model(*layers, "model.rope_dim=2")(ids)
+        other = _model(*EVERY_MECHANISM, "model.rope_dim=2")(ids)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-5, rtol=1e-4)
     # same seed, same weights: only the rotation differs (small logits at init_std 0.02)
     assert (other - full).abs().max() > 1e-5
@@ -105,18 +110,7 @@ def test_short_conv_model_decodes_like_its_forward() -> None:
     calls (LayerCache): a prefix of 9 tokens prefilled at once, then token by token, equals the
     full forward for one layer of each built-in mechanism; the convolution really acts (other
     weights change the logits)."""
-    names = ["dense", "sliding_window", "nsa", "moba", "dsa"]
-    presets = [
-        f"attention.params.{name}.{key}={value}"
-        for name in names
-        for key, value in get_mechanism(name).test_preset.items()
-    ]
-    m = _model(
-        f"model.n_layers={len(names)}",
-        f"attention.layers={','.join(names)}",
-        *presets,
-        "model.short_conv=3",
-    )
+    m = _model(*EVERY_MECHANISM, "model.short_conv=3")
     ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for block in m.blocks:
