@@ -195,13 +195,20 @@ def build_report(ref: str, uri: str | None = None) -> AblationReport:
     )
 
 
-def _header(report: AblationReport) -> list[str]:
+def headline_eval_keys(keys: list[str]) -> list[str]:
+    """The suites' summary metrics, ``eval/<suite>/<metric>``, without the per-cell ones
+    (``eval/passkey/L4096/D50``): a passkey grid alone is 40 columns per length, more than a
+    console table can show."""
+    return [k for k in keys if k.count("/") <= 2]
+
+
+def _header(report: AblationReport, eval_keys: list[str]) -> list[str]:
     titles = [c[0] for c in METRIC_COLUMNS]
     fixed = ["mechanism", "point", "seeds ok", "val loss (best)", "spread"]
-    return [*fixed, *titles, *report.eval_keys]
+    return [*fixed, *titles, *eval_keys]
 
 
-def _cells(report: AblationReport, row: GroupRow) -> list[str]:
+def _cells(report: AblationReport, row: GroupRow, eval_keys: list[str]) -> list[str]:
     def fmt(metric: str, pattern: str) -> str:
         value = row.metrics.get(metric, math.nan)
         return "-" if math.isnan(value) else pattern.format(value)
@@ -215,17 +222,24 @@ def _cells(report: AblationReport, row: GroupRow) -> list[str]:
         fmt(VAL_LOSS, "{:.4f}"),
         spread,
         *(fmt(metric, pattern) for _, metric, _, pattern in METRIC_COLUMNS),
-        *(fmt(metric, "{:.4f}") for metric in report.eval_keys),
+        *(fmt(metric, "{:.4f}") for metric in eval_keys),
     ]
 
 
 def render_table(report: AblationReport) -> Table:
-    """The grouped rows as a rich table, best validation loss first."""
+    """The grouped rows as a rich table, best validation loss first; of the eval metrics only
+    the headline ones (:func:`headline_eval_keys`), the caption says where the rest are."""
     table = Table(title=f"sparsezoo ablation · {report.name} · parent {report.parent_run_id}")
-    for i, title in enumerate(_header(report)):
+    keys = headline_eval_keys(report.eval_keys)
+    for i, title in enumerate(_header(report, keys)):
         table.add_column(title, justify="left" if i < 3 else "right")
     for row in report.rows:
-        table.add_row(*_cells(report, row))
+        table.add_row(*_cells(report, row, keys))
+    if len(keys) < len(report.eval_keys):
+        table.caption = (
+            f"{len(report.eval_keys) - len(keys)} per-cell eval metrics: in report/report.csv "
+            "and report/report.md of the parent run"
+        )
     failed = [c for c in report.children if c.status != "FINISHED"]
     for child in failed:
         table.caption = (table.caption or "") + f"\n{child.point}: {child.status} {child.error}"
@@ -233,17 +247,17 @@ def render_table(report: AblationReport) -> Table:
 
 
 def to_csv(report: AblationReport) -> str:
-    """The table as CSV text (same cells as the console table)."""
+    """The table as CSV text: the console table's columns and every per-cell eval metric."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(_header(report))
-    writer.writerows(_cells(report, row) for row in report.rows)
+    writer.writerow(_header(report, report.eval_keys))
+    writer.writerows(_cells(report, row, report.eval_keys) for row in report.rows)
     return buffer.getvalue()
 
 
 def to_markdown(report: AblationReport) -> str:
     """The table as a Markdown document, with failed points listed under it."""
-    header = _header(report)
+    header = _header(report, report.eval_keys)
     lines = [
         f"# Ablation {report.name}",
         "",
@@ -253,7 +267,9 @@ def to_markdown(report: AblationReport) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(report, row)) + " |" for row in report.rows]
+    lines += [
+        "| " + " | ".join(_cells(report, row, report.eval_keys)) + " |" for row in report.rows
+    ]
     failed = [c for c in report.children if c.status != "FINISHED"]
     if failed:
         lines += ["", "Points that did not finish:", ""]

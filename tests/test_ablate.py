@@ -15,7 +15,17 @@ from mlflow import MlflowClient
 
 from sparsezoo import registry
 from sparsezoo.ablate import TAG_ABLATION, TAG_POINT, load_ablation
-from sparsezoo.ablation_report import build_report, pareto_front, to_csv
+from sparsezoo.ablation_report import (
+    AblationReport,
+    ChildRun,
+    GroupRow,
+    build_report,
+    headline_eval_keys,
+    pareto_front,
+    render_table,
+    to_csv,
+    to_markdown,
+)
 from sparsezoo.cli import main
 from sparsezoo.config import ConfigError
 from sparsezoo.mechanisms.dense import DenseAttention
@@ -217,3 +227,25 @@ def test_shipped_ablations_are_valid(name: str, points: int) -> None:
     if name == "quickstart":
         mechanisms = [c.attention.mechanism for c in ablation.configs]
         assert mechanisms == ["dense", "sliding_window", "nsa", "moba", "dsa"]
+
+
+def test_console_table_shows_headline_eval_metrics_and_the_artifacts_every_cell() -> None:
+    """A passkey grid's per-cell metrics (eval/passkey/L<len>/D<depth>) stay out of the console
+    table, whose caption counts them; the CSV and Markdown keep every eval column."""
+    keys = sorted(
+        ["eval/passkey/acc", "eval/passkey/min_acc", "eval/mqar/acc"]
+        + [f"eval/passkey/L1024/D{d}" for d in (0, 50, 100)]
+        + ["eval/passkey/L1024/acc"]
+    )
+    metrics = {k: 0.5 for k in keys} | {"val/loss": 2.0}
+    child = ChildRun("r" * 32, "mechanism=dense,seed=0", "dense", {}, "FINISHED", "", metrics)
+    row = GroupRow("dense", "mechanism=dense", {}, 1, 1, metrics)
+    report = AblationReport("p" * 32, "grid", "0", [child], [row], keys)
+    assert headline_eval_keys(keys) == ["eval/mqar/acc", "eval/passkey/acc", "eval/passkey/min_acc"]
+    table = render_table(report)
+    titles = [str(column.header) for column in table.columns]
+    assert [t for t in titles if t.startswith("eval/")] == headline_eval_keys(keys)
+    assert table.caption.startswith("4 per-cell eval metrics")
+    csv_header = next(csv.reader(io.StringIO(to_csv(report))))
+    assert [t for t in csv_header if t.startswith("eval/")] == keys
+    assert "eval/passkey/L1024/D50" in to_markdown(report)
