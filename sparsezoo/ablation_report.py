@@ -202,7 +202,7 @@ def headline_eval_keys(keys: list[str]) -> list[str]:
     return [k for k in keys if k.count("/") <= 2]
 
 
-def _header(report: AblationReport, eval_keys: list[str]) -> list[str]:
+def _header(eval_keys: list[str]) -> list[str]:
     titles = [c[0] for c in METRIC_COLUMNS]
     fixed = ["mechanism", "point", "seeds ok", "val loss (best)", "spread"]
     return [*fixed, *titles, *eval_keys]
@@ -231,7 +231,7 @@ def render_table(report: AblationReport) -> Table:
     the headline ones (:func:`headline_eval_keys`), the caption says where the rest are."""
     table = Table(title=f"sparsezoo ablation · {report.name} · parent {report.parent_run_id}")
     keys = headline_eval_keys(report.eval_keys)
-    for i, title in enumerate(_header(report, keys)):
+    for i, title in enumerate(_header(keys)):
         table.add_column(title, justify="left" if i < 3 else "right")
     for row in report.rows:
         table.add_row(*_cells(report, row, keys))
@@ -250,14 +250,14 @@ def to_csv(report: AblationReport) -> str:
     """The table as CSV text: the console table's columns and every per-cell eval metric."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(_header(report, report.eval_keys))
+    writer.writerow(_header(report.eval_keys))
     writer.writerows(_cells(report, row, report.eval_keys) for row in report.rows)
     return buffer.getvalue()
 
 
 def to_markdown(report: AblationReport) -> str:
     """The table as a Markdown document, with failed points listed under it."""
-    header = _header(report, report.eval_keys)
+    header = _header(report.eval_keys)
     lines = [
         f"# Ablation {report.name}",
         "",
