@@ -169,11 +169,12 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = ()) -> Ablation:
     """Parse an ablation file and compose + validate every grid point's config.
 
     ``overrides`` (``key=value``) apply to the base config of every point, under the point's own
-    coordinates. Raises ConfigError naming the offending key or value for an unknown section
-    key, an empty grid or axis, an axis that is not a config path, or any point whose config is
-    invalid — before anything trains.
+    coordinates; those under ``ablation.`` edit the grid itself (``ablation.seeds=[0,1]``).
+    Raises ConfigError naming the offending key or value for an unknown section key, an empty
+    grid or axis, an axis that is not a config path, or any point whose config is invalid —
+    before anything trains.
     """
-    base, section = split_study_file(path, "ablation")
+    base, section, base_overrides = split_study_file(path, "ablation", overrides, ("axes",))
     unknown = sorted(set(section) - set(SECTION_KEYS))
     if unknown:
         raise ConfigError(
@@ -182,13 +183,13 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = ()) -> Ablation:
     name = str(section.get("name") or Path(path).stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"ablation.name {name!r}: use letters, digits, '_', '-' and '.' only")
-    base_cfg = compose([base], overrides)
+    base_cfg = compose([base], base_overrides)
     points = _grid(section, base_cfg)
     configs = []
     for point in points:
         try:
             extra = [*point.overrides, *_budget_override(point, base_cfg)]
-            cfg = compose([base], [*overrides, *extra])
+            cfg = compose([base], [*base_overrides, *extra])
         except ConfigError as exc:
             raise ConfigError(f"ablation point {point.key}: {exc}") from exc
         cfg.run_name = f"{name}-{len(configs):03d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', point.key)}"

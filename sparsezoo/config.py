@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -301,16 +302,36 @@ def _explain(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config error at '{key}': {str(exc).splitlines()[0]}")
 
 
+def parse_overrides(overrides: Sequence[str], prefix: str = "") -> DictConfig:
+    """``key=value`` overrides as a config (values parsed as YAML, as OmegaConf's dotlist).
+
+    Raises ConfigError naming the override when it has no ``=`` or its value is not valid YAML
+    (e.g. a flow mapping written ``{a:1}``, which YAML needs as ``{a: 1}``); ``prefix`` is how the
+    caller's keys were written, for the message.
+    """
+    parsed = []
+    for ov in overrides:
+        if "=" not in ov or not ov.split("=", 1)[0]:
+            raise ConfigError(f"override {prefix + ov!r} must look like {prefix}key=value")
+        try:
+            parsed.append(OmegaConf.from_dotlist([ov]))
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise ConfigError(
+                f"override {prefix + ov!r}: the value is not valid YAML ({problem}); "
+                "inside {...} and [...] put a space after each ':', e.g. {seq_len: 32}"
+            ) from exc
+    return OmegaConf.merge(*parsed) if parsed else OmegaConf.create()
+
+
 def compose(
     sources: Sequence[DictConfig | dict[str, Any]], overrides: Sequence[str] = ()
 ) -> ExperimentConfig:
     """Merge config sources over the schema defaults, apply overrides, validate, return typed."""
     schema = OmegaConf.structured(ExperimentConfig)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key=value")
+    dotlist = parse_overrides(overrides)
     try:
-        merged = OmegaConf.merge(schema, *sources, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, *sources, dotlist)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _explain(exc) from exc
@@ -319,14 +340,24 @@ def compose(
     return cfg
 
 
-def split_study_file(path: str | Path, section: str) -> tuple[DictConfig, dict[str, Any]]:
+def split_study_file(
+    path: str | Path,
+    section: str,
+    overrides: Sequence[str] = (),
+    path_keyed: Sequence[str] = (),
+) -> tuple[DictConfig, dict[str, Any], list[str]]:
     """Read a study YAML (an ablation or a sweep): the base experiment config and its section.
 
     The file is an experiment config (``include:`` and every ExperimentConfig key) plus one
     top-level mapping named ``section`` (``ablation`` or ``sweep``) that describes the study.
+    Overrides whose key starts with ``<section>.`` (``ablation.seeds=[0,1]``) edit the section
+    itself, so a study can be cut or widened from the command line without copying its file;
+    under a ``path_keyed`` entry (``axes``, ``space``: mappings keyed by config paths) the rest
+    of the key is one config path (``ablation.axes.data.seq_len=[64]``).
     Returns the base config source, to be passed to :func:`compose` with each point's
-    overrides, and the section as a plain dict. Raises ConfigError naming the file when the
-    section is missing or not a mapping.
+    overrides, the section as a plain dict, and the other overrides (for the base config).
+    Raises ConfigError naming the file when the section is missing or not a mapping, and naming
+    a section override that is not ``key=value`` or that descends into a non-mapping.
     """
     raw = _read_yaml(Path(path))
     if section not in raw:
@@ -334,7 +365,34 @@ def split_study_file(path: str | Path, section: str) -> tuple[DictConfig, dict[s
     body = raw.pop(section)
     if not isinstance(body, DictConfig):
         raise ConfigError(f"{path}: '{section}' must be a mapping, got {type(body).__name__}")
-    return raw, typing.cast(dict[str, Any], OmegaConf.to_container(body, resolve=True))
+    prefix = f"{section}."
+    ours = [ov[len(prefix) :] for ov in overrides if ov.startswith(prefix)]
+    parse_overrides(ours, prefix)  # a malformed section override fails here, named
+    study = typing.cast(dict[str, Any], OmegaConf.to_container(body, resolve=True))
+    for ov in ours:
+        key, text = ov.split("=", 1)
+        value = typing.cast(dict[str, Any], OmegaConf.to_container(parse_overrides([f"v={text}"])))
+        _set_study_key(study, section, key, value["v"], path_keyed)
+    return raw, study, [ov for ov in overrides if not ov.startswith(prefix)]
+
+
+def _set_study_key(
+    study: dict[str, Any], section: str, key: str, value: Any, path_keyed: Sequence[str]
+) -> None:
+    """Set the dotted ``key`` of the study section to ``value``, creating mappings on the way;
+    below a path-keyed mapping the rest of the key is one key (a config path)."""
+    parts = key.split(".")
+    if parts[0] in path_keyed and len(parts) > 1:
+        parts = [parts[0], ".".join(parts[1:])]
+    node = study
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"override {section}.{key}: {section}.{where} is not a mapping, so it has no keys"
+            )
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

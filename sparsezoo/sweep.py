@@ -171,7 +171,7 @@ def load_sweep(
     study_name: str | None = None,
 ) -> Sweep:
     """Read and check a sweep YAML; every problem is a ConfigError before anything trains."""
-    base_source, section = split_study_file(path, "sweep")
+    base_source, section, overrides = split_study_file(path, "sweep", overrides, ("space",))
     if storage is not None:
         section["storage"] = storage
     if study_name is not None:

@@ -70,6 +70,50 @@ def test_grid_crosses_knobs_only_with_their_mechanism(tmp_path, tiny_overrides) 
     assert len({cfg.run_name for cfg in ablation.configs}) == len(keys)
 
 
+def test_ablation_overrides_edit_the_grid_from_the_command_line(tmp_path, tiny_overrides) -> None:
+    # ablation.* overrides cut or widen the grid; the rest still apply to every point
+    ablation = load_ablation(
+        write(tmp_path, GRID),
+        [
+            *tiny_overrides,
+            "ablation.mechanisms=[sliding_window]",
+            "ablation.seeds=[3]",
+            "ablation.params.sliding_window.window=[4]",
+            "ablation.axes.data.seq_len=[32, 64]",
+            "train.lr=0.002",
+        ],
+    )
+    assert [p.key for p in ablation.points] == [
+        "mechanism=sliding_window,sliding_window.window=4,data.seq_len=32,seed=3",
+        "mechanism=sliding_window,sliding_window.window=4,data.seq_len=64,seed=3",
+    ]
+    assert all(cfg.train.lr == 0.002 for cfg in ablation.configs)
+    assert "ablation.seeds=[3]" in ablation.overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ablation.=3", "'ablation.=3' must look like ablation.key=value"),
+        ("ablation.grids={}", "unknown key(s) grids"),
+        ("ablation.seeds.x=1", "ablation.seeds is not a mapping"),
+        ("ablation.mechanisms=[dense, nope]", "nope"),
+        ("ablation.params={sliding_window:{window: [8]}}", "'ablation.params={sliding_window"),
+        ("data.curriculum=[{seq_len: 32, attention_params:{nsa: {}}}]", "not valid YAML"),
+    ],
+)
+def test_bad_command_line_override_names_it(
+    tmp_path, tiny_overrides, capsys, override: str, message: str
+) -> None:
+    path = write(tmp_path, GRID)
+    with pytest.raises(ConfigError) as info:
+        load_ablation(path, [*tiny_overrides, override])
+    assert message in str(info.value)
+    assert main(["ablate", str(path), *tiny_overrides, override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [

@@ -494,6 +494,18 @@ def test_shipped_sweeps_load_and_document_their_command(name: str) -> None:
     assert f"sparsezoo sweep experiments/{name}.yaml --n-trials" in readme
 
 
+def test_sweep_overrides_edit_the_study_from_the_command_line() -> None:
+    # sweep.* overrides edit the study section; the rest apply to every trial's base config
+    sweep = load_sweep(
+        EXPERIMENTS / "nsa_knobs.yaml",
+        ["sweep.space.attention.params.nsa.stride=[8]", "train.max_steps=7"],
+    )
+    stride = next(p for p in sweep.space.params if p.path.endswith("nsa.stride"))
+    assert stride.choices == (8,)
+    assert sweep.base.train.max_steps == 7
+    assert sweep.overrides == ["train.max_steps=7"]
+
+
 def test_readme_sweep_example_loads(tmp_path: Path) -> None:
     text = (EXPERIMENTS.parent / "README.md").read_text().split("## Sweeps", 1)[1]
     example = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
