@@ -111,10 +111,18 @@ def test_resolved_yaml_roundtrip_and_flatten(tmp_path: Path) -> None:
 def test_split_study_file_returns_base_and_section(tmp_path) -> None:
     path = tmp_path / "study.yaml"
     path.write_text("experiment: s\ntrain:\n  max_steps: 7\nsweep:\n  study: s\n  n: [1, 2]\n")
-    base, section = split_study_file(path, "sweep")
-    assert section == {"study": "s", "n": [1, 2]}
+    base, section, rest = split_study_file(path, "sweep")
+    assert section == {"study": "s", "n": [1, 2]} and rest == []
     cfg = compose([base])
     assert cfg.experiment == "s" and cfg.train.max_steps == 7
+    # sweep.* overrides edit the section (below a path-keyed mapping the rest is one key);
+    # the others come back for the base config
+    overrides = ["sweep.n=[3]", "sweep.space.data.seq_len=[64]", "train.max_steps=9"]
+    _, section, rest = split_study_file(path, "sweep", overrides, ("space",))
+    assert section == {"study": "s", "n": [3], "space": {"data.seq_len": [64]}}
+    assert rest == ["train.max_steps=9"]
+    with pytest.raises(ConfigError, match=r"sweep\.n is not a mapping"):
+        split_study_file(path, "sweep", ["sweep.n.x=1"])
     with pytest.raises(ConfigError, match="no 'ablation:' section"):
         split_study_file(path, "ablation")
     path.write_text("sweep: [1, 2]\n")
