@@ -302,26 +302,29 @@ def _explain(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config error at '{key}': {str(exc).splitlines()[0]}")
 
 
-def parse_overrides(overrides: Sequence[str], prefix: str = "") -> DictConfig:
-    """``key=value`` overrides as a config (values parsed as YAML, as OmegaConf's dotlist).
+def parse_overrides(overrides: Sequence[str], prefix: str = "") -> list[tuple[str, Any]]:
+    """``key=value`` overrides as (dotted key, value) pairs, values parsed as YAML the way
+    OmegaConf's dotlist parses them.
 
-    Raises ConfigError naming the override when it has no ``=`` or its value is not valid YAML
-    (e.g. a flow mapping written ``{a:1}``, which YAML needs as ``{a: 1}``); ``prefix`` is how the
-    caller's keys were written, for the message.
+    Raises ConfigError naming the override when it has no ``=`` or key, or its value is not
+    valid YAML (e.g. a flow mapping written ``{a: {b:1}}``, which YAML needs as ``{a: {b: 1}}``);
+    ``prefix`` is how the caller's keys were written, for the message.
     """
-    parsed = []
+    pairs = []
     for ov in overrides:
-        if "=" not in ov or not ov.split("=", 1)[0]:
+        key, sep, text = ov.partition("=")
+        if not sep or not key:
             raise ConfigError(f"override {prefix + ov!r} must look like {prefix}key=value")
         try:
-            parsed.append(OmegaConf.from_dotlist([ov]))
+            parsed = OmegaConf.from_dotlist([f"v={text}"])
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
             raise ConfigError(
                 f"override {prefix + ov!r}: the value is not valid YAML ({problem}); "
                 "inside {...} and [...] put a space after each ':', e.g. {seq_len: 32}"
             ) from exc
-    return OmegaConf.merge(*parsed) if parsed else OmegaConf.create()
+        pairs.append((key, typing.cast(dict[str, Any], OmegaConf.to_container(parsed))["v"]))
+    return pairs
 
 
 def compose(
@@ -329,8 +332,11 @@ def compose(
 ) -> ExperimentConfig:
     """Merge config sources over the schema defaults, apply overrides, validate, return typed."""
     schema = OmegaConf.structured(ExperimentConfig)
-    dotlist = parse_overrides(overrides)
+    pairs = parse_overrides(overrides)
     try:
+        dotlist = OmegaConf.create()
+        for key, value in pairs:
+            OmegaConf.update(dotlist, key, value, merge=True)
         merged = OmegaConf.merge(schema, *sources, dotlist)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -367,12 +373,9 @@ def split_study_file(
         raise ConfigError(f"{path}: '{section}' must be a mapping, got {type(body).__name__}")
     prefix = f"{section}."
     ours = [ov[len(prefix) :] for ov in overrides if ov.startswith(prefix)]
-    parse_overrides(ours, prefix)  # a malformed section override fails here, named
     study = typing.cast(dict[str, Any], OmegaConf.to_container(body, resolve=True))
-    for ov in ours:
-        key, text = ov.split("=", 1)
-        value = typing.cast(dict[str, Any], OmegaConf.to_container(parse_overrides([f"v={text}"])))
-        _set_study_key(study, section, key, value["v"], path_keyed)
+    for key, value in parse_overrides(ours, prefix):
+        _set_study_key(study, section, key, value, path_keyed)
     return raw, study, [ov for ov in overrides if not ov.startswith(prefix)]
 
 
