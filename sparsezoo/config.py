@@ -307,7 +307,8 @@ def parse_overrides(overrides: Sequence[str], prefix: str = "") -> list[tuple[st
     OmegaConf's dotlist parses them.
 
     Raises ConfigError naming the override when it has no ``=`` or key, or its value is not
-    valid YAML (e.g. a flow mapping written ``{a: {b:1}}``, which YAML needs as ``{a: {b: 1}}``);
+    valid YAML (e.g. a flow mapping written ``{a:{b: 1}}``, which YAML needs as ``{a: {b: 1}}``;
+    ``{b:1}`` alone parses, as the key ``b:1``, which the schema then rejects by name);
     ``prefix`` is how the caller's keys were written, for the message.
     """
     pairs = []
