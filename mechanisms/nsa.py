@@ -11,7 +11,8 @@ Three branches over the context, mixed per query head by a learned sigmoid gate 
   query's own block).
 - sliding window: the project's one window, keys (t - w, t].
 Each branch has its own keys and values by default (``kv_mode="independent"``, the paper) or
-shares one K/V projection (``"shared"``, as most public implementations do).
+shares one K/V projection (``"shared"``, as most public implementations do). An option outside
+the paper, ``compress_skip="mean"``, adds each block's mean to phi's output (see Compressor).
 
 Legend: B batch, T time (new tokens), S cached length, C d_model, HQ query heads, H KV heads,
 G = HQ // H, D head dim, N compressed tokens, J selection blocks, K selected slots (n).
@@ -78,6 +79,11 @@ class NSAParams(MechanismParams):
         choices=("independent", "shared"),
     )
     compress_hidden: int = knob(64, help="hidden width of the compression MLP phi", low=1)
+    compress_skip: str = knob(
+        "none",
+        help="phi alone (paper) or phi plus the block's mean, a pooled skip path",
+        choices=("none", "mean"),
+    )
     gate_hidden: int = knob(64, help="hidden width of the gate MLP", low=1)
     backend: str = knob("auto", help="kernel backend", choices=("auto", "torch", "naive", "triton"))
 
@@ -159,10 +165,19 @@ def _linear_init(module: nn.Linear) -> nn.Linear:
 
 
 class Compressor(nn.Module):
-    """phi: MLP over a flattened block of l keys (or values) plus an intra-block position code."""
+    """phi: MLP over a flattened block of l keys (or values) plus an intra-block position code.
 
-    def __init__(self, block_size: int, head_dim: int, hidden: int) -> None:
+    With ``mean_skip`` the block's mean is added to the MLP's output (``compress_skip="mean"``,
+    not in the paper): a compressed key then starts as the average of its block's keys, so its
+    score against a query tracks the block's raw scores before phi has learned anything. The
+    paper's phi learns only through the compression branch's output; where the gate turns that
+    branch off, its scores — and so the block selection — stay untrained (experiments/
+    passkey_4k.md).
+    """
+
+    def __init__(self, block_size: int, head_dim: int, hidden: int, mean_skip: bool) -> None:
         super().__init__()
+        self.mean_skip = mean_skip
         self.pos_LD = nn.Parameter(torch.randn(block_size, head_dim) * 0.02)
         self.w1_IF = nn.Parameter(
             torch.randn(block_size * head_dim, hidden) * (block_size * head_dim) ** -0.5
@@ -173,7 +188,7 @@ class Compressor(nn.Module):
 
     def forward(self, x_BTHD: torch.Tensor, stride: int, backend: str) -> torch.Tensor:
         """Compressed tokens [B, N, H, D] of every complete block of ``x_BTHD``."""
-        return compress_kv(
+        out_BNHD = compress_kv(
             x_BTHD,
             self.pos_LD,
             self.w1_IF,
@@ -184,6 +199,11 @@ class Compressor(nn.Module):
             stride,
             backend=backend,
         )
+        if self.mean_skip and out_BNHD.shape[1]:
+            # unfold gives [B, N, H, D, l]: the N complete blocks at stride d (none when T < l,
+            # where unfold would raise)
+            out_BNHD = out_BNHD + x_BTHD.unfold(1, self.pos_LD.shape[0], stride).mean(-1)
+        return out_BNHD
 
 
 class NativeSparseAttention(AttentionMechanism):
@@ -211,8 +231,9 @@ class NativeSparseAttention(AttentionMechanism):
         # one fused projection for every branch's keys and values: (cmp, slc, win) x (k, v)
         self.wkv = nn.Linear(shape.d_model, n_kv_sets * 2 * h * d, bias=False)
         self.wo = nn.Linear(hq * d, shape.d_model, bias=False)
-        self.compress_k = Compressor(p.block_size, d, p.compress_hidden)
-        self.compress_v = Compressor(p.block_size, d, p.compress_hidden)
+        mean_skip = p.compress_skip == "mean"
+        self.compress_k = Compressor(p.block_size, d, p.compress_hidden, mean_skip)
+        self.compress_v = Compressor(p.block_size, d, p.compress_hidden, mean_skip)
         self.gate = nn.Sequential(
             _linear_init(nn.Linear(shape.d_model, p.gate_hidden)),
             nn.SiLU(),

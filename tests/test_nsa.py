@@ -16,7 +16,7 @@ from train_utils import train_tiny_and_check_it_learns
 import sparsezoo
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.mechanisms import MechanismConfigError
-from sparsezoo.mechanisms.nsa import NSACache
+from sparsezoo.mechanisms.nsa import Compressor, NSACache
 from sparsezoo.testing import check_mechanism
 
 PAPER = {"block_size": 32, "stride": 16, "select_size": 64, "n_select": 16, "window": 512}
@@ -38,6 +38,7 @@ def _nsa(d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 1, **params: obj
         ({"n_select": 2}, "n_select=2 is below the minimum 3"),
         ({"window": 0}, "window=0 is below the minimum 1"),
         ({"kv_mode": "tied"}, "kv_mode='tied' is not allowed"),
+        ({"compress_skip": "max"}, "compress_skip='max' is not allowed"),
     ],
 )
 def test_validation_names_the_knob(params: dict, message: str) -> None:
@@ -125,6 +126,26 @@ def test_shared_kv_mode_conforms_and_has_fewer_parameters() -> None:
     n_shared = sum(p.numel() for p in _nsa(kv_mode="shared").parameters())
     n_indep = sum(p.numel() for p in _nsa(kv_mode="independent").parameters())
     assert n_indep - n_shared == 4 * 64 * 16  # two extra (K, V) pairs of one 16-dim KV head
+
+
+def test_mean_skip_adds_each_blocks_mean_to_phi() -> None:
+    """compress_skip="mean": compressed token i is phi(block i) plus the mean of the block's
+    l rows [i*d, i*d + l), the same phi weights; fewer than l tokens give no token."""
+    plain, skip = Compressor(8, 16, 32, False), Compressor(8, 16, 32, True)
+    skip.load_state_dict(plain.state_dict())
+    x_BTHD = torch.randn(2, 37, 3, 16, generator=torch.Generator().manual_seed(0))
+    phi_BNHD, out_BNHD = plain(x_BTHD, 4, "torch"), skip(x_BTHD, 4, "torch")
+    assert out_BNHD.shape == (2, (37 - 8) // 4 + 1, 3, 16)
+    for i in range(out_BNHD.shape[1]):
+        mean_BHD = x_BTHD[:, i * 4 : i * 4 + 8].mean(1)
+        torch.testing.assert_close(out_BNHD[:, i], phi_BNHD[:, i] + mean_BHD)
+    assert skip(x_BTHD[:, :7], 4, "torch").shape == (2, 0, 3, 16)
+
+
+@pytest.mark.parametrize("kv_mode", ["independent", "shared"])
+def test_mean_skip_conforms(kv_mode: str) -> None:
+    preset = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}
+    check_mechanism("nsa", {**preset, "kv_mode": kv_mode, "compress_skip": "mean"}, T=301)
 
 
 @pytest.mark.slow
