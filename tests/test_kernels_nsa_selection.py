@@ -62,6 +62,21 @@ def assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -
         torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.fixture(params=["routed", "masked"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The torch backend runs its routed path (per-block query lists) or its masked SDPA path
+    for short rows, whatever the shape."""
+    limit = 0 if request.param == "routed" else 2**62
+    monkeypatch.setattr(selection, "_MASKED_WORK_LIMIT", limit)
+    monkeypatch.setattr(selection, "_MASKED_MASK_LIMIT", limit)
+    return request.param
+
+
+def force_routed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the torch backend take its routed path even for short rows."""
+    monkeypatch.setattr(selection, "_MASKED_WORK_LIMIT", 0)
+
+
 @pytest.fixture
 def threads() -> Iterator[Callable[[int], None]]:
     """Set torch's intra-op thread count inside a test; the old count is restored afterwards."""
@@ -86,6 +101,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("B", "T", "HQ", "H", "D", "block_size", "S", "scale"), CASES)
+@pytest.mark.usefixtures("path")
 def test_torch_matches_naive(
     B: int, T: int, HQ: int, H: int, D: int, block_size: int, S: int, scale: float | None
 ) -> None:
@@ -101,6 +117,7 @@ def test_several_workers_match_naive(
 ) -> None:
     """Three workers (query rows split three ways, per-worker dk/dv summed) match the oracle,
     are deterministic, and leave torch's thread count as it was."""
+    force_routed(monkeypatch)
     monkeypatch.setattr(selection, "_MIN_PAIRS_PER_WORKER", 1)
     threads(3)
     qkv = make_qkv(2, 500, 4, 2, 8)
@@ -126,6 +143,7 @@ def test_several_workers_match_naive(
 def test_chunks_split_long_expert_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     """With tiny chunks every expert spans many chunks, own-block queries cut across chunk
     borders and gathered and contiguous chunks mix; results still match the oracle."""
+    force_routed(monkeypatch)
     monkeypatch.setattr(selection, "_CHUNK_ROWS", 12)
     qkv = make_qkv(2, 200, 4, 2, 8)
     idx_BTHS = nsa_like_indices(2, 200, 2, 5, 16)
@@ -135,6 +153,7 @@ def test_chunks_split_long_expert_lists(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.usefixtures("path")
 def test_rows_without_keys_output_zero_with_finite_grads(backend: str) -> None:
     """All -1 rows (and a whole sequence of them) give exactly 0 and finite zero gradients."""
     qkv = make_qkv(2, 50, 4, 2, 8)
@@ -156,6 +175,7 @@ def test_rows_without_keys_output_zero_with_finite_grads(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.usefixtures("path")
 def test_own_block_is_causal_per_token(backend: str) -> None:
     """Selecting only its own block, query t weighs keys j·block_size .. t equally (q = 0)
     and the later keys of its block not at all; V one-hot per position (D = T) makes output
@@ -174,6 +194,7 @@ def test_own_block_is_causal_per_token(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.usefixtures("path")
 def test_future_blocks_contribute_nothing(backend: str) -> None:
     """A block starting after the query changes nothing, and a row naming only future blocks
     outputs 0: the same as -1 in those slots."""
@@ -194,6 +215,7 @@ def test_future_blocks_contribute_nothing(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.usefixtures("path")
 def test_selecting_every_block_is_dense_causal(backend: str) -> None:
     """With every legal block selected the op is dense causal attention (SDPA, GQA)."""
     q_BTHD, k_BTHD, v_BTHD = make_qkv(2, 45, 4, 2, 8)
@@ -215,6 +237,7 @@ def test_peaked_softmax_shifts_and_redoes_rows(monkeypatch: pytest.MonkeyPatch) 
     an upper bound past _HEADROOM) and redo the rows whose bound was too loose with their exact
     maxima (both counted); it still matches the oracle, up to the fp32 conditioning of such
     peaked softmaxes (both sit ~1e-4 from a float64 evaluation)."""
+    force_routed(monkeypatch)
     shifted, redone = [], []
     accumulate, row_max = selection._accumulate_experts, selection._row_max_experts
 
@@ -243,6 +266,7 @@ def test_loose_score_bound_is_redone_exactly(monkeypatch: pytest.MonkeyPatch) ->
     bound is ~200 nats higher, so exp(s - ref) underflows on the first pass for the even
     queries; exactly those rows are recomputed against their exact maxima, matching the
     oracle."""
+    force_routed(monkeypatch)
     redone = []
     row_max = selection._row_max_experts
 
@@ -264,6 +288,7 @@ def test_loose_score_bound_is_redone_exactly(monkeypatch: pytest.MonkeyPatch) ->
     assert len(rows) > 50 and (rows % 2 == 0).all()
 
 
+@pytest.mark.usefixtures("path")
 def test_non_contiguous_inputs() -> None:
     """q, k, v viewed from a [B, H, T, D] layout give the same results as contiguous copies."""
     q_BTHD, k_BTHD, v_BTHD = (x.detach() for x in make_qkv(1, 70, 4, 2, 8))
@@ -276,6 +301,7 @@ def test_non_contiguous_inputs() -> None:
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch", "auto"])
+@pytest.mark.usefixtures("path")
 def test_bf16_close_to_fp32(backend: str) -> None:
     """bf16 inputs give a finite bf16 output within bf16 rounding of the fp32 oracle, and
     finite bf16 gradients."""
@@ -292,9 +318,13 @@ def test_bf16_close_to_fp32(backend: str) -> None:
         assert torch.isfinite(g).all()
 
 
-def test_torch_path_never_materializes_selected_keys(threads: Callable[[int], None]) -> None:
-    """Forward and backward stay O(size of q): no [T, T] mask, no [T, S·block_size, D] key
-    gathers and no [B, T, HQ, S·block_size] scores for all queries at once."""
+def test_torch_path_never_materializes_selected_keys(
+    threads: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forward and backward of the routed path stay O(size of q): no [T, T] mask, no
+    [T, S·block_size, D] key gathers and no [B, T, HQ, S·block_size] scores for all queries
+    at once (the shape is past the masked path's limit anyway; forced so it stays tested)."""
+    force_routed(monkeypatch)
     threads(1)  # dispatch modes are per thread: keep every op on this one
     B, T, HQ, H, D, block_size, S = 1, 2048, 4, 1, 16, 16, 16
     qkv = make_qkv(B, T, HQ, H, D)
@@ -303,6 +333,22 @@ def test_torch_path_never_materializes_selected_keys(threads: Callable[[int], No
         output_and_grads("torch", qkv, idx_BTHS, block_size)
     smallest_forbidden = min(T * T, T * S * block_size * D, B * T * HQ * S * block_size)
     assert largest.numel <= 2 * B * T * HQ * D < smallest_forbidden // 4
+
+
+def test_short_rows_take_the_masked_path() -> None:
+    """The masked SDPA path serves short rows of small groups and blocks (a length
+    curriculum's first phases on the CPU preset) and never long rows, paper-sized groups and
+    blocks, or calls whose [B, H, T·G, T] mask would pass _MASKED_MASK_LIMIT."""
+
+    def masked(B: int, T: int, HQ: int, H: int, D: int, block_size: int) -> bool:
+        q_BTHD = torch.empty(B, T, HQ, D)
+        return selection._use_masked(q_BTHD, torch.empty(B, T, H, D), block_size)
+
+    assert masked(128, 32, 4, 2, 32, 16) and masked(32, 128, 4, 2, 32, 16)
+    assert not masked(8, 512, 4, 2, 32, 16) and not masked(2, 4096, 4, 2, 32, 16)
+    assert not masked(1, 64, 16, 1, 64, 64)  # the paper's group of 16, D 64, blocks of 64
+    # B·HQ·T² mask elements: 2**25 at B 8192 (the limit), 2**26 at B 16384
+    assert masked(8192, 32, 4, 2, 32, 16) and not masked(16384, 32, 4, 2, 32, 16)
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:

@@ -5,8 +5,9 @@ Query t of KV head h attends the union of the key blocks listed in ``block_indic
 under a token-level causal mask: keys after t are never attended, so the query's own block is
 partial and a block that starts after t contributes nothing. One softmax runs over the union.
 Backends: ``naive`` (explicit [T, T] mask, the fp32 oracle), ``torch`` (the fast CPU path: the
-selection is inverted into per-block query lists, so every block costs a few large matmuls) and
-``triton`` (group-centric GPU kernels in ``triton_selection.py``).
+selection is inverted into per-block query lists, so every block costs a few large matmuls;
+short rows run as one masked SDPA call) and ``triton`` (group-centric GPU kernels in
+``triton_selection.py``).
 Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0; q_BTHD holds HQ heads), G
 group size HQ // H, D head dim, S selection slots per (query, KV head), N selection blocks
 ceil(T / block_size), L keys in one block (block_size, fewer in a short last block), E routing
@@ -29,6 +30,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, oracle_dtype, resolve_backend
 from ..cpu_workers import Workspace, run_workers, worker_count
+from ..group_rows import fold_group_rows, unfold_group_rows
 
 __all__ = ["selected_attention", "selected_attention_naive", "selected_attention_torch"]
 
@@ -51,6 +53,15 @@ _UNDERFLOW = 50.0
 # pay for its thread, and more than a few workers contend for the Python interpreter lock.
 _MIN_PAIRS_PER_WORKER = 4096
 _MAX_WORKERS = 8
+# The routed path pays a dozen small ops per (batch, KV head, block) expert, whatever its
+# queries; one masked flash call over all T keys pays ~B·HQ·T²·D multiply-adds instead. Their
+# ratio grows with G·T·D·block_size, and below _MASKED_WORK_LIMIT of it the masked call is the
+# cheaper (measured, forward+backward on one thread, HQ 4 on H 2, D 32, block 16, S 4, routed
+# vs masked: T 32 x B 128 210 vs 14 ms, T 128 x B 32 241 vs 53 ms, T 512 x B 8 149 vs 173 ms,
+# T 1024 x B 4 169 vs 352 ms) — short rows, as in the first phases of a length curriculum.
+# _MASKED_MASK_LIMIT caps the elements of its additive [B, H, T·G, T] mask (128 MB in fp32).
+_MASKED_WORK_LIMIT = 2**18
+_MASKED_MASK_LIMIT = 2**25
 
 
 def _validate(
@@ -106,6 +117,24 @@ def _validate(
         raise ValueError(f"{_OP}: block_indices repeats a block id within a row (not allowed)")
 
 
+def _visible_keys(block_indices_BTHS: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, T, T] bool: key s is visible to query t of KV head h (in a selected block, s <= t).
+
+    The selected blocks of every row become a key mask (a block id per key, looked up in the
+    row's selected set), intersected with the causal mask. O(B·H·T²) memory.
+    """
+    B, T, H, _ = block_indices_BTHS.shape
+    N = -(-T // block_size)
+    device = block_indices_BTHS.device
+    # selected_BTHN[b, t, h, j]: block j is in row (b, t, h); the extra column N swallows the -1s
+    slot_BTHS = torch.where(block_indices_BTHS < 0, N, block_indices_BTHS)
+    selected_BTHN = torch.zeros(B, T, H, N + 1, dtype=torch.bool, device=device)
+    selected_BTHN = selected_BTHN.scatter(-1, slot_BTHS, True)[..., :N]
+    block_of_key_T = torch.arange(T, device=device) // block_size
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return (selected_BTHN[..., block_of_key_T] & causal_TT[None, :, None, :]).permute(0, 2, 1, 3)
+
+
 def selected_attention_naive(
     q_BTHD: torch.Tensor,
     k_BTHD: torch.Tensor,
@@ -116,25 +145,13 @@ def selected_attention_naive(
 ) -> torch.Tensor:
     """Selected-block attention written out step by step (the oracle); returns q's dtype.
 
-    Computes in fp32, or fp64 for fp64 inputs. Inputs are validated by the caller. The selected
-    blocks of every (b, t, h) become a [T] key mask (a block id per key, looked up in the row's
-    selected set), intersected with the causal mask; scores over all T keys are masked and
-    normalised by one softmax. A row with no visible key outputs 0 and gets zero gradients.
+    Computes in fp32, or fp64 for fp64 inputs. Inputs are validated by the caller. Scores over
+    all T keys are masked to the row's visible keys (``_visible_keys``) and normalised by one
+    softmax. A row with no visible key outputs 0 and gets zero gradients.
     Memory is O(B·HQ·T²): only for tests and small inputs.
     """
-    B, T, HQ = q_BTHD.shape[:3]
-    H = k_BTHD.shape[2]
-    G = HQ // H
-    N = -(-T // block_size)
-    device = q_BTHD.device
-    # selected_BTHN[b, t, h, j]: block j is in row (b, t, h); the extra column N swallows the -1s
-    slot_BTHS = torch.where(block_indices_BTHS < 0, N, block_indices_BTHS)
-    selected_BTHN = torch.zeros(B, T, H, N + 1, dtype=torch.bool, device=device)
-    selected_BTHN = selected_BTHN.scatter(-1, slot_BTHS, True)[..., :N]
-    block_of_key_T = torch.arange(T, device=device) // block_size
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    mask_BTHT = selected_BTHN[..., block_of_key_T] & causal_TT[None, :, None, :]
-    mask_BHTT = mask_BTHT.permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
+    G = q_BTHD.shape[2] // k_BTHD.shape[2]
+    mask_BHTT = _visible_keys(block_indices_BTHS, block_size).repeat_interleave(G, dim=1)
 
     dtype = oracle_dtype(q_BTHD)
     q = q_BTHD.to(dtype)
@@ -148,6 +165,48 @@ def selected_attention_naive(
     probs_BHTT = probs_BHTT.masked_fill(empty_BHT1, 0.0)
     o_BTHD = torch.einsum("bhts,bshd->bthd", probs_BHTT, v)
     return o_BTHD.to(q_BTHD.dtype)
+
+
+def _use_masked(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, block_size: int) -> bool:
+    """Whether one masked flash call beats the routed path here (see _MASKED_WORK_LIMIT)."""
+    B, T, HQ, D = q_BTHD.shape
+    G = HQ // k_BTHD.shape[2]
+    return G * T * D * block_size <= _MASKED_WORK_LIMIT and B * HQ * T * T <= _MASKED_MASK_LIMIT
+
+
+def _selected_attention_masked(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Short rows: one SDPA call over all T keys under an additive mask of the visible keys.
+
+    Each KV head's G query heads are folded into its rows (``fold_group_rows``), so K and V
+    are not repeated and the mask is built once per KV head. A row without a visible key
+    attends key 0 and is then multiplied by 0: an all -inf row would give NaN, and the
+    product gives it output 0 and zero gradients. fp32 inside; differentiable through SDPA's
+    own backward (aten's flash kernel on CPU, which saves the row lse, not the scores).
+    """
+    B, T, HQ, _ = q_BTHD.shape
+    H = k_BTHD.shape[2]
+    G = HQ // H
+    visible_BHTT = _visible_keys(block_indices_BTHS, block_size)
+    has_keys_BHT1 = visible_BHTT.any(dim=-1, keepdim=True)
+    visible_BHTT[..., :1] |= ~has_keys_BHT1
+    mask_BHT1T = torch.zeros(B, H, T, 1, T, device=q_BTHD.device)
+    mask_BHT1T.masked_fill_(~visible_BHTT.unsqueeze(3), float("-inf"))
+    o_BHYD = F.scaled_dot_product_attention(
+        fold_group_rows(q_BTHD.float(), H),
+        k_BTHD.float().transpose(1, 2),
+        v_BTHD.float().transpose(1, 2),
+        attn_mask=mask_BHT1T.expand(B, H, T, G, T).reshape(B, H, T * G, T),
+        scale=scale,
+    )
+    o_BHYD = o_BHYD * has_keys_BHT1.repeat_interleave(G, dim=2)
+    return unfold_group_rows(o_BHYD, T).to(q_BTHD.dtype)
 
 
 @dataclass(frozen=True)
@@ -631,9 +690,14 @@ def selected_attention_torch(
     fixed per-row reference derived from a score bound (rows that underflow are redone against
     their exact maxima); the backward recomputes probabilities from the saved row lse (the
     FlashAttention recipe). Work is split over ``worker_count()`` worker threads that
-    own disjoint query rows (see ``run_workers``). fp32 accumulation; returns o_BTHD in q's
-    dtype.
+    own disjoint query rows (see ``run_workers``). Short rows, where the per-expert ops would
+    cost more than attending every key, run as one masked SDPA call instead
+    (``_use_masked``). fp32 accumulation; returns o_BTHD in q's dtype.
     """
+    if _use_masked(q_BTHD, k_BTHD, block_size):
+        return _selected_attention_masked(
+            q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale
+        )
     return _SelectedAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, block_size, scale)
 
 
