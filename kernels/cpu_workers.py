@@ -163,10 +163,13 @@ def run_workers(jobs: list[Callable[[], None]]) -> None:
     therefore not supported. Every job has finished when this returns or raises (the first
     job's error, else a helper's).
     """
+    # inference mode is per thread too: buffers the caller made under it are inference
+    # tensors, which a helper outside it may not update in place
+    inference = torch.is_inference_mode_enabled()
     with single_threaded_ops():
-        futures = _POOL.submit([functools.partial(_job_call, job) for job in jobs[1:]])
+        futures = _POOL.submit([functools.partial(_job_call, job, inference) for job in jobs[1:]])
         try:
-            _job_call(jobs[0])
+            _job_call(jobs[0], inference)
         finally:
             # helpers write into buffers the caller owns: none may outlive the call
             wait(futures)
@@ -174,13 +177,14 @@ def run_workers(jobs: list[Callable[[], None]]) -> None:
             future.result()
 
 
-def _job_call(job: Callable[[], None]) -> None:
-    """Call ``job`` as a job (see :func:`worker_count`) with autograd off: grad mode is per
-    thread and on in fresh threads."""
+def _job_call(job: Callable[[], None], inference: bool) -> None:
+    """Call ``job`` as a job (see :func:`worker_count`) with autograd off (grad mode is per
+    thread and on in fresh threads) and in inference mode when the caller was."""
     outer = getattr(_in_job, "active", False)
     _in_job.active = True
     try:
-        with torch.no_grad():
+        # in this order: inference_mode(False) turns grad mode on
+        with torch.inference_mode(inference), torch.no_grad():
             job()
     finally:
         _in_job.active = outer

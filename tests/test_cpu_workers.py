@@ -50,6 +50,18 @@ def test_jobs_run_on_kept_single_threaded_helpers() -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_jobs_update_inference_tensors_of_a_caller_in_inference_mode() -> None:
+    """Under the caller's inference mode (evaluation) the helpers write into the buffers it
+    made there in place, as the kernels' workers do; outside it they run outside it too."""
+    with torch.inference_mode():
+        out = torch.zeros(3)
+        run_workers([lambda i=i: out[i : i + 1].add_(i + 1) for i in range(3)])
+    assert out.tolist() == [1.0, 2.0, 3.0]
+    modes: list[bool] = []
+    run_workers([lambda: modes.append(torch.is_inference_mode_enabled())] * 2)
+    assert modes == [False, False]
+
+
 def test_jobs_of_a_call_run_side_by_side() -> None:
     # every job waits for all the others: only one thread per job, all at once, gets past it
     for jobs in (2, 4, 3):
