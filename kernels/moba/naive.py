@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..block_mask import selected_keys
+
 
 def route_blocks_naive(
     q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, block_size: int, top_k: int
@@ -45,17 +47,13 @@ def route_blocks_naive(
 def moba_mask(block_indices_BTHR: torch.Tensor, block_size: int) -> torch.Tensor:
     """Boolean [B, HQ, T, T]: query t of head h sees key s iff s <= t and s is in t's own block
     or in one of its routed blocks."""
-    B, T, HQ, _ = block_indices_BTHR.shape
-    N = -(-T // block_size)
+    T = block_indices_BTHR.shape[1]
     device = block_indices_BTHR.device
-    # routed_BTHN[b, t, h, j]: block j is routed for (b, t, h); column N swallows the -1s
-    slot_BTHR = torch.where(block_indices_BTHR < 0, N, block_indices_BTHR)
-    routed_BTHN = torch.zeros(B, T, HQ, N + 1, dtype=torch.bool, device=device)
-    routed_BTHN = routed_BTHN.scatter(-1, slot_BTHR, True)[..., :N]
     block_T = torch.arange(T, device=device) // block_size
     own_TT = block_T[:, None] == block_T[None, :]
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    visible_BTHT = (routed_BTHN[..., block_T] | own_TT[None, :, None, :]) & causal_TT[:, None]
+    routed_BTHT = selected_keys(block_indices_BTHR, block_size)
+    visible_BTHT = (routed_BTHT | own_TT[None, :, None, :]) & causal_TT[:, None]
     return visible_BTHT.permute(0, 2, 1, 3)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, oracle_dtype, resolve_backend
+from ..block_mask import selected_keys
 from ..cpu_workers import Workspace, run_workers, worker_count
 from ..group_rows import fold_group_rows, unfold_group_rows
 
@@ -120,19 +121,13 @@ def _validate(
 def _visible_keys(block_indices_BTHS: torch.Tensor, block_size: int) -> torch.Tensor:
     """[B, H, T, T] bool: key s is visible to query t of KV head h (in a selected block, s <= t).
 
-    The selected blocks of every row become a key mask (a block id per key, looked up in the
-    row's selected set), intersected with the causal mask. O(B·H·T²) memory.
+    The row's selected blocks as a key mask (``selected_keys``) intersected with the causal
+    mask. O(B·H·T²) memory.
     """
-    B, T, H, _ = block_indices_BTHS.shape
-    N = -(-T // block_size)
-    device = block_indices_BTHS.device
-    # selected_BTHN[b, t, h, j]: block j is in row (b, t, h); the extra column N swallows the -1s
-    slot_BTHS = torch.where(block_indices_BTHS < 0, N, block_indices_BTHS)
-    selected_BTHN = torch.zeros(B, T, H, N + 1, dtype=torch.bool, device=device)
-    selected_BTHN = selected_BTHN.scatter(-1, slot_BTHS, True)[..., :N]
-    block_of_key_T = torch.arange(T, device=device) // block_size
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return (selected_BTHN[..., block_of_key_T] & causal_TT[None, :, None, :]).permute(0, 2, 1, 3)
+    T = block_indices_BTHS.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=block_indices_BTHS.device).tril()
+    visible_BTHT = selected_keys(block_indices_BTHS, block_size) & causal_TT[:, None]
+    return visible_BTHT.permute(0, 2, 1, 3)
 
 
 def selected_attention_naive(
