@@ -335,20 +335,26 @@ def test_torch_path_never_materializes_selected_keys(
     assert largest.numel <= 2 * B * T * HQ * D < smallest_forbidden // 4
 
 
-def test_short_rows_take_the_masked_path() -> None:
+def test_short_rows_take_the_masked_path(threads: Callable[[int], None]) -> None:
     """The masked SDPA path serves short rows of small groups and blocks (a length
-    curriculum's first phases on the CPU preset) and never long rows, paper-sized groups and
-    blocks, or calls whose [B, H, T·G, T] mask would pass _MASKED_MASK_LIMIT."""
+    curriculum's first phases on the CPU preset), longer ones with two threads, and never
+    long rows, paper-sized groups and blocks, or calls whose [B, H, T·G, T] mask would pass
+    _MASKED_MASK_LIMIT."""
 
     def masked(B: int, T: int, HQ: int, H: int, D: int, block_size: int) -> bool:
         q_BTHD = torch.empty(B, T, HQ, D)
         return selection._use_masked(q_BTHD, torch.empty(B, T, H, D), block_size)
 
+    threads(1)
     assert masked(128, 32, 4, 2, 32, 16) and masked(32, 128, 4, 2, 32, 16)
     assert not masked(8, 512, 4, 2, 32, 16) and not masked(2, 4096, 4, 2, 32, 16)
     assert not masked(1, 64, 16, 1, 64, 64)  # the paper's group of 16, D 64, blocks of 64
     # B·HQ·T² mask elements: 2**25 at B 8192 (the limit), 2**26 at B 16384
     assert masked(8192, 32, 4, 2, 32, 16) and not masked(16384, 32, 4, 2, 32, 16)
+    for n in (2, 3):  # the limit grows 4x at two threads, and no further
+        threads(n)
+        assert masked(8, 512, 4, 2, 32, 16) and masked(4, 1024, 4, 2, 32, 16)
+        assert not masked(2, 2048, 4, 2, 32, 16) and not masked(1, 64, 16, 1, 64, 64)
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:

@@ -60,6 +60,9 @@ _MAX_WORKERS = 8
 # cheaper (measured, forward+backward on one thread, HQ 4 on H 2, D 32, block 16, S 4, routed
 # vs masked: T 32 x B 128 210 vs 14 ms, T 128 x B 32 241 vs 53 ms, T 512 x B 8 149 vs 173 ms,
 # T 1024 x B 4 169 vs 352 ms) — short rows, as in the first phases of a length curriculum.
+# With two threads the flash call runs ~2x faster and the routed path's two workers slower
+# (T 512 x B 8 299 vs 83 ms, T 1024 x B 4 256 vs 168 ms, T 2048 x B 2 291 vs 331 ms), so the
+# limit grows with the square of the workers; measured up to two, so it stops growing there.
 # _MASKED_MASK_LIMIT caps the elements of its additive [B, H, T·G, T] mask (128 MB in fp32).
 _MASKED_WORK_LIMIT = 2**18
 _MASKED_MASK_LIMIT = 2**25
@@ -166,7 +169,8 @@ def _use_masked(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, block_size: int) -> 
     """Whether one masked flash call beats the routed path here (see _MASKED_WORK_LIMIT)."""
     B, T, HQ, D = q_BTHD.shape
     G = HQ // k_BTHD.shape[2]
-    return G * T * D * block_size <= _MASKED_WORK_LIMIT and B * HQ * T * T <= _MASKED_MASK_LIMIT
+    limit = _MASKED_WORK_LIMIT * min(worker_count(), 2) ** 2
+    return G * T * D * block_size <= limit and B * HQ * T * T <= _MASKED_MASK_LIMIT
 
 
 def _selected_attention_masked(
