@@ -10,11 +10,12 @@ short rows run as one masked SDPA call) and ``triton`` (group-centric GPU kernel
 ``triton_selection.py``).
 Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0; q_BTHD holds HQ heads), G
 group size HQ // H, D head dim, S selection slots per (query, KV head), N selection blocks
-ceil(T / block_size), L keys in one block (block_size, fewer in a short last block), E routing
+ceil(T / block_size), L keys in one block (block_size: the last block zero-padded), E routing
 experts B·H·N (one per batch, KV head and block), W workers, K sort keys (worker, expert),
 P legal (query, slot) selections, Q query rows B·T, F features of a query row G·D, C chunks, M
 queries of a chunk, R rows of a chunk M·G (the group folded into the rows), O own-block queries
-of a chunk, X any trailing dims, 1 a broadcast dim, 2 the pair (lse, delta).
+of a chunk, X any trailing dims, A a value row with a one appended (D + 1), 1 a broadcast dim,
+2 the pair (lse, delta).
 """
 
 from __future__ import annotations
@@ -247,16 +248,15 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Expert:
-    """One worker's share of the queries that selected block j of KV head ``h`` in batch ``b``.
+    """One worker's share of the queries that selected block ``j`` of KV head ``h`` in batch ``b``.
 
-    The block's keys are ``key_start:key_end``; ``chunks`` cover the query list in increasing
-    t, so only the first chunk can hold own-block queries.
+    ``chunks`` cover the query list in increasing t, so only the first chunk can hold own-block
+    queries.
     """
 
     b: int
     h: int
-    key_start: int
-    key_end: int
+    j: int
     chunks: tuple[_Chunk, ...]
 
 
@@ -337,9 +337,7 @@ def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: i
     for key, chunks in chunks_K.items():
         w, e = divmod(key, E)
         bh, j = divmod(e, N)
-        experts_W[w].append(
-            _Expert(bh // H, bh % H, j * block_size, min((j + 1) * block_size, T), tuple(chunks))
-        )
+        experts_W[w].append(_Expert(bh // H, bh % H, j, tuple(chunks)))
     return _Routing(tuple(tuple(experts) for experts in experts_W), has_keys_HQ)
 
 
@@ -394,61 +392,66 @@ def _chunk_scores(
     return q_RD, scores_RL
 
 
-def _block_keys(ex: _Expert, x_BTHD: torch.Tensor) -> torch.Tensor:
-    """The [L, D] rows of ``x_BTHD`` that belong to the expert's block (a view)."""
-    return x_BTHD[ex.b, ex.key_start : ex.key_end, ex.h]
+def _by_block(x_BTHD: torch.Tensor, block_size: int, transpose: bool) -> torch.Tensor:
+    """A contiguous block-major copy of keys or values: [B, H, N, L, D], or [B, H, N, D, L]
+    with ``transpose``; L = block_size, the last block zero-padded past T.
 
-
-def _scaled_keys_t(ex: _Expert, k_BTHD: torch.Tensor, scale: float) -> torch.Tensor:
-    """The expert's keys times ``scale``, transposed to a contiguous [D, L] matrix.
-
-    Scaling per block avoids a scaled copy of all keys (as large as q under MHA), and a
-    contiguous Kᵀ makes the chunk matmuls ~8% faster (measured, [2048, 64] @ [64, 64]).
+    One copy per call instead of a slice, scale and transpose per expert (~40 us each, a
+    thousand experts per call at 4k tokens with blocks of 16). A contiguous Kᵀ makes the
+    chunk matmuls ~8% faster (measured, [2048, 64] @ [64, 64]). The padding is never attended:
+    a block is legal only for queries at or after its start, so every query of a short last
+    block is an own-block query, and the causal mask hides the keys after it, padding included.
     """
-    return (_block_keys(ex, k_BTHD) * scale).T.contiguous()
+    B, T, H, D = x_BTHD.shape
+    N = -(-T // block_size)
+    x_BNLHD = F.pad(x_BTHD, (0, 0, 0, 0, 0, N * block_size - T)).view(B, N, block_size, H, D)
+    order = (0, 3, 1, 4, 2) if transpose else (0, 3, 1, 2, 4)
+    return x_BNLHD.permute(order).contiguous()
+
+
+def _from_blocks(x_BHNLD: torch.Tensor, T: int) -> torch.Tensor:
+    """Inverse of ``_by_block`` without transpose: [B, H, N, L, D] back to [B, T, H, D]."""
+    B, H, N, L, D = x_BHNLD.shape
+    return x_BHNLD.permute(0, 2, 3, 1, 4).reshape(B, N * L, H, D)[:, :T]
 
 
 def _accumulate_experts(
     experts: tuple[_Expert, ...],
     q_HQF: torch.Tensor,
-    k_BTHD: torch.Tensor,
-    v_BTHD: torch.Tensor,
-    scale: float,
+    kscaled_BHNDL: torch.Tensor,
+    v1_BHNLA: torch.Tensor,
     ref_HQG: torch.Tensor,
-    acc_HQF: torch.Tensor,
-    sum_HQG: torch.Tensor,
+    acc_HQX: torch.Tensor,
     future_NL: torch.Tensor,
 ) -> None:
-    """One worker's forward pass: add sum(exp(s - ref)) and sum(exp(s - ref) v) into its rows.
+    """One worker's forward pass: add sum(exp(s - ref) [v, 1]) into its rows of ``acc_HQX``.
 
-    The per-row reference ref is fixed for the whole pass, so a chunk is just gather, matmul,
-    exp, matmul, scatter-add (a query appears at most once per expert: no collisions). When
-    every ref is 0 the subtraction is skipped.
+    The values carry a column of ones (A = D + 1), so one matmul yields both the weighted sum
+    of values and the row's sum of terms. The per-row reference ref is fixed for the whole
+    pass, so a chunk is just gather, matmul, exp, matmul, scatter-add (a query appears at most
+    once per expert: no collisions). When every ref is 0 the subtraction is skipped. Keys come
+    scaled and transposed, both block-major (``_by_block``).
     """
     G = ref_HQG.shape[2]
     shifted = bool(ref_HQG.any())
     ws = Workspace()
     for ex in experts:
-        kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
-        v_LD = _block_keys(ex, v_BTHD)
-        q_QF, acc_QF, ref_QG, sum_QG = q_HQF[ex.h], acc_HQF[ex.h], ref_HQG[ex.h], sum_HQG[ex.h]
+        kscaled_T_DL, v1_LA = kscaled_BHNDL[ex.b, ex.h, ex.j], v1_BHNLA[ex.b, ex.h, ex.j]
+        q_QF, acc_QX, ref_QG = q_HQF[ex.h], acc_HQX[ex.h], ref_HQG[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
             _, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
-            probs_MGL = probs_RL.view(M, G, -1)
             if shifted:
-                probs_MGL.sub_(c.take(ref_QG).unsqueeze(-1))
-            probs_MGL.exp_()
-            c.add_to(sum_QG, probs_MGL.sum(dim=-1))
-            out_RD = torch.mm(probs_RL, v_LD, out=ws.get("out", v_LD, M * G, v_LD.shape[1]))
-            c.add_to(acc_QF, out_RD.view(M, -1))
+                probs_RL.view(M, G, -1).sub_(c.take(ref_QG).unsqueeze(-1))
+            probs_RL.exp_()
+            out_RA = torch.mm(probs_RL, v1_LA, out=ws.get("out", v1_LA, M * G, v1_LA.shape[1]))
+            c.add_to(acc_QX, out_RA.view(M, -1))
 
 
 def _row_max_experts(
     experts: tuple[_Expert, ...],
     q_HQF: torch.Tensor,
-    k_BTHD: torch.Tensor,
-    scale: float,
+    kscaled_BHNDL: torch.Tensor,
     max_HQG: torch.Tensor,
     future_NL: torch.Tensor,
 ) -> None:
@@ -456,7 +459,7 @@ def _row_max_experts(
     G = max_HQG.shape[2]
     ws = Workspace()
     for ex in experts:
-        kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
+        kscaled_T_DL = kscaled_BHNDL[ex.b, ex.h, ex.j]
         q_QF, max_QG = q_HQF[ex.h], max_HQG[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
@@ -520,26 +523,29 @@ def _forward(
     bound_HQG = _score_bound(q_HQF, k_BTHD, scale, block_indices_BTHS, block_size)
     ref_HQG = (bound_HQG - _HEADROOM).clamp_min_(0.0)
     del bound_HQG
-    acc_HQF = torch.zeros_like(q_HQF)
-    sum_HQG = torch.zeros_like(ref_HQG)
-    inputs = (q_HQF, k_BTHD, v_BTHD, scale, ref_HQG, acc_HQF, sum_HQG, future_NL)
+    G = HQ // H
+    acc_HQGA = q_HQF.new_zeros(H, B * T, G, D + 1)
+    sum_HQG = acc_HQGA[..., D]
+    kscaled_BHNDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    v1_BHNLA = _by_block(F.pad(v_BTHD, (0, 1), value=1.0), block_size, transpose=False)
+    acc_HQX = acc_HQGA.view(H, B * T, G * (D + 1))
+    inputs = (q_HQF, kscaled_BHNDL, v1_BHNLA, ref_HQG, acc_HQX, future_NL)
     run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
 
     redo_HQ = routing.has_keys_HQ & (sum_HQG < math.exp(-_UNDERFLOW)).any(dim=-1)
     if redo_HQ.any():
         # rare, so one worker: route only the redone rows, find their maxima, accumulate again
         redo_BTH1 = redo_HQ.view(H, B, T).permute(1, 2, 0).unsqueeze(-1)
-        redo = _route(torch.where(redo_BTH1, block_indices_BTHS, -1), block_size, HQ // H, 1)
+        redo = _route(torch.where(redo_BTH1, block_indices_BTHS, -1), block_size, G, 1)
         experts = redo.experts_W[0]
         ref_HQG[redo_HQ] = float("-inf")
-        max_inputs = (q_HQF, k_BTHD, scale, ref_HQG, future_NL)
+        max_inputs = (q_HQF, kscaled_BHNDL, ref_HQG, future_NL)
         run_workers([functools.partial(_row_max_experts, experts, *max_inputs)])
-        acc_HQF[redo_HQ] = 0.0
-        sum_HQG[redo_HQ] = 0.0
+        acc_HQGA[redo_HQ] = 0.0
         run_workers([functools.partial(_accumulate_experts, experts, *inputs)])
     # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
     norm_HQG1 = sum_HQG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    o_HQF = acc_HQF.view(H, B * T, HQ // H, D).div_(norm_HQG1).view(H, B * T, -1)
+    o_HQF = (acc_HQGA[..., :D] / norm_HQG1).view(H, B * T, G * D)
     return o_HQF, ref_HQG + sum_HQG.log()
 
 
@@ -547,13 +553,12 @@ def _backward_experts(
     experts: tuple[_Expert, ...],
     q_HQF: torch.Tensor,
     do_HQF: torch.Tensor,
-    k_BTHD: torch.Tensor,
-    v_BTHD: torch.Tensor,
-    scale: float,
+    kscaled_BHNDL: torch.Tensor,
+    v_BHNDL: torch.Tensor,
     lse_delta_HQG2: torch.Tensor,
     dq_HQF: torch.Tensor,
-    dk_BTHD: torch.Tensor,
-    dv_BTHD: torch.Tensor,
+    dk_BHNLD: torch.Tensor,
+    dv_BHNLD: torch.Tensor,
     future_NL: torch.Tensor,
 ) -> None:
     """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers.
@@ -561,14 +566,14 @@ def _backward_experts(
     Per chunk the probabilities are recomputed from the saved row lse, P = exp(S - lse), and
     with delta = rowsum(dO ⊙ O): dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·K_j) (added
     into the chunk's query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
+    Keys, values and their gradients are block-major (``_by_block``), K and V transposed.
     """
     G = lse_delta_HQG2.shape[2]
     ws = Workspace()
     for ex in experts:
-        kscaled_T_DL = _scaled_keys_t(ex, k_BTHD, scale)
-        kscaled_LD, v_LD = kscaled_T_DL.T, _block_keys(ex, v_BTHD)
-        dk_LD, dv_LD = _block_keys(ex, dk_BTHD), _block_keys(ex, dv_BTHD)
-        v_T_DL = v_LD.T.contiguous()
+        kscaled_T_DL, v_T_DL = kscaled_BHNDL[ex.b, ex.h, ex.j], v_BHNDL[ex.b, ex.h, ex.j]
+        dk_LD, dv_LD = dk_BHNLD[ex.b, ex.h, ex.j], dv_BHNLD[ex.b, ex.h, ex.j]
+        kscaled_LD = kscaled_T_DL.T
         q_QF, do_QF, dq_QF = q_HQF[ex.h], do_HQF[ex.h], dq_HQF[ex.h]
         lse_delta_QG2 = lse_delta_HQG2[ex.h]
         for c in ex.chunks:
@@ -618,21 +623,25 @@ def _backward(
         do_o_HMGD = (do_HQF[:, rows] * o_HQF[:, rows]).view(H, -1, HQ // H, D)
         torch.sum(do_o_HMGD, dim=-1, out=lse_delta_HQG2[:, rows, :, 1])
     dq_HQF = torch.zeros_like(q_HQF)
-    # one dk/dv pair per worker, summed into the first in worker order
-    dk_W = [torch.zeros_like(k_BTHD) for _ in routing.experts_W]
-    dv_W = [torch.zeros_like(v_BTHD) for _ in routing.experts_W]
+    kscaled_BHNDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    v_BHNDL = _by_block(v_BTHD, block_size, transpose=True)
+    # one block-major dk/dv pair per worker, summed into the first in worker order
+    shape = (B, H, -(-T // block_size), block_size, D)
+    dk_W = [k_BTHD.new_zeros(shape) for _ in routing.experts_W]
+    dv_W = [v_BTHD.new_zeros(shape) for _ in routing.experts_W]
     future_NL = _future_mask(block_size, q_HQF.device)
-    shared = (q_HQF, do_HQF, k_BTHD, v_BTHD, scale, lse_delta_HQG2, dq_HQF)
+    shared = (q_HQF, do_HQF, kscaled_BHNDL, v_BHNDL, lse_delta_HQG2, dq_HQF)
     run_workers(
         [
-            functools.partial(_backward_experts, experts, *shared, dk_BTHD, dv_BTHD, future_NL)
-            for experts, dk_BTHD, dv_BTHD in zip(routing.experts_W, dk_W, dv_W, strict=True)
+            functools.partial(_backward_experts, experts, *shared, dk_BHNLD, dv_BHNLD, future_NL)
+            for experts, dk_BHNLD, dv_BHNLD in zip(routing.experts_W, dk_W, dv_W, strict=True)
         ]
     )
-    for dk_BTHD, dv_BTHD in zip(dk_W[1:], dv_W[1:], strict=True):
-        dk_W[0] += dk_BTHD
-        dv_W[0] += dv_BTHD
-    return _from_heads(dq_HQF, B, T, D), dk_W[0].mul_(scale), dv_W[0]
+    for dk_BHNLD, dv_BHNLD in zip(dk_W[1:], dv_W[1:], strict=True):
+        dk_W[0] += dk_BHNLD
+        dv_W[0] += dv_BHNLD
+    dk_BTHD = _from_blocks(dk_W[0].mul_(scale), T)
+    return _from_heads(dq_HQF, B, T, D), dk_BTHD, _from_blocks(dv_W[0], T)
 
 
 class _SelectedAttention(torch.autograd.Function):
