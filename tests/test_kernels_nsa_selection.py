@@ -119,10 +119,11 @@ def test_several_workers_match_naive(
     are deterministic, and leave torch's thread count as it was."""
     force_routed(monkeypatch)
     monkeypatch.setattr(selection, "_MIN_PAIRS_PER_WORKER", 1)
+    monkeypatch.setattr(selection, "_MIN_EXPERT_WORK", 0)
     threads(3)
     qkv = make_qkv(2, 500, 4, 2, 8)
     idx_BTHS = nsa_like_indices(2, 500, 2, 6, 8)
-    assert selection._workers(idx_BTHS) == 3
+    assert selection._workers(idx_BTHS, 2 * 8, 8) == 3
     routing = selection._route(idx_BTHS, 8, 2, 3)
     rows_W = [
         torch.cat([c.rows_M + ex.h * 1000 for ex in experts for c in ex.chunks]).unique()
@@ -138,6 +139,17 @@ def test_several_workers_match_naive(
     again = output_and_grads("torch", qkv, idx_BTHS, 8)
     for a, b in zip(actual, again, strict=True):
         assert torch.equal(a, b)
+
+
+def test_small_experts_get_one_worker(threads: Callable[[int], None]) -> None:
+    """Experts whose mean score matmul is under _MIN_EXPERT_WORK multiply-adds run on one
+    worker whatever the thread count; larger ones on as many as the selections pay for."""
+    threads(2)
+    idx_BTHS = nsa_like_indices(2, 4096, 2, 6, 16)  # ~96 queries per block of 16
+    assert selection._workers(idx_BTHS, 2 * 32, 16) == 1  # ~0.1M per expert
+    assert selection._workers(idx_BTHS, 16 * 64, 16) == 2  # ~1.6M per expert
+    threads(1)
+    assert selection._workers(idx_BTHS, 16 * 64, 16) == 1
 
 
 def test_chunks_split_long_expert_lists(monkeypatch: pytest.MonkeyPatch) -> None:

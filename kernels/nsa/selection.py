@@ -55,6 +55,13 @@ _UNDERFLOW = 50.0
 # pay for its thread, and more than a few workers contend for the Python interpreter lock.
 _MIN_PAIRS_PER_WORKER = 4096
 _MAX_WORKERS = 8
+# Below this mean work per expert (multiply-adds of its score matmul, selections / experts ·
+# G·D·block_size) one worker runs the routed path: its per-chunk Python then dominates, and two
+# workers contend for the interpreter lock. Measured (fwd+bwd, torch at two threads, one vs two
+# workers): 98k per expert (T 4096 x B 2, HQ 4 / H 2, D 32, block 16, S 6) 296 vs 442 ms;
+# 2.1M (T 8192, HQ 8 / H 2, D 64, block 32, S 8) 605 vs 539 ms; 67M (T 32k, HQ 16 / H 1, D 64,
+# block 64, S 16) 13.2 vs 7.5 s. The crossover lies between the first two; not measured closer.
+_MIN_EXPERT_WORK = 2**19
 # The routed path pays a dozen small ops per (batch, KV head, block) expert, whatever its
 # queries; one masked flash call over all T keys pays ~B·HQ·T²·D multiply-adds instead. Their
 # ratio grows with G·T·D·block_size, and below _MASKED_WORK_LIMIT of it the masked call is the
@@ -341,13 +348,19 @@ def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: i
     return _Routing(tuple(tuple(experts) for experts in experts_W), has_keys_HQ)
 
 
-def _workers(block_indices_BTHS: torch.Tensor) -> int:
+def _workers(block_indices_BTHS: torch.Tensor, features: int, block_size: int) -> int:
     """Worker threads for the torch path: torch's intra-op thread count, capped by the work.
 
-    Each worker needs at least _MIN_PAIRS_PER_WORKER selections to pay for its thread, and at
-    most _MAX_WORKERS run because the Python loop shares one interpreter lock.
+    ``features`` is G·D, a query row's width. Each worker needs at least
+    _MIN_PAIRS_PER_WORKER selections to pay for its thread, at most _MAX_WORKERS run because
+    the Python loop shares one interpreter lock, and experts smaller than _MIN_EXPERT_WORK on
+    average get one worker.
     """
+    B, T, H, _ = block_indices_BTHS.shape
     pairs = int((block_indices_BTHS >= 0).sum())
+    experts = B * H * -(-T // block_size)
+    if pairs * features * block_size < _MIN_EXPERT_WORK * experts:
+        return 1
     return max(1, min(worker_count(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
 
 
@@ -659,7 +672,8 @@ class _SelectedAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         """Route the selection into per-block query lists, run the forward, save for backward."""
         G = q_BTHD.shape[2] // k_BTHD.shape[2]
-        routing = _route(block_indices_BTHS, block_size, G, _workers(block_indices_BTHS))
+        workers = _workers(block_indices_BTHS, G * q_BTHD.shape[3], block_size)
+        routing = _route(block_indices_BTHS, block_size, G, workers)
         o_HQF, lse_HQG = _forward(
             q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, routing, block_size, scale
         )
