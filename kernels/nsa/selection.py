@@ -14,8 +14,7 @@ ceil(T / block_size), L keys in one block (block_size: the last block zero-padde
 experts B·H·N (one per batch, KV head and block), W workers, K sort keys (worker, expert),
 P legal (query, slot) selections, Q query rows B·T, F features of a query row G·D, C chunks, M
 queries of a chunk, R rows of a chunk M·G (the group folded into the rows), O own-block queries
-of a chunk, X any trailing dims, A a value row with a one appended (D + 1), 1 a broadcast dim,
-2 the pair (lse, delta).
+of a chunk, X any trailing dims, 1 a broadcast dim, 2 the pair (lse, delta).
 """
 
 from __future__ import annotations
@@ -432,33 +431,35 @@ def _accumulate_experts(
     experts: tuple[_Expert, ...],
     q_HQF: torch.Tensor,
     kscaled_BHNDL: torch.Tensor,
-    v1_BHNLA: torch.Tensor,
+    v_BHNLD: torch.Tensor,
     ref_HQG: torch.Tensor,
-    acc_HQX: torch.Tensor,
+    acc_HQF: torch.Tensor,
+    sum_HQG: torch.Tensor,
     future_NL: torch.Tensor,
 ) -> None:
-    """One worker's forward pass: add sum(exp(s - ref) [v, 1]) into its rows of ``acc_HQX``.
+    """One worker's forward pass: add sum(exp(s - ref)) and sum(exp(s - ref) v) into its rows.
 
-    The values carry a column of ones (A = D + 1), so one matmul yields both the weighted sum
-    of values and the row's sum of terms. The per-row reference ref is fixed for the whole
-    pass, so a chunk is just gather, matmul, exp, matmul, scatter-add (a query appears at most
-    once per expert: no collisions). When every ref is 0 the subtraction is skipped. Keys come
-    scaled and transposed, both block-major (``_by_block``).
+    The per-row reference ref is fixed for the whole pass, so a chunk is just gather, matmul,
+    exp, matmul, scatter-add (a query appears at most once per expert: no collisions). When
+    every ref is 0 the subtraction is skipped. Keys come scaled and transposed, both
+    block-major (``_by_block``).
     """
     G = ref_HQG.shape[2]
     shifted = bool(ref_HQG.any())
     ws = Workspace()
     for ex in experts:
-        kscaled_T_DL, v1_LA = kscaled_BHNDL[ex.b, ex.h, ex.j], v1_BHNLA[ex.b, ex.h, ex.j]
-        q_QF, acc_QX, ref_QG = q_HQF[ex.h], acc_HQX[ex.h], ref_HQG[ex.h]
+        kscaled_T_DL, v_LD = kscaled_BHNDL[ex.b, ex.h, ex.j], v_BHNLD[ex.b, ex.h, ex.j]
+        q_QF, acc_QF, ref_QG, sum_QG = q_HQF[ex.h], acc_HQF[ex.h], ref_HQG[ex.h], sum_HQG[ex.h]
         for c in ex.chunks:
             M = c.rows_M.shape[0]
             _, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
+            probs_MGL = probs_RL.view(M, G, -1)
             if shifted:
-                probs_RL.view(M, G, -1).sub_(c.take(ref_QG).unsqueeze(-1))
-            probs_RL.exp_()
-            out_RA = torch.mm(probs_RL, v1_LA, out=ws.get("out", v1_LA, M * G, v1_LA.shape[1]))
-            c.add_to(acc_QX, out_RA.view(M, -1))
+                probs_MGL.sub_(c.take(ref_QG).unsqueeze(-1))
+            probs_MGL.exp_()
+            c.add_to(sum_QG, probs_MGL.sum(dim=-1))
+            out_RD = torch.mm(probs_RL, v_LD, out=ws.get("out", v_LD, M * G, v_LD.shape[1]))
+            c.add_to(acc_QF, out_RD.view(M, -1))
 
 
 def _row_max_experts(
@@ -537,12 +538,11 @@ def _forward(
     ref_HQG = (bound_HQG - _HEADROOM).clamp_min_(0.0)
     del bound_HQG
     G = HQ // H
-    acc_HQGA = q_HQF.new_zeros(H, B * T, G, D + 1)
-    sum_HQG = acc_HQGA[..., D]
+    acc_HQF = torch.zeros_like(q_HQF)
+    sum_HQG = torch.zeros_like(ref_HQG)
     kscaled_BHNDL = _by_block(k_BTHD * scale, block_size, transpose=True)
-    v1_BHNLA = _by_block(F.pad(v_BTHD, (0, 1), value=1.0), block_size, transpose=False)
-    acc_HQX = acc_HQGA.view(H, B * T, G * (D + 1))
-    inputs = (q_HQF, kscaled_BHNDL, v1_BHNLA, ref_HQG, acc_HQX, future_NL)
+    v_BHNLD = _by_block(v_BTHD, block_size, transpose=False)
+    inputs = (q_HQF, kscaled_BHNDL, v_BHNLD, ref_HQG, acc_HQF, sum_HQG, future_NL)
     run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
 
     redo_HQ = routing.has_keys_HQ & (sum_HQG < math.exp(-_UNDERFLOW)).any(dim=-1)
@@ -554,11 +554,12 @@ def _forward(
         ref_HQG[redo_HQ] = float("-inf")
         max_inputs = (q_HQF, kscaled_BHNDL, ref_HQG, future_NL)
         run_workers([functools.partial(_row_max_experts, experts, *max_inputs)])
-        acc_HQGA[redo_HQ] = 0.0
+        acc_HQF[redo_HQ] = 0.0
+        sum_HQG[redo_HQ] = 0.0
         run_workers([functools.partial(_accumulate_experts, experts, *inputs)])
     # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
     norm_HQG1 = sum_HQG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    o_HQF = (acc_HQGA[..., :D] / norm_HQG1).view(H, B * T, G * D)
+    o_HQF = acc_HQF.view(H, B * T, G, D).div_(norm_HQG1).view(H, B * T, -1)
     return o_HQF, ref_HQG + sum_HQG.log()
 
 
