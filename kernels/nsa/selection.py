@@ -5,16 +5,18 @@ Query t of KV head h attends the union of the key blocks listed in ``block_indic
 under a token-level causal mask: keys after t are never attended, so the query's own block is
 partial and a block that starts after t contributes nothing. One softmax runs over the union.
 Backends: ``naive`` (explicit [T, T] mask, the fp32 oracle), ``torch`` (the fast CPU path: the
-selection is inverted into per-block query lists, so every block costs a few large matmuls;
+selection is inverted into per-block query lists, batched so that a few ops serve many blocks;
 short rows run as one masked SDPA call) and ``triton`` (group-centric GPU kernels in
 ``triton_selection.py``).
 Legend: B batch, T time, HQ query heads, H KV heads (HQ % H == 0; q_BTHD holds HQ heads), G
 group size HQ // H, D head dim, S selection slots per (query, KV head), N selection blocks
 ceil(T / block_size), L keys in one block (block_size: the last block zero-padded), E routing
-experts B·H·N (one per batch, KV head and block), W workers, K sort keys (worker, expert),
-P legal (query, slot) selections, Q query rows B·T, F features of a query row G·D, C chunks, M
-queries of a chunk, R rows of a chunk M·G (the group folded into the rows), O own-block queries
-of a chunk, X any trailing dims, 1 a broadcast dim, 2 the pair (lse, delta).
+experts B·H·N (one per batch, KV head and block; the block-major layout), W workers, K sort
+keys (worker, expert), P legal (query, slot) selections, Q query rows B·T, Z query rows of every
+KV head H·B·T, F features of a query row G·D, C chunks of a batch, M query slots of a chunk
+(padded), Y slots of a batch C·M, R rows of a chunk M·G (the group folded into the rows),
+O slots of a chunk under the token-level causal mask, X any trailing dims, 1 a broadcast dim,
+2 the pair (lse, delta).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ __all__ = ["selected_attention", "selected_attention_naive", "selected_attention
 _OP = "selected_attention"
 _AVAILABLE = ("naive", "torch", "triton")
 
-# Query rows (queries × group) per matmul chunk of the torch path. Block 0 is chosen by every
-# query, so without a cap one expert's score matrix would be [B·T·G, L] (134 MB at 32k tokens,
-# G = 16). Measured at 16k tokens, G = 16, block 64: one worker runs 2048 to 16384 rows within
-# noise; two workers run 17% faster forward and 12% backward at 8192 rows than at 2048, as the
-# fewer ops per row hold the shared Python interpreter lock less often.
+# Query rows (queries × group, padding included) per batch of the torch path. Block 0 is chosen
+# by every query, so without a cap one expert's score matrix would be [B·T·G, L] (134 MB at 32k
+# tokens, G = 16); short query lists share a batch up to the cap (see _Batch). Measured at 16k
+# tokens, G = 16, block 64: one worker runs 2048 to 16384 rows within noise; two workers run 17%
+# faster forward and 12% backward at 8192 rows than at 2048, as the fewer ops per row hold the
+# shared Python interpreter lock less often. At the passkey shape (T 4096 x B 2, HQ 4 / H 2, D
+# 32, block 16, S 6) 4096 to 16384 rows run within noise.
 _CHUNK_ROWS = 8192
 # The forward's per-row softmax reference sits _HEADROOM nats below an upper bound of the row's
 # scores, so no term exceeds e^40 ≈ 2e17 (sums of millions of terms stay far from the fp32 limit
@@ -55,23 +59,24 @@ _UNDERFLOW = 50.0
 _MIN_PAIRS_PER_WORKER = 4096
 _MAX_WORKERS = 8
 # Below this mean work per expert (multiply-adds of its score matmul, selections / experts ·
-# G·D·block_size) one worker runs the routed path: its per-chunk Python then dominates, and two
+# G·D·block_size) one worker runs the routed path: its per-batch Python then weighs, and two
 # workers contend for the interpreter lock. Measured (fwd+bwd, torch at two threads, one vs two
-# workers): 98k per expert (T 4096 x B 2, HQ 4 / H 2, D 32, block 16, S 6) 296 vs 442 ms;
-# 2.1M (T 8192, HQ 8 / H 2, D 64, block 32, S 8) 605 vs 539 ms; 67M (T 32k, HQ 16 / H 1, D 64,
-# block 64, S 16) 13.2 vs 7.5 s. The crossover lies between the first two; not measured closer.
+# workers) before chunks were batched: 98k per expert (T 4096 x B 2, HQ 4 / H 2, D 32, block 16,
+# S 6) 296 vs 442 ms; 2.1M (T 8192, HQ 8 / H 2, D 64, block 32, S 8) 605 vs 539 ms; 67M (T 32k,
+# HQ 16 / H 1, D 64, block 64, S 16) 13.2 vs 7.5 s. With batches the first runs 118-170 vs
+# 127-142 ms (four runs each): within noise, so the threshold stands.
 _MIN_EXPERT_WORK = 2**19
-# The routed path pays a dozen small ops per (batch, KV head, block) expert, whatever its
-# queries; one masked flash call over all T keys pays ~B·HQ·T²·D multiply-adds instead. Their
-# ratio grows with G·T·D·block_size, and below _MASKED_WORK_LIMIT of it the masked call is the
-# cheaper (measured, forward+backward on one thread, HQ 4 on H 2, D 32, block 16, S 4, routed
-# vs masked: T 32 x B 128 210 vs 14 ms, T 128 x B 32 241 vs 53 ms, T 512 x B 8 149 vs 173 ms,
-# T 1024 x B 4 169 vs 352 ms) — short rows, as in the first phases of a length curriculum.
-# With two threads the flash call runs ~2x faster and the routed path's two workers slower
-# (T 512 x B 8 299 vs 83 ms, T 1024 x B 4 256 vs 168 ms, T 2048 x B 2 291 vs 331 ms), so the
-# limit grows with the square of the workers; measured up to two, so it stops growing there.
-# _MASKED_MASK_LIMIT caps the elements of its additive [B, H, T·G, T] mask (128 MB in fp32).
-_MASKED_WORK_LIMIT = 2**18
+# The routed path pays its routing (a sort of the B·T·H·S selections) and a dozen ops per batch;
+# one masked flash call over all T keys pays ~B·HQ·T²·D multiply-adds instead. Their ratio grows
+# with G·T·D·block_size, and up to _MASKED_WORK_LIMIT of it the masked call is the cheaper.
+# Measured (forward+backward, HQ 4 on H 2, D 32, block 16, S 4, routed vs masked in ms, two
+# threads / one thread): T 32 x B 128 49 vs 24 / 40 vs 30, T 64 x B 64 43 vs 26 / 48 vs 32,
+# T 128 x B 32 69 vs 28 / 68 vs 45, T 256 x B 16 61 vs 61 / 64 vs 77, T 512 x B 8 67 vs 105 /
+# 53 vs 192, T 1024 x B 4 78 vs 239 / 80 vs 396 — short rows, as in the first phases of a
+# length curriculum. (Before the routed path batched its chunks the crossover lay between T 512
+# and T 1024 at two threads.) _MASKED_MASK_LIMIT caps the elements of its additive [B, H, T·G, T]
+# mask (128 MB in fp32).
+_MASKED_WORK_LIMIT = 2**17
 _MASKED_MASK_LIMIT = 2**25
 
 
@@ -176,8 +181,7 @@ def _use_masked(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, block_size: int) -> 
     """Whether one masked flash call beats the routed path here (see _MASKED_WORK_LIMIT)."""
     B, T, HQ, D = q_BTHD.shape
     G = HQ // k_BTHD.shape[2]
-    limit = _MASKED_WORK_LIMIT * min(worker_count(), 2) ** 2
-    return G * T * D * block_size <= limit and B * HQ * T * T <= _MASKED_MASK_LIMIT
+    return G * T * D * block_size <= _MASKED_WORK_LIMIT and B * HQ * T * T <= _MASKED_MASK_LIMIT
 
 
 def _selected_attention_masked(
@@ -216,77 +220,69 @@ def _selected_attention_masked(
 
 
 @dataclass(frozen=True)
-class _Chunk:
-    """Up to ``_CHUNK_ROWS`` query rows of one expert, one matmul each for scores and output.
+class _Batch:
+    """A few chunks of routed queries, padded to one length: each op of the batch is one call.
 
-    ``rows_M`` are the chunk's query rows b·T + t (increasing) in the [B·T, G·D] per-head
-    layout. When they form one contiguous range, ``first`` is its start and gathers and
-    scatters become slices (block 0 is chosen by every query, so its chunks are ranges), else
-    ``first`` is -1. ``own_pos_O`` holds t - j·block_size of the chunk's leading queries that
-    lie inside the expert's block j, which need the token-level causal mask (often empty).
+    A chunk is up to ``_CHUNK_ROWS`` // G queries of one expert's list (batch b, KV head h,
+    block j); a batch holds C chunks of similar length padded to M slots, so scores are one
+    [C, M·G, D] @ [C, D, L] bmm. At the passkey shape (blocks of 16, ~100 queries per block) a
+    chunk is a few small matmuls and its dozen ops' Python and dispatch cost more than their
+    arithmetic; batching ~40 of them cut a 4k-token layer's forward ~4x (see _forward).
+
+    ``rows_Y`` are the Y = C·M slots' flat query rows h·B·T + b·T + t into the [H·B·T, G·D]
+    per-head layout, increasing within a chunk; a pad slot repeats its chunk's first row (a
+    row its worker owns) and scores -inf, so it adds exact zeros. ``first`` is the start of
+    ``rows_Y`` when it is one contiguous range (C = 1: block 0, chosen by every query, has long
+    ones), so gathers and scatters are slices; else -1. ``blocks_C`` are the chunks' flat block
+    ids (b·H + h)·N + j into the block-major keys and values. ``future_COL`` marks, for the
+    first O slots of every chunk, the keys after the slot's query: own-block queries (the
+    smallest t of a list, so they come first) and pads (all keys); None when no slot needs it.
     """
 
-    rows_M: torch.Tensor
+    rows_Y: torch.Tensor
     first: int
-    own_pos_O: torch.Tensor
+    blocks_C: torch.Tensor
+    future_COL: torch.Tensor | None
 
-    def take(self, x_QX: torch.Tensor, out_MX: torch.Tensor | None = None) -> torch.Tensor:
-        """The chunk's rows of ``x_QX``: a view for a contiguous range, else gathered (into
-        ``out_MX`` when given)."""
+    def take(self, x_ZX: torch.Tensor, out_YX: torch.Tensor | None = None) -> torch.Tensor:
+        """The slots' rows of ``x_ZX``: a view for a contiguous range, else gathered (into
+        ``out_YX`` when given)."""
         if self.first >= 0:
-            return x_QX[self.first : self.first + self.rows_M.shape[0]]
-        return torch.index_select(x_QX, 0, self.rows_M, out=out_MX)
+            return x_ZX[self.first : self.first + self.rows_Y.shape[0]]
+        return torch.index_select(x_ZX, 0, self.rows_Y, out=out_YX)
 
-    def add_to(self, x_QX: torch.Tensor, src_MX: torch.Tensor) -> None:
-        """Add ``src_MX`` into the chunk's rows of ``x_QX`` in place (the rows are distinct)."""
+    def add_to(self, x_ZX: torch.Tensor, src_YX: torch.Tensor) -> None:
+        """Add ``src_YX`` into the slots' rows of ``x_ZX`` in place; a row met twice (the same
+        query in two chunks of the batch) gets both, in slot order."""
         if self.first >= 0:
-            x_QX[self.first : self.first + self.rows_M.shape[0]] += src_MX
+            x_ZX[self.first : self.first + self.rows_Y.shape[0]] += src_YX
         else:
-            x_QX.index_add_(0, self.rows_M, src_MX)
-
-    def copy_to(self, x_QX: torch.Tensor, src_MX: torch.Tensor) -> None:
-        """Overwrite the chunk's rows of ``x_QX`` with ``src_MX``."""
-        if self.first >= 0:
-            x_QX[self.first : self.first + self.rows_M.shape[0]] = src_MX
-        else:
-            x_QX.index_copy_(0, self.rows_M, src_MX)
-
-
-@dataclass(frozen=True)
-class _Expert:
-    """One worker's share of the queries that selected block ``j`` of KV head ``h`` in batch ``b``.
-
-    ``chunks`` cover the query list in increasing t, so only the first chunk can hold own-block
-    queries.
-    """
-
-    b: int
-    h: int
-    j: int
-    chunks: tuple[_Chunk, ...]
+            x_ZX.index_add_(0, self.rows_Y, src_YX)
 
 
 @dataclass(frozen=True)
 class _Routing:
-    """The inverted selection: each worker's experts, and which query rows see any key.
+    """The inverted selection: each worker's batches, and which query rows see any key.
 
-    ``has_keys_HQ`` [H, B·T] is True where the row has at least one legal selected block.
+    ``has_keys_Z`` [H·B·T] is True where the row has at least one legal selected block.
     """
 
-    experts_W: tuple[tuple[_Expert, ...], ...]
-    has_keys_HQ: torch.Tensor
+    batches_W: tuple[tuple[_Batch, ...], ...]
+    has_keys_Z: torch.Tensor
 
 
 def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: int) -> _Routing:
-    """Invert the selection into per-(b, h, j) query lists (CSR), per worker, cut into chunks.
+    """Invert the selection into per-(b, h, j) query lists (CSR), per worker, in batches.
 
     Worker w owns the query rows b·T + t of one contiguous range, the ranges balanced by
     their number of legal selections, so workers write disjoint output rows. One stable sort
     of the flat selections by (worker, expert id (b·H + h)·N + j) keeps each expert's queries
     in increasing t, so its own-block queries (j·block_size <= t < (j+1)·block_size, the
     smallest legal t) come first. Unused slots and blocks that start after the query sort past
-    the end and are cut off: they contribute nothing. Costs one sort and two bincounts of
-    B·T·H·S ids plus a Python loop over the chunks; no dense [T, N] mask is built.
+    the end and are cut off: they contribute nothing. Each list is cut into chunks of at most
+    ``_CHUNK_ROWS`` // G queries, and a worker's chunks, in order of length, into batches of at
+    most ``_CHUNK_ROWS`` padded rows (``_batches``). Costs one sort and two bincounts of
+    B·T·H·S ids plus a Python loop over the experts; no dense [T, N] mask is built.
     """
     B, T, H, S = block_indices_BTHS.shape
     N = -(-T // block_size)
@@ -305,46 +301,86 @@ def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: i
     key_P, rows_P = key_BTHS.masked_fill_(~legal_BTHS, workers * E).flatten().sort(stable=True)
     del key_BTHS
     key_P, rows_P = key_P[:P], rows_P[:P]
-    # flat position ((b·T + t)·H + h)·S + s, so the query row b·T + t is position // (H·S)
-    rows_P.div_(H * S, rounding_mode="floor")
+    # flat position ((b·T + t)·H + h)·S + s: the query row h·B·T + b·T + t of KV head h
+    rows_P.div_(S, rounding_mode="floor")  # now (b·T + t)·H + h
+    h_P = rows_P % H
+    rows_P.div_(H, rounding_mode="floor").add_(h_P.mul_(B * T))
+    del h_P
     own_pos_P = (key_P % N).mul_(-block_size).add_(rows_P % T)
     counts_K = torch.bincount(key_P, minlength=workers * E).tolist()
     own_K = torch.bincount(key_P[own_pos_P < block_size], minlength=workers * E).tolist()
     del key_P
 
     chunk_queries = max(1, _CHUNK_ROWS // G)
-    bounds = []  # (key, lo, hi, own queries in lo:hi) per chunk, lo:hi indexing the routed list
+    # (length, start in the routed list, own-block queries in it, flat block id) per chunk
+    chunks_W: list[list[tuple[int, int, int, int]]] = [[] for _ in range(workers)]
     start = 0
     for key, (count, own) in enumerate(zip(counts_K, own_K, strict=True)):
         for lo in range(start, start + count, chunk_queries):
-            hi = min(lo + chunk_queries, start + count)
-            bounds.append((key, lo, hi, max(0, min(hi, start + own) - lo)))
+            size = min(chunk_queries, start + count - lo)
+            chunks_W[key // E].append((size, lo, max(0, min(size, start + own - lo)), key % E))
         start += count
-    has_keys_HQ = legal_BTHS.any(dim=-1).flatten(0, 1).T
-    if not bounds:
-        return _Routing(((),) * workers, has_keys_HQ)
-    lo_C = torch.tensor([lo for _, lo, _, _ in bounds], device=device)
-    hi_C = torch.tensor([hi for _, _, hi, _ in bounds], device=device)
-    first_C = rows_P[lo_C]
-    # rows increase within an expert, so a chunk is one range iff last - first = size - 1
-    first_C = torch.where(rows_P[hi_C - 1] - first_C == hi_C - 1 - lo_C, first_C, -1).tolist()
-    sizes = [hi - lo for _, lo, hi, _ in bounds]
-    rows_C, own_pos_C = rows_P.split(sizes), own_pos_P.split(sizes)
+    has_keys_Z = legal_BTHS.any(dim=-1).permute(2, 0, 1).flatten()
+    batches_W = tuple(_batches(chunks, rows_P, own_pos_P, block_size, G) for chunks in chunks_W)
+    return _Routing(batches_W, has_keys_Z)
 
-    chunks_K: dict[int, list[_Chunk]] = {}
-    no_own = own_pos_P[:0].clone()
-    for (key, _, _, own), rows_M, own_pos_M, first in zip(
-        bounds, rows_C, own_pos_C, first_C, strict=True
-    ):
-        # a copy of the few own positions: a view would keep all P positions alive
-        own_pos_O = own_pos_M[:own].clone() if own else no_own
-        chunks_K.setdefault(key, []).append(_Chunk(rows_M, first, own_pos_O))
-    experts_W: list[list[_Expert]] = [[] for _ in range(workers)]
-    for key, chunks in chunks_K.items():
-        w, e = divmod(key, E)
-        bh, j = divmod(e, N)
-        experts_W[w].append(_Expert(bh // H, bh % H, j, tuple(chunks)))
-    return _Routing(tuple(tuple(experts) for experts in experts_W), has_keys_HQ)
+
+def _batches(
+    chunks: list[tuple[int, int, int, int]],
+    rows_P: torch.Tensor,
+    own_pos_P: torch.Tensor,
+    block_size: int,
+    G: int,
+) -> tuple[_Batch, ...]:
+    """One worker's chunks grouped into batches: by increasing length, as many per batch as
+    fit ``_CHUNK_ROWS`` rows when padded to the longest (so the padding stays small).
+
+    ``chunks`` holds (length, start in the routed list, own-block queries, flat block id).
+    """
+    batches: list[_Batch] = []
+    group: list[tuple[int, int, int, int]] = []
+    for chunk in sorted(chunks):
+        if group and (len(group) + 1) * chunk[0] * G > _CHUNK_ROWS:
+            batches.append(_batch(group, rows_P, own_pos_P, block_size))
+            group = []
+        group.append(chunk)
+    if group:
+        batches.append(_batch(group, rows_P, own_pos_P, block_size))
+    return tuple(batches)
+
+
+def _batch(
+    group: list[tuple[int, int, int, int]],
+    rows_P: torch.Tensor,
+    own_pos_P: torch.Tensor,
+    block_size: int,
+) -> _Batch:
+    """The ``_Batch`` of chunks (length, start, own-block queries, block id), shortest first."""
+    device = rows_P.device
+    blocks_C = torch.tensor([block for *_, block in group], device=device)
+    keys_L = torch.arange(block_size, device=device)
+    if len(group) == 1:
+        size, lo, own, _ = group[0]
+        rows_Y = rows_P[lo : lo + size]
+        first = int(rows_Y[0]) if int(rows_Y[-1]) - int(rows_Y[0]) == size - 1 else -1
+        future_COL = None
+        if own:
+            future_COL = (keys_L > own_pos_P[lo : lo + own, None]).unsqueeze(0)
+        return _Batch(rows_Y, first, blocks_C, future_COL)
+    M = group[-1][0]
+    size_C1 = torch.tensor([size for size, *_ in group], device=device).unsqueeze(1)
+    lo_C1 = torch.tensor([lo for _, lo, _, _ in group], device=device).unsqueeze(1)
+    slot_M = torch.arange(M, device=device)
+    valid_CM = slot_M < size_C1
+    # a pad slot points at its chunk's first entry: a row of this worker, masked below
+    at_CM = torch.where(valid_CM, lo_C1 + slot_M, lo_C1)
+    padded = group[0][0] < M
+    masked = M if padded else max(own for _, _, own, _ in group)
+    future_COL = None
+    if masked:
+        pos_CO = torch.where(valid_CM, own_pos_P[at_CM], -1)[:, :masked]
+        future_COL = keys_L > pos_CO.unsqueeze(-1)
+    return _Batch(rows_P[at_CM].flatten(), -1, blocks_C, future_COL)
 
 
 def _workers(block_indices_BTHS: torch.Tensor, features: int, block_size: int) -> int:
@@ -363,50 +399,44 @@ def _workers(block_indices_BTHS: torch.Tensor, features: int, block_size: int) -
     return max(1, min(worker_count(), _MAX_WORKERS, pairs // _MIN_PAIRS_PER_WORKER))
 
 
-def _future_mask(block_size: int, device: torch.device) -> torch.Tensor:
-    """[block_size, block_size] mask of the keys after each position of a block: column > row."""
-    return torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu(1)
-
-
 def _by_head(x_BTHD: torch.Tensor, H: int) -> torch.Tensor:
-    """View or copy [B, T, H·G, D] as [H, B·T, G·D]: one KV head's query rows are contiguous."""
+    """View or copy [B, T, H·G, D] as [H·B·T, G·D]: one KV head's query rows are contiguous."""
     B, T, HQ, D = x_BTHD.shape
     # with H = 1 the transpose only moves a size-1 dim and contiguous() copies nothing
-    return x_BTHD.reshape(B * T, H, HQ // H * D).transpose(0, 1).contiguous()
+    return x_BTHD.reshape(B * T, H, HQ // H * D).transpose(0, 1).reshape(H * B * T, -1)
 
 
-def _from_heads(x_HQF: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor:
-    """Inverse of ``_by_head``: [H, B·T, G·D] back to [B, T, H·G, D]."""
-    return x_HQF.transpose(0, 1).reshape(B, T, -1, D)
+def _from_heads(x_ZF: torch.Tensor, B: int, T: int, D: int) -> torch.Tensor:
+    """Inverse of ``_by_head``: [H·B·T, G·D] back to [B, T, H·G, D]."""
+    return x_ZF.view(-1, B * T, x_ZF.shape[1]).transpose(0, 1).reshape(B, T, -1, D)
 
 
-def _chunk_scores(
-    c: _Chunk,
-    q_QF: torch.Tensor,
-    kscaled_T_DL: torch.Tensor,
-    future_NL: torch.Tensor,
-    ws: Workspace,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's query rows and scaled scores against its block: (q_RD, scores_RL), the
-    latter (and gathered rows) in workspace buffers valid until the next chunk.
+def _batch_scores(
+    bt: _Batch, q_ZF: torch.Tensor, kscaled_EDL: torch.Tensor, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's query rows, keys and scaled scores: (q_CRD, kscaled_CDL, scores_CRL), all in
+    workspace buffers valid until the next batch.
 
-    One [R, D] @ [D, L] matmul; the chunk's own-block queries get -inf on the keys after them,
-    looked up in ``future_NL`` (row i marks the keys of a block after block position i).
+    One [C, R, D] @ [C, D, L] bmm (R = M·G rows per chunk); the slots in ``future_COL`` get
+    -inf on the keys after their query.
     """
-    M = c.rows_M.shape[0]
-    D, L = kscaled_T_DL.shape
-    q_RD = c.take(q_QF, ws.get("q", q_QF, M, q_QF.shape[1])).view(-1, D)
-    scores_RL = torch.mm(q_RD, kscaled_T_DL, out=ws.get("scores", q_QF, q_RD.shape[0], L))
-    own = c.own_pos_O.shape[0]
-    if own:
-        future_OL = future_NL.index_select(0, c.own_pos_O)[:, :L]
-        scores_RL.view(M, -1, L)[:own].masked_fill_(future_OL[:, None, :], float("-inf"))
-    return q_RD, scores_RL
+    C = bt.blocks_C.shape[0]
+    Y = bt.rows_Y.shape[0]
+    F_ = q_ZF.shape[1]
+    _, D, L = kscaled_EDL.shape
+    q_CRD = bt.take(q_ZF, ws.get("q", q_ZF, Y, F_)).view(C, -1, D)
+    kscaled_CDL = torch.index_select(kscaled_EDL, 0, bt.blocks_C, out=ws.get("k", q_ZF, C, D, L))
+    scores_CRL = torch.bmm(q_CRD, kscaled_CDL, out=ws.get("scores", q_ZF, *q_CRD.shape[:2], L))
+    if bt.future_COL is not None:
+        masked = bt.future_COL.shape[1]
+        scores_CMGL = scores_CRL.view(C, Y // C, F_ // D, L)
+        scores_CMGL[:, :masked].masked_fill_(bt.future_COL.unsqueeze(2), float("-inf"))
+    return q_CRD, kscaled_CDL, scores_CRL
 
 
 def _by_block(x_BTHD: torch.Tensor, block_size: int, transpose: bool) -> torch.Tensor:
-    """A contiguous block-major copy of keys or values: [B, H, N, L, D], or [B, H, N, D, L]
-    with ``transpose``; L = block_size, the last block zero-padded past T.
+    """A contiguous block-major copy of keys or values: [B·H·N, L, D], or [B·H·N, D, L] with
+    ``transpose``; L = block_size, the last block zero-padded past T.
 
     One copy per call instead of a slice, scale and transpose per expert (~40 us each, a
     thousand experts per call at 4k tokens with blocks of 16). A contiguous Kᵀ makes the
@@ -418,95 +448,87 @@ def _by_block(x_BTHD: torch.Tensor, block_size: int, transpose: bool) -> torch.T
     N = -(-T // block_size)
     x_BNLHD = F.pad(x_BTHD, (0, 0, 0, 0, 0, N * block_size - T)).view(B, N, block_size, H, D)
     order = (0, 3, 1, 4, 2) if transpose else (0, 3, 1, 2, 4)
-    return x_BNLHD.permute(order).contiguous()
+    return x_BNLHD.permute(order).reshape(
+        B * H * N, *((D, block_size) if transpose else (block_size, D))
+    )
 
 
-def _from_blocks(x_BHNLD: torch.Tensor, T: int) -> torch.Tensor:
-    """Inverse of ``_by_block`` without transpose: [B, H, N, L, D] back to [B, T, H, D]."""
-    B, H, N, L, D = x_BHNLD.shape
-    return x_BHNLD.permute(0, 2, 3, 1, 4).reshape(B, N * L, H, D)[:, :T]
+def _from_blocks(x_ELD: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Inverse of ``_by_block`` without transpose: [B·H·N, L, D] back to [B, T, H, D]."""
+    _, L, D = x_ELD.shape
+    x_BHNLD = x_ELD.view(B, -1, -(-T // L), L, D)
+    return x_BHNLD.permute(0, 2, 3, 1, 4).reshape(B, -1, x_BHNLD.shape[1], D)[:, :T]
 
 
-def _accumulate_experts(
-    experts: tuple[_Expert, ...],
-    q_HQF: torch.Tensor,
-    kscaled_BHNDL: torch.Tensor,
-    v_BHNLD: torch.Tensor,
-    ref_HQG: torch.Tensor,
-    acc_HQF: torch.Tensor,
-    sum_HQG: torch.Tensor,
-    future_NL: torch.Tensor,
+def _accumulate_batches(
+    batches: tuple[_Batch, ...],
+    q_ZF: torch.Tensor,
+    kscaled_EDL: torch.Tensor,
+    v_ELD: torch.Tensor,
+    ref_ZG: torch.Tensor,
+    acc_ZF: torch.Tensor,
+    sum_ZG: torch.Tensor,
 ) -> None:
     """One worker's forward pass: add sum(exp(s - ref)) and sum(exp(s - ref) v) into its rows.
 
-    The per-row reference ref is fixed for the whole pass, so a chunk is just gather, matmul,
-    exp, matmul, scatter-add (a query appears at most once per expert: no collisions). When
-    every ref is 0 the subtraction is skipped. Keys come scaled and transposed, both
-    block-major (``_by_block``).
+    The per-row reference ref is fixed for the whole pass, so a batch is just gather, bmm,
+    exp, bmm, scatter-add. When every ref is 0 the subtraction is skipped. Keys come scaled
+    and transposed, both block-major (``_by_block``).
     """
-    G = ref_HQG.shape[2]
-    shifted = bool(ref_HQG.any())
+    G = ref_ZG.shape[1]
+    shifted = bool(ref_ZG.any())
     ws = Workspace()
-    for ex in experts:
-        kscaled_T_DL, v_LD = kscaled_BHNDL[ex.b, ex.h, ex.j], v_BHNLD[ex.b, ex.h, ex.j]
-        q_QF, acc_QF, ref_QG, sum_QG = q_HQF[ex.h], acc_HQF[ex.h], ref_HQG[ex.h], sum_HQG[ex.h]
-        for c in ex.chunks:
-            M = c.rows_M.shape[0]
-            _, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
-            probs_MGL = probs_RL.view(M, G, -1)
-            if shifted:
-                probs_MGL.sub_(c.take(ref_QG).unsqueeze(-1))
-            probs_MGL.exp_()
-            c.add_to(sum_QG, probs_MGL.sum(dim=-1))
-            out_RD = torch.mm(probs_RL, v_LD, out=ws.get("out", v_LD, M * G, v_LD.shape[1]))
-            c.add_to(acc_QF, out_RD.view(M, -1))
+    for bt in batches:
+        Y = bt.rows_Y.shape[0]
+        _, _, probs_CRL = _batch_scores(bt, q_ZF, kscaled_EDL, ws)
+        probs_YGL = probs_CRL.view(Y, G, -1)
+        if shifted:
+            probs_YGL.sub_(bt.take(ref_ZG).unsqueeze(-1))
+        probs_YGL.exp_()
+        bt.add_to(sum_ZG, probs_YGL.sum(dim=-1))
+        C, L, D = bt.blocks_C.shape[0], *v_ELD.shape[1:]
+        v_CLD = torch.index_select(v_ELD, 0, bt.blocks_C, out=ws.get("v", v_ELD, C, L, D))
+        out_CRD = torch.bmm(probs_CRL, v_CLD, out=ws.get("out", v_ELD, C, probs_CRL.shape[1], D))
+        bt.add_to(acc_ZF, out_CRD.view(Y, -1))
 
 
-def _row_max_experts(
-    experts: tuple[_Expert, ...],
-    q_HQF: torch.Tensor,
-    kscaled_BHNDL: torch.Tensor,
-    max_HQG: torch.Tensor,
-    future_NL: torch.Tensor,
+def _row_max_batches(
+    batches: tuple[_Batch, ...], q_ZF: torch.Tensor, kscaled_EDL: torch.Tensor, max_ZG: torch.Tensor
 ) -> None:
-    """One worker's exact row maxima of the scores over its selected keys, into ``max_HQG``."""
-    G = max_HQG.shape[2]
+    """One worker's exact row maxima of the scores over its selected keys, into ``max_ZG``."""
+    G = max_ZG.shape[1]
     ws = Workspace()
-    for ex in experts:
-        kscaled_T_DL = kscaled_BHNDL[ex.b, ex.h, ex.j]
-        q_QF, max_QG = q_HQF[ex.h], max_HQG[ex.h]
-        for c in ex.chunks:
-            M = c.rows_M.shape[0]
-            _, scores_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
-            block_max_MG = scores_RL.view(M, G, -1).amax(dim=-1)
-            c.copy_to(max_QG, torch.maximum(c.take(max_QG), block_max_MG))
+    for bt in batches:
+        _, _, scores_CRL = _batch_scores(bt, q_ZF, kscaled_EDL, ws)
+        block_max_YG = scores_CRL.view(bt.rows_Y.shape[0], G, -1).amax(dim=-1)
+        rows_YG = bt.rows_Y.unsqueeze(1).expand(-1, G)
+        max_ZG.scatter_reduce_(0, rows_YG, block_max_YG, "amax")
 
 
 def _score_bound(
-    q_HQF: torch.Tensor,
+    q_ZF: torch.Tensor,
     k_BTHD: torch.Tensor,
     scale: float,
     block_indices_BTHS: torch.Tensor,
     block_size: int,
 ) -> torch.Tensor:
-    """Upper bound [H, B·T, G] of every score a row can see: |q| · max |scale·k| over its blocks.
+    """Upper bound [H·B·T, G] of every score a row can see: |q| · max |scale·k| over its blocks.
 
     By Cauchy-Schwarz q·k <= |q|·|k|; key norms are maximised per block, then over the row's
     legal selected blocks (0 for rows without any).
     """
-    H, Q, _ = q_HQF.shape
-    B, T, _, S = block_indices_BTHS.shape
+    B, T, H, S = block_indices_BTHS.shape
     N = -(-T // block_size)
     D = k_BTHD.shape[3]
     knorm_BTH = F.pad(k_BTHD.norm(dim=-1) * abs(scale), (0, 0, 0, N * block_size - T))
     kmax_BHN = knorm_BTH.view(B, N, block_size, H).amax(dim=2).transpose(1, 2)
     idx_BHTS = block_indices_BTHS.transpose(1, 2)
-    t_11T1 = torch.arange(T, device=q_HQF.device).view(1, 1, T, 1)
+    t_11T1 = torch.arange(T, device=q_ZF.device).view(1, 1, T, 1)
     legal_BHTS = (idx_BHTS >= 0) & (idx_BHTS * block_size <= t_11T1)
     kmax_BHTS = kmax_BHN.gather(2, idx_BHTS.clamp_min(0).reshape(B, H, T * S)).view(B, H, T, S)
     kbound_HBT = torch.where(legal_BHTS, kmax_BHTS, 0.0).amax(dim=-1).transpose(0, 1)
-    qnorm_HQG = q_HQF.view(H, Q, -1, D).norm(dim=-1)
-    return qnorm_HQG * kbound_HBT.reshape(H, Q, 1)
+    qnorm_ZG = q_ZF.view(H * B * T, -1, D).norm(dim=-1)
+    return qnorm_ZG * kbound_HBT.reshape(-1, 1)
 
 
 def _forward(
@@ -518,7 +540,7 @@ def _forward(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the selected blocks, workers in parallel: returns fp32 (o_HQF, lse_HQG).
+    """Softmax over the selected blocks, workers in parallel: returns fp32 (o_ZF, lse_ZG).
 
     Rows accumulate exp(s - ref) against a fixed per-row reference ref = max(0, bound -
     _HEADROOM), where ``_score_bound`` >= every score of the row, so terms stay below
@@ -531,79 +553,73 @@ def _forward(
     """
     B, T, HQ, D = q_BTHD.shape
     H = k_BTHD.shape[2]
-    q_HQF = _by_head(q_BTHD.float(), H)
+    q_ZF = _by_head(q_BTHD.float(), H)
     k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    future_NL = _future_mask(block_size, q_HQF.device)
-    bound_HQG = _score_bound(q_HQF, k_BTHD, scale, block_indices_BTHS, block_size)
-    ref_HQG = (bound_HQG - _HEADROOM).clamp_min_(0.0)
-    del bound_HQG
+    bound_ZG = _score_bound(q_ZF, k_BTHD, scale, block_indices_BTHS, block_size)
+    ref_ZG = (bound_ZG - _HEADROOM).clamp_min_(0.0)
+    del bound_ZG
     G = HQ // H
-    acc_HQF = torch.zeros_like(q_HQF)
-    sum_HQG = torch.zeros_like(ref_HQG)
-    kscaled_BHNDL = _by_block(k_BTHD * scale, block_size, transpose=True)
-    v_BHNLD = _by_block(v_BTHD, block_size, transpose=False)
-    inputs = (q_HQF, kscaled_BHNDL, v_BHNLD, ref_HQG, acc_HQF, sum_HQG, future_NL)
-    run_workers([functools.partial(_accumulate_experts, ex, *inputs) for ex in routing.experts_W])
+    acc_ZF = torch.zeros_like(q_ZF)
+    sum_ZG = torch.zeros_like(ref_ZG)
+    kscaled_EDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    v_ELD = _by_block(v_BTHD, block_size, transpose=False)
+    inputs = (q_ZF, kscaled_EDL, v_ELD, ref_ZG, acc_ZF, sum_ZG)
+    run_workers([functools.partial(_accumulate_batches, bt, *inputs) for bt in routing.batches_W])
 
-    redo_HQ = routing.has_keys_HQ & (sum_HQG < math.exp(-_UNDERFLOW)).any(dim=-1)
-    if redo_HQ.any():
+    redo_Z = routing.has_keys_Z & (sum_ZG < math.exp(-_UNDERFLOW)).any(dim=-1)
+    if redo_Z.any():
         # rare, so one worker: route only the redone rows, find their maxima, accumulate again
-        redo_BTH1 = redo_HQ.view(H, B, T).permute(1, 2, 0).unsqueeze(-1)
+        redo_BTH1 = redo_Z.view(H, B, T).permute(1, 2, 0).unsqueeze(-1)
         redo = _route(torch.where(redo_BTH1, block_indices_BTHS, -1), block_size, G, 1)
-        experts = redo.experts_W[0]
-        ref_HQG[redo_HQ] = float("-inf")
-        max_inputs = (q_HQF, kscaled_BHNDL, ref_HQG, future_NL)
-        run_workers([functools.partial(_row_max_experts, experts, *max_inputs)])
-        acc_HQF[redo_HQ] = 0.0
-        sum_HQG[redo_HQ] = 0.0
-        run_workers([functools.partial(_accumulate_experts, experts, *inputs)])
+        batches = redo.batches_W[0]
+        ref_ZG[redo_Z] = float("-inf")
+        run_workers([functools.partial(_row_max_batches, batches, q_ZF, kscaled_EDL, ref_ZG)])
+        acc_ZF[redo_Z] = 0.0
+        sum_ZG[redo_Z] = 0.0
+        run_workers([functools.partial(_accumulate_batches, batches, *inputs)])
     # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
-    norm_HQG1 = sum_HQG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    o_HQF = acc_HQF.view(H, B * T, G, D).div_(norm_HQG1).view(H, B * T, -1)
-    return o_HQF, ref_HQG + sum_HQG.log()
+    norm_ZG1 = sum_ZG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    o_ZF = acc_ZF.view(-1, G, D).div_(norm_ZG1).view(-1, G * D)
+    return o_ZF, ref_ZG + sum_ZG.log()
 
 
-def _backward_experts(
-    experts: tuple[_Expert, ...],
-    q_HQF: torch.Tensor,
-    do_HQF: torch.Tensor,
-    kscaled_BHNDL: torch.Tensor,
-    v_BHNDL: torch.Tensor,
-    lse_delta_HQG2: torch.Tensor,
-    dq_HQF: torch.Tensor,
-    dk_BHNLD: torch.Tensor,
-    dv_BHNLD: torch.Tensor,
-    future_NL: torch.Tensor,
+def _backward_batches(
+    batches: tuple[_Batch, ...],
+    q_ZF: torch.Tensor,
+    do_ZF: torch.Tensor,
+    kscaled_EDL: torch.Tensor,
+    v_EDL: torch.Tensor,
+    lse_delta_ZG2: torch.Tensor,
+    dq_ZF: torch.Tensor,
+    dk_ELD: torch.Tensor,
+    dv_ELD: torch.Tensor,
 ) -> None:
     """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers.
 
-    Per chunk the probabilities are recomputed from the saved row lse, P = exp(S - lse), and
+    Per batch the probabilities are recomputed from the saved row lse, P = exp(S - lse), and
     with delta = rowsum(dO ⊙ O): dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·K_j) (added
-    into the chunk's query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
+    into the slots' query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
     Keys, values and their gradients are block-major (``_by_block``), K and V transposed.
     """
-    G = lse_delta_HQG2.shape[2]
+    G = lse_delta_ZG2.shape[1]
     ws = Workspace()
-    for ex in experts:
-        kscaled_T_DL, v_T_DL = kscaled_BHNDL[ex.b, ex.h, ex.j], v_BHNDL[ex.b, ex.h, ex.j]
-        dk_LD, dv_LD = dk_BHNLD[ex.b, ex.h, ex.j], dv_BHNLD[ex.b, ex.h, ex.j]
-        kscaled_LD = kscaled_T_DL.T
-        q_QF, do_QF, dq_QF = q_HQF[ex.h], do_HQF[ex.h], dq_HQF[ex.h]
-        lse_delta_QG2 = lse_delta_HQG2[ex.h]
-        for c in ex.chunks:
-            M = c.rows_M.shape[0]
-            R = M * G
-            q_RD, probs_RL = _chunk_scores(c, q_QF, kscaled_T_DL, future_NL, ws)
-            do_RD = c.take(do_QF, ws.get("do", do_QF, M, do_QF.shape[1])).view(R, -1)
-            lse_delta_MG2 = c.take(lse_delta_QG2)
-            # scores become probabilities in place: P = exp(S - lse) of the merged softmax
-            probs_MGL = probs_RL.view(M, G, -1).sub_(lse_delta_MG2[..., :1]).exp_()
-            dv_LD.addmm_(probs_RL.T, do_RD)
-            dscores_RL = torch.mm(do_RD, v_T_DL, out=ws.get("dscores", do_RD, R, v_T_DL.shape[1]))
-            dscores_RL.view(M, G, -1).sub_(lse_delta_MG2[..., 1:]).mul_(probs_MGL)
-            dq_RD = torch.mm(dscores_RL, kscaled_LD, out=ws.get("dq", do_RD, *do_RD.shape))
-            c.add_to(dq_QF, dq_RD.view(M, -1))
-            dk_LD.addmm_(dscores_RL.T, q_RD)
+    for bt in batches:
+        Y = bt.rows_Y.shape[0]
+        q_CRD, kscaled_CDL, probs_CRL = _batch_scores(bt, q_ZF, kscaled_EDL, ws)
+        C, R, D = q_CRD.shape
+        L = kscaled_CDL.shape[2]
+        do_CRD = bt.take(do_ZF, ws.get("do", do_ZF, Y, do_ZF.shape[1])).view(C, R, D)
+        lse_delta_YG2 = bt.take(lse_delta_ZG2)
+        # scores become probabilities in place: P = exp(S - lse) of the merged softmax
+        probs_YGL = probs_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., :1]).exp_()
+        grad_CLD = ws.get("grad", do_ZF, C, L, D)
+        dv_ELD.index_add_(0, bt.blocks_C, torch.bmm(probs_CRL.mT, do_CRD, out=grad_CLD))
+        v_CDL = torch.index_select(v_EDL, 0, bt.blocks_C, out=ws.get("v", v_EDL, C, D, L))
+        dscores_CRL = torch.bmm(do_CRD, v_CDL, out=ws.get("dscores", do_ZF, C, R, L))
+        dscores_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., 1:]).mul_(probs_YGL)
+        dq_CRD = torch.bmm(dscores_CRL, kscaled_CDL.mT, out=ws.get("dq", do_ZF, C, R, D))
+        bt.add_to(dq_ZF, dq_CRD.view(Y, -1))
+        dk_ELD.index_add_(0, bt.blocks_C, torch.bmm(dscores_CRL.mT, q_CRD, out=grad_CLD))
 
 
 def _backward(
@@ -611,8 +627,8 @@ def _backward(
     q_BTHD: torch.Tensor,
     k_BTHD: torch.Tensor,
     v_BTHD: torch.Tensor,
-    o_HQF: torch.Tensor,
-    lse_HQG: torch.Tensor,
+    o_ZF: torch.Tensor,
+    lse_ZG: torch.Tensor,
     routing: _Routing,
     block_size: int,
     scale: float,
@@ -625,37 +641,36 @@ def _backward(
     """
     B, T, HQ, D = q_BTHD.shape
     H = k_BTHD.shape[2]
-    q_HQF = _by_head(q_BTHD.float(), H)
-    do_HQF = _by_head(do_BTHD.float(), H)
+    q_ZF = _by_head(q_BTHD.float(), H)
+    do_ZF = _by_head(do_BTHD.float(), H)
     k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    # lse and delta side by side: one small gather per chunk fetches both
-    lse_delta_HQG2 = torch.stack([lse_HQG, torch.empty_like(lse_HQG)], dim=-1)
+    # lse and delta side by side: one small gather per batch fetches both
+    lse_delta_ZG2 = torch.stack([lse_ZG, torch.empty_like(lse_ZG)], dim=-1)
     # delta = rowsum(dO ⊙ O) over blocks of chunk size, so no q-sized temporary is ever alive
     block = max(1, _CHUNK_ROWS // (HQ // H))
-    for start in range(0, B * T, block):
+    for start in range(0, H * B * T, block):
         rows = slice(start, start + block)
-        do_o_HMGD = (do_HQF[:, rows] * o_HQF[:, rows]).view(H, -1, HQ // H, D)
-        torch.sum(do_o_HMGD, dim=-1, out=lse_delta_HQG2[:, rows, :, 1])
-    dq_HQF = torch.zeros_like(q_HQF)
-    kscaled_BHNDL = _by_block(k_BTHD * scale, block_size, transpose=True)
-    v_BHNDL = _by_block(v_BTHD, block_size, transpose=True)
+        do_o_ZGD = (do_ZF[rows] * o_ZF[rows]).view(-1, HQ // H, D)
+        torch.sum(do_o_ZGD, dim=-1, out=lse_delta_ZG2[rows, :, 1])
+    dq_ZF = torch.zeros_like(q_ZF)
+    kscaled_EDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    v_EDL = _by_block(v_BTHD, block_size, transpose=True)
     # one block-major dk/dv pair per worker, summed into the first in worker order
-    shape = (B, H, -(-T // block_size), block_size, D)
-    dk_W = [k_BTHD.new_zeros(shape) for _ in routing.experts_W]
-    dv_W = [v_BTHD.new_zeros(shape) for _ in routing.experts_W]
-    future_NL = _future_mask(block_size, q_HQF.device)
-    shared = (q_HQF, do_HQF, kscaled_BHNDL, v_BHNDL, lse_delta_HQG2, dq_HQF)
+    shape = (B * H * -(-T // block_size), block_size, D)
+    dk_W = [k_BTHD.new_zeros(shape) for _ in routing.batches_W]
+    dv_W = [v_BTHD.new_zeros(shape) for _ in routing.batches_W]
+    shared = (q_ZF, do_ZF, kscaled_EDL, v_EDL, lse_delta_ZG2, dq_ZF)
     run_workers(
         [
-            functools.partial(_backward_experts, experts, *shared, dk_BHNLD, dv_BHNLD, future_NL)
-            for experts, dk_BHNLD, dv_BHNLD in zip(routing.experts_W, dk_W, dv_W, strict=True)
+            functools.partial(_backward_batches, batches, *shared, dk_ELD, dv_ELD)
+            for batches, dk_ELD, dv_ELD in zip(routing.batches_W, dk_W, dv_W, strict=True)
         ]
     )
-    for dk_BHNLD, dv_BHNLD in zip(dk_W[1:], dv_W[1:], strict=True):
-        dk_W[0] += dk_BHNLD
-        dv_W[0] += dv_BHNLD
-    dk_BTHD = _from_blocks(dk_W[0].mul_(scale), T)
-    return _from_heads(dq_HQF, B, T, D), dk_BTHD, _from_blocks(dv_W[0], T)
+    for dk_ELD, dv_ELD in zip(dk_W[1:], dv_W[1:], strict=True):
+        dk_W[0] += dk_ELD
+        dv_W[0] += dv_ELD
+    dk_BTHD = _from_blocks(dk_W[0].mul_(scale), B, T)
+    return _from_heads(dq_ZF, B, T, D), dk_BTHD, _from_blocks(dv_W[0], B, T)
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -675,13 +690,13 @@ class _SelectedAttention(torch.autograd.Function):
         G = q_BTHD.shape[2] // k_BTHD.shape[2]
         workers = _workers(block_indices_BTHS, G * q_BTHD.shape[3], block_size)
         routing = _route(block_indices_BTHS, block_size, G, workers)
-        o_HQF, lse_HQG = _forward(
+        o_ZF, lse_ZG = _forward(
             q_BTHD, k_BTHD, v_BTHD, block_indices_BTHS, routing, block_size, scale
         )
-        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG)
+        ctx.save_for_backward(q_BTHD, k_BTHD, v_BTHD, o_ZF, lse_ZG)
         ctx.routing, ctx.block_size, ctx.scale = routing, block_size, scale
         B, T, _, D = q_BTHD.shape
-        return _from_heads(o_HQF, B, T, D).to(q_BTHD.dtype)
+        return _from_heads(o_ZF, B, T, D).to(q_BTHD.dtype)
 
     @staticmethod
     @once_differentiable
@@ -689,9 +704,9 @@ class _SelectedAttention(torch.autograd.Function):
         ctx: FunctionCtx, do_BTHD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
         """Gradients for q, k, v in their dtypes; indices, block size and scale get none."""
-        q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG = ctx.saved_tensors
+        q_BTHD, k_BTHD, v_BTHD, o_ZF, lse_ZG = ctx.saved_tensors
         dq, dk, dv = _backward(
-            do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_HQF, lse_HQG, ctx.routing, ctx.block_size, ctx.scale
+            do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_ZF, lse_ZG, ctx.routing, ctx.block_size, ctx.scale
         )
         return dq.to(q_BTHD.dtype), dk.to(k_BTHD.dtype), dv.to(v_BTHD.dtype), None, None, None
 
