@@ -403,7 +403,7 @@ def _workers(block_indices_BTHS: torch.Tensor, features: int, block_size: int) -
 def _by_head(x_BTHD: torch.Tensor, H: int) -> torch.Tensor:
     """View or copy [B, T, H·G, D] as [H·B·T, G·D]: one KV head's query rows are contiguous."""
     B, T, HQ, D = x_BTHD.shape
-    # with H = 1 the transpose only moves a size-1 dim and contiguous() copies nothing
+    # with H = 1 the transpose only moves a size-1 dim and the reshape copies nothing
     return x_BTHD.reshape(B * T, H, HQ // H * D).transpose(0, 1).reshape(H * B * T, -1)
 
 
@@ -422,15 +422,14 @@ def _batch_scores(
     -inf on the keys after their query.
     """
     C = bt.blocks_C.shape[0]
-    Y = bt.rows_Y.shape[0]
-    F_ = q_ZF.shape[1]
+    Y, features = bt.rows_Y.shape[0], q_ZF.shape[1]
     _, D, L = kscaled_EDL.shape
-    q_CRD = bt.take(q_ZF, ws.get("q", q_ZF, Y, F_)).view(C, -1, D)
+    q_CRD = bt.take(q_ZF, ws.get("q", q_ZF, Y, features)).view(C, -1, D)
     kscaled_CDL = torch.index_select(kscaled_EDL, 0, bt.blocks_C, out=ws.get("k", q_ZF, C, D, L))
     scores_CRL = torch.bmm(q_CRD, kscaled_CDL, out=ws.get("scores", q_ZF, *q_CRD.shape[:2], L))
     if bt.future_COL is not None:
         masked = bt.future_COL.shape[1]
-        scores_CMGL = scores_CRL.view(C, Y // C, F_ // D, L)
+        scores_CMGL = scores_CRL.view(C, Y // C, features // D, L)
         scores_CMGL[:, :masked].masked_fill_(bt.future_COL.unsqueeze(2), float("-inf"))
     return q_CRD, kscaled_CDL, scores_CRL
 
