@@ -63,8 +63,8 @@ _MAX_WORKERS = 8
 # workers contend for the interpreter lock. Measured (fwd+bwd, torch at two threads, one vs two
 # workers) before chunks were batched: 98k per expert (T 4096 x B 2, HQ 4 / H 2, D 32, block 16,
 # S 6) 296 vs 442 ms; 2.1M (T 8192, HQ 8 / H 2, D 64, block 32, S 8) 605 vs 539 ms; 67M (T 32k,
-# HQ 16 / H 1, D 64, block 64, S 16) 13.2 vs 7.5 s. With batches the first runs 118-170 vs
-# 127-142 ms (four runs each): within noise, so the threshold stands.
+# HQ 16 / H 1, D 64, block 64, S 16) 13.2 vs 7.5 s. With batches the first runs 118-172 vs
+# 97-142 ms (five runs each): within noise, so the threshold stands.
 _MIN_EXPERT_WORK = 2**19
 # The routed path pays its routing (a sort of the B·T·H·S selections) and a dozen ops per batch;
 # one masked flash call over all T keys pays ~B·HQ·T²·D multiply-adds instead. Their ratio grows
