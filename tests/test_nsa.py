@@ -16,6 +16,7 @@ from train_utils import train_tiny_and_check_it_learns
 import sparsezoo
 from sparsezoo.kernels.backend import triton_available
 from sparsezoo.mechanisms import MechanismConfigError
+from sparsezoo.mechanisms import nsa as nsa_module
 from sparsezoo.mechanisms.nsa import Compressor, NSACache
 from sparsezoo.testing import check_mechanism
 
@@ -82,6 +83,48 @@ def test_stats_gates_forced_share_and_density() -> None:
     assert 0.74 < float(st["forced_frac"]) <= 1.0
     for branch in ("cmp", "slc", "win"):
         assert float(st[f"gate_{branch}"]) == pytest.approx(0.5, abs=0.01)  # gates start near 0.5
+
+
+def test_backward_runs_each_branch_right_after_its_gate_term(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefill adds each branch's gate term as soon as the branch ran, so autograd (newest
+    ready node first) back-propagates window, selection and compression in turn, each right
+    after its gate term made the branch output's gradient: one such gradient is alive at a
+    time, where all three gate terms used to run first."""
+    branch_nodes: dict[str, torch.autograd.graph.Node] = {}
+    for name in ("compressed_select", "selected_attention", "sliding_window_attention"):
+        op = getattr(nsa_module, name)
+
+        def traced(*args: object, op=op, name=name, **kwargs: object) -> object:
+            out = op(*args, **kwargs)
+            branch_nodes[name] = (out[0] if isinstance(out, tuple) else out).grad_fn
+            return out
+
+        monkeypatch.setattr(nsa_module, name, traced)
+    attn = _nsa(block_size=16, stride=8, select_size=16, n_select=4, window=16).train()
+    y = attn(torch.randn(1, 300, 64, requires_grad=True))
+    events: list[str] = []
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name, branch in branch_nodes.items():
+            if node is branch:
+                node.register_hook(lambda *_, name=name: events.append(f"ran {name}"))
+            elif any(child is branch for child, _ in node.next_functions):
+                # the gate term consuming the branch output: it makes that output's gradient
+                node.register_hook(lambda *_, name=name: events.append(f"grad {name}"))
+        stack.extend(child for child, _ in node.next_functions)
+    y.sum().backward()
+    assert events == [
+        f"{step} {name}"
+        for name in ("sliding_window_attention", "selected_attention", "compressed_select")
+        for step in ("grad", "ran")
+    ]
 
 
 def test_cache_keeps_selection_blocks_contiguous_and_padded() -> None:
