@@ -17,7 +17,9 @@ the cache (the output of ``AttentionMechanism.decode_reader``): projections and 
 append run untimed, since at B=1 the weights of a large model (2·C·HQ·D for Q and O) can
 outweigh a long KV cache and hide the attention cost. Both decode modes read one kept cache,
 reset in place to the filled state before each step (``restore_cache``), as a decoder's cache is
-long-lived memory. Legend: B batch, T time, C d_model.
+long-lived memory. Mechanisms whose training runs in phases are measured in the phase of
+``train_step``, by default past every warm-up (DSA: sparse top-k attention, not its dense
+warm-up stage). Legend: B batch, T time, C d_model.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ DEFAULT_MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+# the training step a bench module is set to by default: past any mechanism's warm-up
+FINAL_PHASE_STEP = 1 << 62
 
 # BenchConfig field -> the command-line flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -90,6 +94,7 @@ _FLAGS = {
     "repeats": "--repeats",
     "seed": "--seed",
     "threads": "--threads",
+    "train_step": "--train-step",
     "params": "--param",
     "out": "--out",
 }
@@ -111,7 +116,9 @@ class BenchConfig:
     ``dense`` is always measured as the baseline, whether or not it is listed. ``d_model``
     defaults to ``n_heads * head_dim``; ``device="auto"`` picks CUDA when available;
     ``threads=0`` keeps torch's default thread count. ``params`` maps a mechanism name to its
-    knobs (``{"sliding_window": {"window": 512}}``).
+    knobs (``{"sliding_window": {"window": 512}}``). ``train_step`` is the training step every
+    module is set to (``set_step``), which decides the phase of phase-scheduled mechanisms;
+    None means past every warm-up, so DSA is measured sparse whatever its ``warmup_steps``.
     """
 
     mechanisms: list[str] = field(default_factory=list)
@@ -129,6 +136,7 @@ class BenchConfig:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     threads: int = 0
+    train_step: int | None = None
 
     def mechanism_names(self) -> list[str]:
         """The baseline first, then the requested mechanisms in order, each once."""
@@ -172,6 +180,14 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BenchConfigError(name, f"{value!r} is not an integer >= {low}")
+        if self.train_step is not None and (
+            isinstance(self.train_step, bool)
+            or not isinstance(self.train_step, int)
+            or self.train_step < 0
+        ):
+            raise BenchConfigError(
+                "train_step", f"{self.train_step!r} is not an integer >= 0 (or unset)"
+            )
         if self.d_model is not None and (not isinstance(self.d_model, int) or self.d_model < 1):
             raise BenchConfigError("d_model", f"{self.d_model!r} is not a positive integer")
         if self.dtype not in DTYPES:
@@ -382,6 +398,9 @@ def _build(name: str, cfg: BenchConfig, device: torch.device) -> AttentionMechan
             max_seq_len=shape.max_seq_len,
             **cfg.params.get(name, {}),
         )
+    # a freshly built DSA sits at step 0, in its dense warm-up: the bench measures the phase
+    # the user asked for, by default the one the mechanism trains and decodes in after it
+    module.set_step(FINAL_PHASE_STEP if cfg.train_step is None else cfg.train_step)
     return module.to(device=device, dtype=DTYPES[cfg.dtype])
 
 
@@ -740,6 +759,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=defaults.threads, help="torch threads (0: torch default)"
     )
     parser.add_argument(
+        "--train-step",
+        type=int,
+        default=None,
+        help="training step the mechanisms are set to, which picks the phase of phased ones "
+        "(DSA: dense warm-up below warmup_steps; default: past every warm-up)",
+    )
+    parser.add_argument(
         "--param",
         action="append",
         default=[],
@@ -781,6 +807,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         params=params,
         seed=args.seed,
         threads=args.threads,
+        train_step=args.train_step,
     )
     cfg.validate()
     return cfg

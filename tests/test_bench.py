@@ -146,6 +146,26 @@ def test_theory_is_prefill_flops_and_decode_rows_with_the_indexer() -> None:
     assert decode == pytest.approx(65 / (16 + 65 * 8 / 64))
 
 
+def test_phased_mechanisms_are_measured_past_their_warm_up_unless_told() -> None:
+    """DSA with its default 1000 warm-up steps: the bench measures its sparse stage (16 of 65
+    rows read per decode step, sparse theory) unless ``train_step`` puts it in the warm-up,
+    where it reads every row as dense does."""
+    params = {"dsa": {"topk": 16, "index_dim": 8, "index_rope_dim": 4}}
+    runs = {
+        step: run_bench(
+            tiny_config(
+                mechanisms=["dsa"], modes=["decode"], lengths=[64], params=params, train_step=step
+            ),
+            progress=False,
+        ).row("decode", 64, "dsa")
+        for step in (None, 999, 1000)
+    }
+    assert runs[None].rows_read == runs[1000].rows_read == 16
+    assert runs[None].theoretical_speedup == pytest.approx(65 / (16 + 65 * 8 / 64))
+    assert runs[999].rows_read == 65
+    assert runs[999].theoretical_speedup == pytest.approx(1.0)
+
+
 def test_decode_rows_read_match_each_mechanism(result: BenchResult) -> None:
     for T in LENGTHS:
         assert result.row("decode", T, "dense").rows_read == T + 1
@@ -270,6 +290,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:
         (["--param", "dense.window=3"], "--param", "dense"),
         (["--param", "moba.block=3"], "--param", "moba"),
         (["--repeats", "0"], "--repeats", "0"),
+        (["--train-step", "-1"], "--train-step", "-1"),
         (["--kv-heads", "3"], "--heads/--kv-heads", "3"),
         (["--tracking-uri", "file:./mlruns"], "--tracking-uri", "file:./mlruns"),
     ],
@@ -309,6 +330,7 @@ def test_config_from_args_defaults_to_every_registered_mechanism() -> None:
         ({"dtype": "float16"}, "dtype", "float16"),
         ({"device": "tpu"}, "device", "tpu"),
         ({"warmup": -1}, "warmup", "-1"),
+        ({"train_step": 1.5}, "train_step", "1.5"),
         ({"params": {"sliding_window": {"window": "big"}}}, "params", "big"),
     ],
 )
