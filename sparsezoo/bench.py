@@ -175,21 +175,13 @@ class BenchConfig:
             if isinstance(length, bool) or not isinstance(length, int) or length < 1:
                 raise BenchConfigError("lengths", f"{length!r} is not a positive integer")
         minimums = {"batch_size": 1, "n_heads": 1, "n_kv_heads": 1, "head_dim": 1, "repeats": 1}
-        minimums |= {"warmup": 0, "threads": 0}
+        minimums |= {"warmup": 0, "threads": 0, "d_model": 1, "train_step": 0}
         for name, low in minimums.items():
             value = getattr(self, name)
+            if value is None and name in ("d_model", "train_step"):
+                continue  # unset: derived from the shape / past every warm-up
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BenchConfigError(name, f"{value!r} is not an integer >= {low}")
-        if self.train_step is not None and (
-            isinstance(self.train_step, bool)
-            or not isinstance(self.train_step, int)
-            or self.train_step < 0
-        ):
-            raise BenchConfigError(
-                "train_step", f"{self.train_step!r} is not an integer >= 0 (or unset)"
-            )
-        if self.d_model is not None and (not isinstance(self.d_model, int) or self.d_model < 1):
-            raise BenchConfigError("d_model", f"{self.d_model!r} is not a positive integer")
         if self.dtype not in DTYPES:
             raise BenchConfigError("dtype", f"{self.dtype!r} is not one of {list(DTYPES)}")
         if self.device not in DEVICES:

@@ -331,6 +331,7 @@ def test_config_from_args_defaults_to_every_registered_mechanism() -> None:
         ({"device": "tpu"}, "device", "tpu"),
         ({"warmup": -1}, "warmup", "-1"),
         ({"train_step": 1.5}, "train_step", "1.5"),
+        ({"d_model": 0}, "d_model", "0"),
         ({"params": {"sliding_window": {"window": "big"}}}, "params", "big"),
     ],
 )
