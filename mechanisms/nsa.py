@@ -349,7 +349,7 @@ class NativeSparseAttention(AttentionMechanism):
         self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor]
     ) -> Iterator[torch.Tensor]:
         """The prefill's compression, selection and window outputs, each computed when the
-        consumer asks for it (see ``_mix``); the selection stats are set once all three ran."""
+        consumer asks for it (see ``_mix``); the selection stats are set with the first."""
         p = self.params
         T = q_BTHD.shape[1]
         kcmp_BNHD, vcmp_BNHD = self._compress(kv["raw_k"], kv["raw_v"], 0)
@@ -365,6 +365,8 @@ class NativeSparseAttention(AttentionMechanism):
             scale=self.scale,
             backend=p.backend,
         )
+        # set here, not after the last yield: that code runs only if the consumer exhausts us
+        self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
         yield o_cmp
         yield selected_attention(
             q_BTHD, kv["slc_k"], kv["slc_v"], idx_BTHK, p.select_size, scale=self.scale,
@@ -373,7 +375,6 @@ class NativeSparseAttention(AttentionMechanism):
         yield sliding_window_attention(
             q_BTHD, kv["win_k"], kv["win_v"], p.window, scale=self.scale, backend=p.backend
         )
-        self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
 
     def _selection_stats(
         self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor
