@@ -112,9 +112,8 @@ class DSAParams(MechanismParams):
 
 class DSACache(KVCache):
     """Decode cache: post-RoPE K/V (the base buffers, one token-major storage) and the fp32
-    indexer keys, ``k_idx_BSE`` a [B, S, E] view of [B, E, S] storage: a step scores all
-    cached keys as [heads, E] @ [E, S], which runs at about 1.7x the speed of the
-    [S, E] @ [E, heads] form on row-major keys (``indexer_topk_torch``)."""
+    indexer keys ``k_idx_BSE``, row-major: a step scores all cached keys as
+    [S, E] @ [E, heads], the form that reads them fastest (``indexer_topk_torch``)."""
 
     def __init__(
         self,
@@ -129,8 +128,7 @@ class DSACache(KVCache):
     ) -> None:
         super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         # fp32 like the indexer itself, whatever the K/V dtype
-        k_idx_BES = torch.zeros(batch_size, index_dim, max_len, device=device)
-        self.k_idx_BSE = k_idx_BES.transpose(1, 2)
+        self.k_idx_BSE = torch.zeros(batch_size, max_len, index_dim, device=device)
 
     def _kv_buffers(
         self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device

@@ -249,10 +249,21 @@ def test_per_group_selection_differs_between_groups() -> None:
 @pytest.mark.parametrize(
     ("sharing", "context"), [("shared", 300), ("kv_group", 300), ("shared", 9)]
 )
-def test_decode_reads_only_selected_rows(sharing: str, context: int) -> None:
+def test_decode_reads_only_selected_rows(
+    monkeypatch: pytest.MonkeyPatch, sharing: str, context: int
+) -> None:
     """One decode step reads min(k, context) K/V rows per KV head; the cache keeps the
-    indexer keys of every token, and each token's K and V side by side in one storage (the
-    layout sparse_attention gathers whole tokens from)."""
+    indexer keys of every token, row-major, scored where they lie (no copy), and each token's
+    K and V side by side in one storage (the layout sparse_attention gathers whole tokens
+    from)."""
+    scored: list[torch.Tensor] = []
+    score = indexer._few_query_scores
+
+    def recording(q_CNE: torch.Tensor, k_PE: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
+        scored.append(k_PE)
+        return score(q_CNE, k_PE, w_CUN)
+
+    monkeypatch.setattr(indexer, "_few_query_scores", recording)
     attn = _dsa(**{**SPARSE, "sharing": sharing}).eval()
     cache = attn.new_cache(2, context)
     assert isinstance(cache, DSACache)
@@ -266,10 +277,11 @@ def test_decode_reads_only_selected_rows(sharing: str, context: int) -> None:
         attn(x[:, -1:], cache=cache)
     assert cache.rows_read == min(16, context)
     assert cache.k_idx_BSE.dtype == torch.float32 and cache.k_idx_BSE[:, : context - 1].any()
-    # indexer keys stored keys-contiguous per dim: the step scores them without a copy
-    assert cache.k_idx_BSE.stride(1) == 1
-    keys_by_dim = indexer._keys_by_dim(cache.k_idx_BSE)
-    assert keys_by_dim.data_ptr() == cache.k_idx_BSE.data_ptr()
+    assert cache.k_idx_BSE.is_contiguous()
+    # past k tokens each sequence's step scores the cache's own keys, its newest included
+    assert [(k.data_ptr(), k.shape[0]) for k in scored] == (
+        [(cache.k_idx_BSE[b].data_ptr(), context) for b in range(2)] if context > 16 else []
+    )
     expected_density = min(16, context) / context
     assert float(attn.stats["density"]) == pytest.approx(expected_density)
 

@@ -226,9 +226,9 @@ def test_decode_topk_splits_the_keys_over_the_workers(
     U: int | None,
 ) -> None:
     """A decode step (fewer query chunks than workers) scores with the keys split over the
-    workers, [C·N, E] @ [E, p], and selects what the oracle selects, the last query's future
-    key excluded; the chunked path is never taken. Keys stored keys-contiguous per dim (the
-    decode cache's layout, read without a copy) select the same."""
+    workers, [p, E] @ [E, C·N], and selects what the oracle selects, the last query's future
+    key excluded; the chunked path is never taken. Keys stored keys-contiguous per dim select
+    the same."""
     threads(workers)
     monkeypatch.setattr(indexer, "_split", None)  # the query-chunk path would call it
     q, k, w = make_index_inputs(B, T, 777, 4, 8, U, seed=5)

@@ -59,6 +59,8 @@ _MIN_KEY_BLOCK = 1024
 # Fewest queries of a chunk cut only to keep every worker busy: with fewer, each chunk's
 # [C·N, E] @ [E, P] matmul streams all its keys for too little work.
 _MIN_CHUNK_QUERIES = 8
+# Chunks of at most this many queries (a decode step's) score keys-major, see _few_query_scores.
+_FEW_QUERIES = 8
 # Slots (queries × slots) one chunk of the slot-score path gathers: 16384 rows of an E = 64
 # indexer key are 4 MB, cache-resident between the gather and the matmuls.
 _CHUNK_SLOTS = 16384
@@ -432,16 +434,8 @@ def indexer_topk_torch(
     S = k_idx_BSE.shape[1]
     w_BTUN = _as_sets(w_idx).float() * scale
     U = w_BTUN.shape[2]
-    q, kt_BES = q_idx_BTNE.float(), _keys_by_dim(k_idx_BSE)
+    q, k_BSE = q_idx_BTNE.float(), k_idx_BSE.float()
     out_BTUK, first = _topk_output(B, T, S, U, topk, q.device)
-
-    def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
-        P = S - T + t1
-        scores_CUP = _chunk_scores(q[b, t0:t1], kt_BES[b, :, :P], w_BTUN[b, t0:t1], ws)
-        _mask_future(scores_CUP, S - T + t0)
-        idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
-        out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
-
     chunks = [(b, *c) for b in range(B) for c in _chunks(T, S, N, first)]
     if 0 < len(chunks) < worker_count():
         # decoding: too few query chunks to go round, so the workers split the keys instead;
@@ -449,11 +443,26 @@ def indexer_topk_torch(
         with single_threaded_ops():
             for b, t0, t1 in chunks:
                 P = S - T + t1
-                scores_CUP = _scores_by_keys(q[b, t0:t1], kt_BES[b, :, :P], w_BTUN[b, t0:t1])
+                scores_CUP = _scores_by_keys(q[b, t0:t1], k_BSE[b, :P], w_BTUN[b, t0:t1])
                 _mask_future(scores_CUP, S - T + t0)
                 idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
                 out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
         return out_BTUK.squeeze(2) if w_idx.dim() == 3 else out_BTUK
+    # keys by dimension only for chunks of many queries: a decode step reads the keys in place
+    many = any(t1 - t0 > _FEW_QUERIES for _, t0, t1 in chunks)
+    kt_BES = _keys_by_dim(k_idx_BSE) if many else None
+
+    def job(b: int, t0: int, t1: int, ws: Workspace) -> None:
+        P = S - T + t1
+        q_CNE, w_CUN = q[b, t0:t1], w_BTUN[b, t0:t1]
+        if t1 - t0 <= _FEW_QUERIES:
+            scores_CUP = _few_query_scores(q_CNE, k_BSE[b, :P], w_CUN)
+        else:
+            scores_CUP = _chunk_scores(q_CNE, kt_BES[b, :, :P], w_CUN, ws)
+        _mask_future(scores_CUP, S - T + t0)
+        idx_RK = select_topk_rows(scores_CUP.view(-1, P), topk)
+        out_BTUK[b, t0:t1] = idx_RK.view(t1 - t0, U, topk)
+
     costs = [S - T + t1 for _, _, t1 in chunks]  # keys scored: later chunks cost more
     runs = _split(costs, max(1, min(worker_count(), len(chunks))))
     if runs:
@@ -462,31 +471,44 @@ def indexer_topk_torch(
 
 
 def _keys_by_dim(k_idx_BSE: torch.Tensor) -> torch.Tensor:
-    """The fp32 indexer keys as [B, E, S] with keys contiguous along S: a view of the decode
-    cache's storage (``DSACache``), else one copy (8 MB at 32k tokens, E = 64).
+    """The fp32 indexer keys of a chunked call as [B, E, S] with keys contiguous along S: a
+    view when they come so, else one copy (8 MB at 32k tokens, E = 64).
 
-    Scores are [rows, E] @ [E, keys]; with Kᵀ a transposed view of row-major keys that matmul
-    ran at half speed on this CPU: [128, 64] @ [64, 32768], one core, 6.9 ms against 3.6 ms
-    with contiguous rows, and for one decode query's 4 heads 1.84 ms (as [32768, 64] @ [64, 4])
-    against 1.10 ms, cold.
+    A chunk's scores are [rows, E] @ [E, keys]; with Kᵀ a transposed view of row-major keys
+    that matmul ran at half speed on this CPU: [128, 64] @ [64, 32768], one core, 6.9 ms
+    against 3.6 ms with contiguous rows. A decode step's few rows take the other form, see
+    ``_scores_by_keys``.
     """
     kt_BES = k_idx_BSE.float().transpose(1, 2)
     return kt_BES if kt_BES.stride(2) == 1 else kt_BES.contiguous()
 
 
-def _scores_by_keys(q_CNE: torch.Tensor, kt_EP: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
-    """Scores [C, U, P] of a few queries (``w_CUN`` comes scaled), the keys split over the
-    workers; future keys are not masked here.
+def _few_query_scores(q_CNE: torch.Tensor, k_PE: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
+    """Scores [C, U, P] of a few queries (``w_CUN`` comes scaled) against row-major keys
+    ``k_PE``: ReLU terms keys-major, [P, E] @ [E, C·N], then the head weighting; future keys
+    are not masked here.
 
-    Each worker scores its range of keys, [C·N, E] @ [E, p], then weights the heads. The top-k
-    stays on one thread: its dozen small ops run 3x slower when two workers contend for the
-    interpreter lock (measured: two 32k-key rows on two workers 0.75 ms, one on one 0.25 ms).
+    For a decode step's 4 heads this form reads cold keys fastest: 32768 keys of 64 on one
+    core 1.31 ms, against 1.88-2.06 ms for [C·N, E] @ [E, P] on keys stored by dimension (the
+    chunks' form) and 2.13-2.23 ms on a transposed view (three rounds, /tmp/sz29/mm6.py).
     """
-    C, U, P = q_CNE.shape[0], w_CUN.shape[1], kt_EP.shape[1]
+    C, N, E = q_CNE.shape
+    terms_PR = torch.mm(k_PE, q_CNE.reshape(C * N, E).t()).relu_()
+    return torch.matmul(w_CUN, terms_PR.t().view(C, N, k_PE.shape[0]))
+
+
+def _scores_by_keys(q_CNE: torch.Tensor, k_PE: torch.Tensor, w_CUN: torch.Tensor) -> torch.Tensor:
+    """``_few_query_scores`` with the keys split over the workers.
+
+    The top-k stays on one thread: its dozen small ops run 3x slower when two workers contend
+    for the interpreter lock (measured: two 32k-key rows on two workers 0.75 ms, one on one
+    0.25 ms).
+    """
+    C, U, P = q_CNE.shape[0], w_CUN.shape[1], k_PE.shape[0]
     scores_CUP = q_CNE.new_empty(C, U, P)
 
     def part(p0: int, p1: int) -> None:
-        scores_CUP[:, :, p0:p1] = _weighted_relu(q_CNE, kt_EP[:, p0:p1], w_CUN)
+        scores_CUP[:, :, p0:p1] = _few_query_scores(q_CNE, k_PE[p0:p1], w_CUN)
 
     ranges = even_ranges(P, worker_count())
     run_on_workers([lambda p0=p0, p1=p1: part(p0, p1) for p0, p1 in ranges])
