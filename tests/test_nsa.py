@@ -77,12 +77,60 @@ def test_stats_gates_forced_share_and_density() -> None:
     with torch.no_grad():
         attn(torch.randn(2, 400, 64))
     st = attn.stats
-    assert set(st) >= {"density", "forced_frac", "gate_cmp", "gate_slc", "gate_win"}
-    assert 0 < float(st["density"]) < 0.6
+    assert set(st) >= {"density", "cmp_density", "forced_frac", "gate_cmp", "gate_slc", "gate_win"}
+    assert 0 < float(st["density"]) < 0.4
     # 3 of 4 slots are forced once a query has more than 3 legal blocks
     assert 0.74 < float(st["forced_frac"]) <= 1.0
     for branch in ("cmp", "slc", "win"):
         assert float(st[f"gate_{branch}"]) == pytest.approx(0.5, abs=0.01)  # gates start near 0.5
+
+
+@pytest.mark.parametrize(
+    ("params", "T", "prefix"),
+    [
+        ({"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}, 301, 0),
+        ({"block_size": 16, "stride": 8, "select_size": 32, "n_select": 4, "window": 40}, 257, 0),
+        ({"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}, 3, 290),
+    ],
+)
+def test_density_counts_each_attended_key_once(
+    monkeypatch: pytest.MonkeyPatch, params: dict, T: int, prefix: int
+) -> None:
+    """``density`` equals the share of causal (query, key) pairs in the union of the selected
+    blocks and the window, built as an explicit mask (the own and previous blocks lie in the
+    window and count once), averaged over batch and KV heads; ``cmp_density`` the visible
+    compressed tokens over the causal pairs. Prefill and a decode step of 3 tokens."""
+    seen: list[torch.Tensor] = []
+    stats = nsa_module.NativeSparseAttention._selection_stats
+
+    def recording(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> dict:
+        seen.append(idx_BTHK)
+        return stats(self, idx_BTHK, pos_T)
+
+    monkeypatch.setattr(nsa_module.NativeSparseAttention, "_selection_stats", recording)
+    attn = _nsa(n_kv_heads=2, **params)
+    x = torch.randn(2, prefix + T, 64)
+    with torch.no_grad():
+        if prefix:
+            cache = attn.new_cache(2, prefix + T)
+            attn.fill_cache(x[:, :prefix], cache)
+            attn(x[:, prefix:], cache=cache)
+        else:
+            attn(x)
+    measured = attn.stats  # a decode step's stats are computed when read
+    (idx_BTHK,) = seen
+    t_T1 = torch.arange(prefix, prefix + T)[:, None]
+    s_1S = torch.arange(prefix + T)[None]
+    causal_TS = s_1S <= t_T1
+    window_TS = causal_TS & (s_1S > t_T1 - params["window"])
+    block_S = s_1S[0] // params["select_size"]
+    chosen_BTHS = (idx_BTHK[..., None] == block_S).any(3)
+    attended = (chosen_BTHS | window_TS[None, :, None]) & causal_TS[None, :, None]
+    expected = attended.sum(dim=(1, 3)).double().mean() / causal_TS.sum()
+    assert float(measured["density"]) == pytest.approx(float(expected), rel=1e-6)
+    n_cmp_T = (t_T1 - params["block_size"] + 1).div(params["stride"], rounding_mode="floor") + 1
+    expected_cmp = n_cmp_T.clamp(min=0).sum() / causal_TS.sum()
+    assert float(measured["cmp_density"]) == pytest.approx(float(expected_cmp), rel=1e-6)
 
 
 def test_backward_runs_each_branch_right_after_its_gate_term(
