@@ -582,20 +582,18 @@ class NativeSparseAttention(AttentionMechanism):
     def _selected_rows(self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor) -> int:
         """Raw rows the selection branch reads per (batch, KV head), at most over both.
 
-        A block's rows are shared by the new queries that chose it, up to the newest of them
-        (only a query's own block is partial), so block j costs min(l', t_j - j·l' + 1) rows,
-        t_j the newest query choosing it; blocks nobody chose cost nothing.
+        The step gathers whole blocks of l' rows (a query's own block too: its rows past the
+        query are read and masked), each block once however many new queries chose it; blocks
+        nobody chose cost nothing. So a one-token step past n blocks reads n·l' rows, the
+        paper's Table 4 count at any context.
         """
         B, T, H, K = idx_BTHK.shape
         J = int(pos_T[-1]) // self.params.select_size + 1
-        t_BTHK = pos_T.view(1, T, 1, 1).expand(B, T, H, K)
         # unused slots (-1) go to an extra column J that is dropped
         slot_BHX = idx_BTHK.masked_fill(idx_BTHK < 0, J).transpose(1, 2).reshape(B, H, T * K)
-        newest_BHJ = torch.full((B, H, J + 1), -1, dtype=torch.int64, device=idx_BTHK.device)
-        newest_BHJ.scatter_reduce_(2, slot_BHX, t_BTHK.transpose(1, 2).reshape(B, H, -1), "amax")
-        start_J = torch.arange(J, device=idx_BTHK.device) * self.params.select_size
-        rows_BHJ = (newest_BHJ[..., :J] - start_J + 1).clamp(0, self.params.select_size)
-        return int(rows_BHJ.sum(-1).max())
+        chosen_BHJ = torch.zeros(B, H, J + 1, dtype=torch.bool, device=idx_BTHK.device)
+        chosen_BHJ.scatter_(2, slot_BHX, True)
+        return int(chosen_BHJ[..., :J].sum(-1).max()) * self.params.select_size
 
     # ----- cache and cost ----------------------------------------------------------------
 

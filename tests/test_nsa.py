@@ -58,8 +58,10 @@ def test_cost_model_is_table_4() -> None:
     assert attn.cost(1).keys == 2  # its own key in the selected block and in the window
 
 
-@pytest.mark.parametrize("s", [2048, 4096])
+@pytest.mark.parametrize("s", [2048, 4096, 8193, 8200, 16384 + 37])
 def test_decode_reads_match_table_4_formula(s: int) -> None:
+    """A decode step at context s reads floor((s - l)/d) + 1 compressed, n·l' selected (whole
+    blocks, the query's own too) and w window rows, at multiples of l' and between them."""
     attn = _nsa(**PAPER)
     cache = attn.new_cache(1, s)
     assert isinstance(cache, NSACache)
@@ -67,9 +69,43 @@ def test_decode_reads_match_table_4_formula(s: int) -> None:
         attn.fill_cache(torch.randn(1, s - 1, 64), cache)
         attn(torch.randn(1, 1, 64), cache=cache)
     assert cache.length == s
-    # compressed tokens arrive every d steps, never recomputed: exactly floor((s-l)/d)+1 of them
     assert cache.n_cmp == (s - 32) // 16 + 1
     assert cache.rows_read == (s - 32) // 16 + 1 + 16 * 64 + 512
+
+
+def test_decoding_compresses_each_block_once_rotated_at_its_last_position(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Token-by-token decoding emits compressed token i when token i·d + l - 1 arrives, from
+    exactly its l raw rows (nothing is recompressed), and the cached key is phi of those rows
+    rotated at position i·d + l - 1 (the documented RoPE rule: raw keys compressed unrotated)."""
+    calls: list[tuple[int, int]] = []
+    compress = nsa_module.NativeSparseAttention._compress
+
+    def recording(self, raw_k_BTHD: torch.Tensor, raw_v_BTHD: torch.Tensor, first: int):
+        calls.append((first, raw_k_BTHD.shape[1]))
+        return compress(self, raw_k_BTHD, raw_v_BTHD, first)
+
+    monkeypatch.setattr(nsa_module.NativeSparseAttention, "_compress", recording)
+    size, d, T = 16, 8, 60
+    attn = _nsa(n_kv_heads=2, block_size=size, stride=d, select_size=16, n_select=4, window=16)
+    cache = attn.new_cache(1, T)
+    arrivals = []
+    with torch.no_grad():
+        for t in range(T):
+            before = len(calls)
+            attn(torch.randn(1, 1, 64), cache=cache)
+            arrivals += [t] * (len(calls) - before)
+    n = (T - size) // d + 1
+    assert calls == [(i, size) for i in range(n)]
+    assert arrivals == [i * d + size - 1 for i in range(n)]
+    with torch.no_grad():
+        for i in range(n):
+            raw = cache.raw_k_BSHD[:, i * d : i * d + size]
+            phi_BNHD = attn.compress_k(raw, d, "naive")
+            k_BHD = cache.kcmp_BHDN[..., i]
+            unrotated = attn.rope_at(k_BHD[:, None], torch.tensor([-(i * d + size - 1)]))
+            torch.testing.assert_close(unrotated[:, 0], phi_BNHD[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_stats_gates_forced_share_and_density() -> None:
