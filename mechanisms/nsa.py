@@ -380,7 +380,9 @@ class NativeSparseAttention(AttentionMechanism):
     def _selection_stats(
         self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Measured density, the compressed tokens' share and the forced share of selections.
+        """Measured density, the compressed tokens' share, the forced share of selections and
+        the GQA group size (query heads sharing each KV head's selected blocks, the unit the
+        selection kernels load blocks for: G = 16 in the paper's layout, 64 on 4 KV heads).
 
         ``density`` follows the contract: causal (query, key) pairs attended at full resolution
         over all causal pairs, each raw key once per query although the query's own and
@@ -410,6 +412,7 @@ class NativeSparseAttention(AttentionMechanism):
                 "density": ((n_win + outside.mean(dim=(0, 2))).sum() / total).float(),
                 "cmp_density": (n_cmp.sum() / total).float(),
                 "forced_frac": (forced.sum() / valid.sum().clamp(min=1)).float(),
+                "group_size": torch.tensor(float(self.shape.group_size)),
             }
 
     def _append(self, cache: NSACache, kv: dict[str, torch.Tensor]) -> None:

@@ -114,6 +114,7 @@ def test_stats_gates_forced_share_and_density() -> None:
         attn(torch.randn(2, 400, 64))
     st = attn.stats
     assert set(st) >= {"density", "cmp_density", "forced_frac", "gate_cmp", "gate_slc", "gate_win"}
+    assert float(st["group_size"]) == 4  # 4 query heads on 1 KV head
     assert 0 < float(st["density"]) < 0.4
     # 3 of 4 slots are forced once a query has more than 3 legal blocks
     assert 0.74 < float(st["forced_frac"]) <= 1.0
@@ -167,6 +168,7 @@ def test_density_counts_each_attended_key_once(
     n_cmp_T = (t_T1 - params["block_size"] + 1).div(params["stride"], rounding_mode="floor") + 1
     expected_cmp = n_cmp_T.clamp(min=0).sum() / causal_TS.sum()
     assert float(measured["cmp_density"]) == pytest.approx(float(expected_cmp), rel=1e-6)
+    assert float(measured["group_size"]) == 2  # 4 query heads on 2 KV heads
 
 
 def test_backward_runs_each_branch_right_after_its_gate_term(
