@@ -88,6 +88,12 @@ class DSAParams(MechanismParams):
         help="dense warm-up steps training only the indexer before sparse training (0: none)",
         low=0,
     )
+    stage: str = knob(
+        "auto",
+        help="training stage: auto (warm-up for warmup_steps, then sparse) or pinned",
+        choices=("auto", "warmup", "sparse"),
+        phase=True,
+    )
     kl_coef: float = knob(
         1.0, help="weight of the indexer KL in the training loss (> 0)", low=0.0, phase=True
     )
@@ -236,7 +242,11 @@ class DeepSeekSparseAttention(AttentionMechanism):
 
     @property
     def stage(self) -> str:
-        """``warmup`` while the step is below ``warmup_steps``, then ``sparse``."""
+        """The ``stage`` knob when pinned (``warmup`` / ``sparse``, e.g. set per curriculum
+        phase, or to fine-tune a checkpoint sparse whatever its step); with ``auto``,
+        ``warmup`` while the step is below ``warmup_steps``, then ``sparse``."""
+        if self.params.stage != "auto":
+            return self.params.stage
         return "warmup" if self.step < self.params.warmup_steps else "sparse"
 
     def set_step(self, step: int) -> None:

@@ -50,6 +50,7 @@ def _x(B: int = 2, T: int = 80, C: int = 64) -> torch.Tensor:
         ({"index_rope_dim": 3}, "index_rope_dim=3 must be even"),
         ({"index_dim": 16, "index_rope_dim": 32}, "index_rope_dim=32 must be <= index_dim=16"),
         ({"sharing": "per_head"}, "sharing='per_head' is not allowed"),
+        ({"stage": "dense"}, "stage='dense' is not allowed; choose one of"),
         ({"warmup_steps": -1}, "warmup_steps=-1 is below the minimum 0"),
         ({"kl_coef": 0.0}, "kl_coef=0.0 must be > 0"),
         ({"kl_coef": -1.0}, "kl_coef=-1.0 is below the minimum 0.0"),
@@ -72,6 +73,41 @@ def test_stage_switch_follows_the_step_and_survives_a_state_dict() -> None:
     reloaded = _dsa(warmup_steps=3)
     reloaded.load_state_dict(attn.state_dict())
     assert reloaded.stage == "sparse"
+
+
+@pytest.mark.parametrize("pinned", ["warmup", "sparse"])
+def test_pinned_stage_ignores_the_step(pinned: str) -> None:
+    """``stage: warmup`` / ``sparse`` hold at every step (auto switches at warmup_steps), and
+    the pinned stage decides what trains and how the forward attends."""
+    attn = _dsa(**{**SPARSE, "warmup_steps": 3, "stage": pinned})
+    for step in (0, 2, 3, 10**9):
+        attn.set_step(step)
+        assert attn.stage == pinned
+    trainable = attn.phase_trainable_parameters()
+    if pinned == "warmup":
+        assert {id(p) for p in trainable} == {id(p) for p in attn.indexer.parameters()}
+    else:
+        assert trainable is None
+    attn.set_step(0)
+    with torch.no_grad():
+        attn(_x(1, 60))
+    assert (float(attn.stats["density"]) == 1.0) == (pinned == "warmup")
+
+
+def test_curriculum_phase_pins_the_stage() -> None:
+    """``stage`` is a phase knob: a curriculum phase's attention_params pin it, and leaving the
+    phase gives the configured ``auto`` back."""
+    model = _tiny_lm("dsa", "dsa", warmup_steps=100)
+    model.set_phase_params({"dsa": {"stage": "sparse"}})
+    model.set_training_step(0)
+    assert [b.attn.stage for b in model.blocks] == ["sparse", "sparse"]
+    assert all(p.requires_grad for p in model.parameters())
+    model.set_phase_params({})
+    model.set_training_step(1)
+    assert [b.attn.stage for b in model.blocks] == ["warmup", "warmup"]
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {
+        id(p) for b in model.blocks for p in b.attn.indexer.parameters()
+    }
 
 
 def _tiny_lm(*layers: str, **params: object) -> SparseLM:
