@@ -45,12 +45,15 @@ REAL_MECHANISMS = registry.list_mechanisms()
 
 
 def _other_value(params: MechanismParams, knob_name: str) -> Any:
-    """A valid value of the knob other than its current one: a float doubled, an int halved
-    (or raised by one when halving would leave its range)."""
+    """A valid value of the knob other than its current one: the first other choice, a float
+    doubled, an int halved (or raised by one when halving would leave its range)."""
     value = getattr(params, knob_name)
+    meta = next(f for f in dataclasses.fields(params) if f.name == knob_name).metadata
+    if meta["choices"] is not None:
+        return next(choice for choice in meta["choices"] if choice != value)
     if isinstance(value, float):
         return 2.0 * value
-    low = next(f for f in dataclasses.fields(params) if f.name == knob_name).metadata["low"]
+    low = meta["low"]
     return value // 2 if value // 2 >= (low or 0) and value // 2 != value else value + 1
 
 
@@ -93,8 +96,13 @@ def test_phase_knobs_keep_the_parameters_and_apply_on_the_next_call(
     attn.set_phase_params({})
     for a, b in zip(run(attn), configured, strict=True):
         torch.testing.assert_close(a, b)
-    with pytest.raises(MechanismConfigError, match=f"{knob_name}=-1 is below the minimum"):
-        attn.set_phase_params({knob_name: -1})
+    bad, error = (
+        ("nothing", "'nothing' is not allowed")
+        if isinstance(other[knob_name], str)
+        else (-1, "-1 is below the minimum")
+    )
+    with pytest.raises(MechanismConfigError, match=f"{knob_name}={error}"):
+        attn.set_phase_params({knob_name: bad})
     assert attn.params == attn.configured_params
 
 
