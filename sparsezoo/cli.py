@@ -255,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="suites, comma-separated or repeated: passkey, mqar, loss_by_position, extrapolation",
     )
-    p.add_argument("--tracking-uri", default=None, help="store to find a run given by id in")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="tracking store of the evaluated run (default: the one its run.json records; for a "
+        "run id, MLFLOW_TRACKING_URI or the local store)",
+    )
     p.add_argument(
         "--new-run",
         action="store_true",

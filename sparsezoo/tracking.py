@@ -28,8 +28,13 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Config value, else ``MLFLOW_TRACKING_URI``, else the local SQLite store."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Config value, else ``MLFLOW_TRACKING_URI``, else the local SQLite store; a SQLite path
+    made absolute (``sqlite:///mlflow.db`` is a file in the current directory), so what a run
+    records in its run.json finds the store from any directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(uri.removeprefix("sqlite:///")))
+    return uri
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

@@ -4,6 +4,7 @@ and a checkpoint, into the run or a new linked eval run; the end-of-training hoo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,15 @@ def test_eval_of_a_run_dir_logs_metrics_and_heatmap_into_the_run(
     assert "eval/loss_by_position/loss" in results["metrics"]
     assert "eval/passkey/L64/D50" in results["metrics"]
     assert "eval/passkey/L64/D0" not in results["metrics"]
+    # MLflow agrees: the cells the rerun's grid left out read NaN now (no longer scored), the
+    # other suites keep theirs
+    metrics = client.get_run(run_id).data.metrics
+    assert math.isnan(metrics["eval/passkey/L64/D0"]) and math.isnan(
+        metrics["eval/passkey/L64/D100"]
+    )
+    assert metrics["eval/passkey/acc"] == results["metrics"]["eval/passkey/acc"]
+    latest = {k: v for k, v in metrics.items() if k.startswith("eval/") and not math.isnan(v)}
+    assert latest == pytest.approx(results["metrics"])
 
 
 def test_eval_by_run_id_and_by_checkpoint_into_a_new_linked_run(
@@ -330,3 +340,60 @@ def test_eval_files_folder_follows_the_run_the_metrics_go_into(
     folder per knob setting, and one per new eval run of a tracked run."""
     target = EvalTarget(ExperimentConfig(), tmp_path / "x.ckpt", tmp_path, run_id, "", knobs)
     assert target.out_dir(eval_run_id) == tmp_path / folder
+
+
+def test_a_run_trained_on_a_relative_sqlite_store_is_evaluated_from_another_directory(
+    tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training with ``sqlite:///mlflow.db`` (a file in the working directory) records the
+    store's absolute path in run.json, so ``sparsezoo eval <run dir>`` run from elsewhere logs
+    into the training run; a link tag names the run directory absolutely."""
+    workdir, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    workdir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(workdir)
+    overrides = [o for o in tiny_overrides if not o.startswith("tracking.uri=")]
+    result = train(load_config(None, [*overrides, "tracking.uri=sqlite:///mlflow.db"]))
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    assert json.loads((result.run_dir / RUN_FILE).read_text())["tracking_uri"] == store
+    monkeypatch.chdir(elsewhere)
+    args = ["eval", str(result.run_dir), "--suite", "passkey", *SMALL_GRIDS[:2]]
+    assert main(args) == 0
+    assert not (elsewhere / "mlflow.db").exists()
+    assert "eval/passkey/acc" in MlflowClient(store).get_run(result.run_id).data.metrics
+    assert main([*args, "--new-run"]) == 0
+    client = MlflowClient(store)
+    experiment = client.get_run(result.run_id).info.experiment_id
+    runs = client.search_runs([experiment], "tags.`sparsezoo.kind` = 'eval'")
+    assert [r.data.tags[TAG_EVALUATED] for r in runs] == [result.run_id]
+
+
+def test_eval_against_a_store_without_the_run_fails_before_writing_anything(
+    run: tuple[ExperimentConfig, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--tracking-uri`` naming a store that does not hold the run recorded in run.json: exit
+    2 naming both, and no eval files are written into the run directory."""
+    _, run_dir, run_id = run
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    code = main(["eval", str(run_dir), "--suite", "passkey", "--tracking-uri", other])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"names MLflow run {run_id}, which is not in the tracking store {other}" in err
+    assert not (run_dir / "eval").exists()
+
+
+def test_end_of_training_eval_runs_on_the_eval_device(
+    tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end-of-training hook scores the trained model on ``eval.device`` (the trainer's
+    teardown leaves it on the CPU), as ``sparsezoo eval`` does."""
+    moved: list[torch.device] = []
+    to = SparseLM.to
+
+    def recording(self: SparseLM, *args: object, **kwargs: object) -> SparseLM:
+        moved.append(torch.device(args[0]) if args else kwargs.get("device"))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparseLM, "to", recording)
+    train(load_config(None, [*tiny_overrides, "eval.suites=[passkey]", *SMALL_GRIDS[:2]]))
+    assert moved[-1:] == [torch.device("cpu")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 import time
@@ -96,9 +97,11 @@ def evaluate_model(
 
     ``val_path`` gives the held-out token file (called only when loss_by_position runs). With
     ``client`` and ``run_id`` the metrics (at ``step``), the files (under ``eval/``) and tags
-    naming the suites and any length a mechanism cannot run at go into that run.
+    naming the suites and any length a mechanism cannot run at go into that run. The model
+    runs on ``eval.device`` (the end-of-training hook passes the trained model wherever the
+    trainer left it: Lightning's teardown moves it to the CPU).
     """
-    ctx = EvalContext(model, cfg, val_path, mechanism_tag(cfg))
+    ctx = EvalContext(model.to(eval_device(cfg)), cfg, val_path, mechanism_tag(cfg))
     total = SuiteOutput()
     for name in cfg.eval.suites:
         log.info("eval %s: %s", ctx.label, name)
@@ -116,8 +119,13 @@ def evaluate_model(
     files.append(out_dir / RESULTS_FILE)
     results = _update_results(files[-1], cfg.eval.suites, step, total)
     if client is not None and run_id is not None:
-        _log(client, run_id, total.metrics, files, step, results)
+        _log(client, run_id, total.metrics, files, step, results, cfg.eval.suites)
     return EvalResult(total.metrics, total.skipped, files, run_id, step)
+
+
+def _prefixes(suites: Sequence[str]) -> tuple[str, ...]:
+    """The metric-name prefixes of the suites, ``eval/<suite>/``."""
+    return tuple(f"eval/{name}/" for name in suites)
 
 
 def _update_results(
@@ -132,7 +140,7 @@ def _update_results(
     results = {"suites": {}, "metrics": {}, "cannot_run": {}}
     if path.is_file():
         results = json.loads(path.read_text())
-    rerun = tuple(f"eval/{name}/" for name in suites)
+    rerun = _prefixes(suites)
     for section, new in (("metrics", out.metrics), ("cannot_run", out.skipped)):
         kept = {k: v for k, v in results[section].items() if not k.startswith(rerun)}
         results[section] = kept | new
@@ -148,14 +156,23 @@ def _log(
     files: list[Path],
     step: int,
     results: dict[str, dict[str, Any]],
+    suites: Sequence[str],
 ) -> None:
     """One evaluation's metrics and files into an MLflow run; tags from all its results.
 
-    The tags name every suite evaluated so far and every length a mechanism cannot run at
-    (the tag goes away when a rerun finds none).
+    A rerun of a suite on another grid leaves metrics of the earlier grid in the run, which
+    MLflow cannot delete: they are logged NaN at this step, so the run's latest values are
+    this evaluation's, as in ``results.json`` (an ablation report would otherwise mix the
+    two grids). The tags name every suite evaluated so far and every length a mechanism
+    cannot run at (the tag goes away when a rerun finds none).
     """
     now_ms = int(time.time() * 1000)
-    batch = [Metric(k, v, now_ms, step) for k, v in sorted(metrics.items())]
+    rerun = _prefixes(suites)
+    stale = [
+        k for k in client.get_run(run_id).data.metrics if k.startswith(rerun) and k not in metrics
+    ]
+    logged = metrics | dict.fromkeys(stale, math.nan)
+    batch = [Metric(k, v, now_ms, step) for k, v in sorted(logged.items())]
     for i in range(0, len(batch), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
     for path in files:
@@ -261,6 +278,25 @@ def resolve_target(
     return EvalTarget(cfg, checkpoint, run_dir, record.get("run_id"), uri, knobs)
 
 
+def _tracking_client(target: EvalTarget) -> MlflowClient | None:
+    """The client of the evaluated run's store (None when its config disables tracking),
+    checked before anything is computed or written: the store answers and holds the run."""
+    if not target.cfg.tracking.enabled:
+        return None
+    tracking.check_tracking(target.tracking_uri)
+    client = MlflowClient(target.tracking_uri)
+    if target.run_id is not None:
+        try:
+            client.get_run(target.run_id)
+        except MlflowException as exc:
+            raise EvalError(
+                f"{target.run_dir / RUN_FILE} names MLflow run {target.run_id}, which is not in "
+                f"the tracking store {target.tracking_uri}; pass --tracking-uri with the store "
+                "it was trained in"
+            ) from exc
+    return client
+
+
 def _check_knobs(knobs: Sequence[str], cfg: ExperimentConfig) -> None:
     """Each test-time knob must belong to a mechanism some layer of the run uses.
 
@@ -354,6 +390,7 @@ def evaluate(
     """
     target = resolve_target(reference, suites, overrides, tracking_uri)
     cfg = target.cfg
+    client = _tracking_client(target)
     model, step = load_model(target, eval_device(cfg))
     bundle: list[Path] = []
 
@@ -373,16 +410,14 @@ def evaluate(
             run_id=run_id,
         )
 
-    if not cfg.tracking.enabled:
+    if client is None:
         return run(None, None, target.out_dir())
-    tracking.check_tracking(target.tracking_uri)
-    client = MlflowClient(target.tracking_uri)
     if target.run_id is not None and not new_run and not target.knobs:
         return run(client, target.run_id, target.out_dir(target.run_id))
     tags = {
         "sparsezoo.kind": "eval",
         "sparsezoo.mechanism": mechanism_tag(cfg),
-        TAG_EVALUATED: target.run_id or str(target.run_dir),
+        TAG_EVALUATED: target.run_id or str(target.run_dir.resolve()),
     }
     if target.knobs:
         tags[TAG_KNOBS] = " ".join(target.knobs)
