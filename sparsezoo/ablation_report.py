@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import statistics
 import tempfile
 from collections import defaultdict
@@ -41,6 +42,8 @@ METRIC_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 )
 PLOTS = ("val_loss_curves.png", "pareto_wallclock.png", "quality_vs_density.png")
 LENGTH_PLOT = "cost_vs_length.png"
+# extrapolation's main number of a task at a factor of the trained length (see eval/extrapolation)
+_EXTRAPOLATION_HEADLINE = re.compile(r"eval/extrapolation/[^/]+/x\d+/[^/]+")
 
 
 @dataclass
@@ -196,10 +199,11 @@ def build_report(ref: str, uri: str | None = None) -> AblationReport:
 
 
 def headline_eval_keys(keys: list[str]) -> list[str]:
-    """The suites' summary metrics, ``eval/<suite>/<metric>``, without the per-cell ones
+    """The suites' summary metrics, ``eval/<suite>/<metric>`` and extrapolation's main number
+    per task and factor (``eval/extrapolation/passkey/x2/acc``), without the per-cell ones
     (``eval/passkey/L4096/D50``): a passkey grid alone is 40 columns per length, more than a
     console table can show."""
-    return [k for k in keys if k.count("/") <= 2]
+    return [k for k in keys if k.count("/") <= 2 or _EXTRAPOLATION_HEADLINE.fullmatch(k)]
 
 
 def _header(eval_keys: list[str]) -> list[str]:

@@ -213,9 +213,16 @@ def test_ablation_end_to_end_with_a_failing_point_then_resume(
     assert window.data.tags["sparsezoo.grid.sliding_window.window"] == "8"
     assert window.data.tags["sparsezoo.kind"] == "train"
 
-    # the report's numbers are the children's logged metrics, rebuilt from MLflow alone
+    # the report's numbers are the children's logged metrics, rebuilt from MLflow alone, eval
+    # metrics logged into a child after training (as sparsezoo eval does) included
+    dense_id = by_point["mechanism=dense,seed=0"].info.run_id
+    client.log_metric(dense_id, "eval/passkey/acc", 0.75)
+    client.log_metric(dense_id, "eval/extrapolation/passkey/x2/acc", 0.25)
     report = build_report(parent.info.run_id, _uri(tiny_overrides))
     rows = {r.mechanism: r for r in report.rows}
+    assert report.eval_keys == ["eval/extrapolation/passkey/x2/acc", "eval/passkey/acc"]
+    assert rows["dense"].metrics["eval/passkey/acc"] == 0.75
+    assert "eval/passkey/acc" not in rows["sliding_window"].metrics
     for mech, point in (("dense", "mechanism=dense,seed=0"), ("sliding_window", window)):
         child = by_point[point] if isinstance(point, str) else point
         assert rows[mech].metrics["val/loss"] == child.data.metrics["val/loss"]
@@ -279,17 +286,23 @@ def test_console_table_shows_headline_eval_metrics_and_the_artifacts_every_cell(
     keys = sorted(
         ["eval/passkey/acc", "eval/passkey/min_acc", "eval/mqar/acc"]
         + [f"eval/passkey/L1024/D{d}" for d in (0, 50, 100)]
-        + ["eval/passkey/L1024/acc"]
+        + ["eval/passkey/L1024/acc", "eval/extrapolation/passkey/x2/acc"]
+        + ["eval/extrapolation/passkey/L2048/D50", "eval/extrapolation/passkey/acc"]
     )
     metrics = {k: 0.5 for k in keys} | {"val/loss": 2.0}
     child = ChildRun("r" * 32, "mechanism=dense,seed=0", "dense", {}, "FINISHED", "", metrics)
     row = GroupRow("dense", "mechanism=dense", {}, 1, 1, metrics)
     report = AblationReport("p" * 32, "grid", "0", [child], [row], keys)
-    assert headline_eval_keys(keys) == ["eval/mqar/acc", "eval/passkey/acc", "eval/passkey/min_acc"]
+    assert headline_eval_keys(keys) == [
+        "eval/extrapolation/passkey/x2/acc",
+        "eval/mqar/acc",
+        "eval/passkey/acc",
+        "eval/passkey/min_acc",
+    ]
     table = render_table(report)
     titles = [str(column.header) for column in table.columns]
     assert [t for t in titles if t.startswith("eval/")] == headline_eval_keys(keys)
-    assert table.caption.startswith("4 per-cell eval metrics")
+    assert table.caption.startswith("6 per-cell eval metrics")
     csv_header = next(csv.reader(io.StringIO(to_csv(report))))
     assert [t for t in csv_header if t.startswith("eval/")] == keys
     assert "eval/passkey/L1024/D50" in to_markdown(report)
