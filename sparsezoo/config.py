@@ -191,10 +191,11 @@ class LossByPositionEvalConfig:
 
 @dataclass
 class ExtrapolationEvalConfig:
-    """The ``tasks`` (each with its own settings) again at ``factors`` x ``data.seq_len``."""
+    """The ``tasks`` (each with its own settings) again at ``factors`` x ``data.seq_len``:
+    by default every task, as the other suites run them."""
 
     factors: list[int] = field(default_factory=lambda: [2, 4])
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "loss_by_position"])
+    tasks: list[str] = field(default_factory=lambda: list(EXTRAPOLATION_TASKS))
 
 
 @dataclass
