@@ -493,15 +493,16 @@ class DeepSeekSparseAttention(AttentionMechanism):
     # ----- cost --------------------------------------------------------------------------
 
     def cost(self, t: int) -> Cost:
-        """K/V rows read at context t: min(k, t) when sparse, t in warm-up. When sparse the
+        """K/V rows read at context t: min(k, t) when sparse, t in warm-up. Past k tokens the
         FLOPs add the indexer (N·E multiply-adds and N weights per visible token, shared by the
         HQ heads) and the side rows its t keys (an indexer key of E numbers serves all H KV
         heads: t·E / (2·H·D) K/V rows). At 64k tokens, 4 KV heads of 128, E = 64: 2048 + 4096
         rows, a 10.7x bound on decoding."""
         p = self.params
-        if self.stage == "warmup":
+        if self.stage == "warmup" or t <= p.topk:
+            # a query seeing at most k tokens attends them all, unscored (dense, no indexer)
             return Cost(keys=float(t), flops=self.attention_flops(t))
-        keys = float(min(t, p.topk))
+        keys = float(p.topk)
         index_flops = 2.0 * t * p.index_heads * (p.index_dim + self._n_sets)
         return Cost(
             keys=keys,

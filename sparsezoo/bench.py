@@ -53,7 +53,7 @@ from sparsezoo.mechanisms.base import (
     KVCache,
     MechanismConfigError,
 )
-from sparsezoo.perf import PeakMemory, time_ms
+from sparsezoo.perf import PeakMemory, evict_caches, time_ms
 from sparsezoo.registry import UnknownMechanismError, build_attention, get_mechanism
 from sparsezoo.registry import list_mechanisms as registered_mechanisms
 from sparsezoo.tracking import (
@@ -76,6 +76,8 @@ DEVICES = ("auto", "cpu", "cuda")
 MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 # the training step a bench module is set to by default: past any mechanism's warm-up
 FINAL_PHASE_STEP = 1 << 62
+# 1-minute load average above which the bench warns that other processes are running
+_BUSY_LOAD = 0.5
 
 # BenchConfig field -> the command-line flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -304,6 +306,8 @@ class _Case:
             # because mechanisms may subclass KVCache with state a rewind would leave stale; so
             # every step decodes against exactly T cached tokens.
             restore_cache(self.cache, self.filled)
+            # cold, as in a model whose other layers ran since: restoring left part of it hot
+            evict_caches(self.x_BTC.device)
             if self.mode == "decode_attn":
                 with torch.no_grad():
                     self.reader = self.module.decode_reader(self.token_B1C, self.cache)
@@ -396,15 +400,30 @@ def _build(name: str, cfg: BenchConfig, device: torch.device) -> AttentionMechan
     return module.to(device=device, dtype=DTYPES[cfg.dtype])
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the platform's processor or machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    """What the numbers were measured on, including how busy the machine was at the start (the
+    1-minute load average: other processes skew multi-threaded kernels, dense's among them,
+    more than the single-threaded workers of the sparse ones)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": name or platform.machine(),
+        "device_name": name,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg()[0],
         "started": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -429,7 +448,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
         torch.set_num_threads(cfg.threads)
     try:
         environment = _environment(device)
+        load = environment["load_average_start"]
+        if console is not None and load > _BUSY_LOAD:
+            console.print(
+                f"warning: the machine is busy (load average {load:.2f} on "
+                f"{environment['cpu_count']} CPUs): ratios against multi-threaded kernels are "
+                "unreliable"
+            )
         modules = {name: _build(name, resolved, device) for name in names}
+        # every knob each module runs with, defaults included, goes with the result
+        knobs = {name: dataclasses.asdict(m.params) for name, m in modules.items()}
+        resolved = dataclasses.replace(resolved, params={n: k for n, k in knobs.items() if k})
         max_len = max(cfg.lengths)
         prefill_flops = (
             {name: _prefill_flops(m, max_len) for name, m in modules.items()}
@@ -450,7 +479,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
                 peaks = _peak_memory(cases, device)
                 for name, module in modules.items():
                     if mode in DECODE_MODES:
-                        theory = modules[BASELINE].cost(T + 1).rows / module.cost(T + 1).rows
+                        # the rows the step read (measured: MoBA's heads of a group may route
+                        # to different blocks) plus the cost model's side rows (DSA's indexer)
+                        read = cases[name].rows_read + module.cost(T + 1).side_rows
+                        theory = (T + 1) / read
                     else:
                         theory = prefill_flops[BASELINE][T] / prefill_flops[name][T]
                     rows.append(
@@ -501,16 +533,19 @@ def _row(
 def _measure(
     cases: dict[str, _Case], warmup: int, repeats: int, device: torch.device
 ) -> dict[str, list[float]]:
-    """Warm every case up, then time them interleaved, one step each per repeat round."""
+    """Warm every case up, then time them interleaved, one step each per repeat round; each
+    round starts one case later than the previous, so none always runs first."""
     for _ in range(warmup):
         for case in cases.values():
             case.prepare()
             case.step()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, case in cases.items():
-            case.prepare()
-            times[name].append(time_ms(case.step, device))
+    names = list(cases)
+    for r in range(repeats):
+        first = r % len(names)
+        for name in names[first:] + names[:first]:
+            cases[name].prepare()
+            times[name].append(time_ms(cases[name].step, device))
     return times
 
 

@@ -8,12 +8,14 @@ import copy
 import dataclasses
 import itertools
 import json
+import os
 import statistics
 
 import pytest
 import torch
 
-from sparsezoo import registry
+from sparsezoo import bench as bench_module
+from sparsezoo import perf, registry
 from sparsezoo.bench import (
     BenchConfig,
     BenchConfigError,
@@ -146,6 +148,69 @@ def test_theory_is_prefill_flops_and_decode_rows_with_the_indexer() -> None:
     assert decode == pytest.approx(65 / (16 + 65 * 8 / 64))
 
 
+def test_decode_theory_counts_the_rows_read_and_dense_fallbacks() -> None:
+    """The decode theory divides dense's rows by the rows the step read (measured) plus the
+    side rows: MoBA's heads of a group read the union of their blocks, and a DSA step whose
+    context fits in k runs dense attention with no indexer (theory 1, not below)."""
+    params = {
+        "moba": {"block_size": 16, "top_k": 2},
+        "dsa": {"topk": 128, "warmup_steps": 0, "index_dim": 8, "index_rope_dim": 4},
+    }
+    cfg = tiny_config(mechanisms=["moba", "dsa"], modes=["decode"], lengths=[100], params=params)
+    res = run_bench(dataclasses.replace(cfg, n_heads=8, n_kv_heads=1), progress=False)
+    moba = res.row("decode", 100, "moba")
+    assert moba.theoretical_speedup == pytest.approx(101 / moba.rows_read)
+    dsa = res.row("decode", 100, "dsa")
+    assert (dsa.rows_read, dsa.theoretical_speedup) == (101, 1.0)
+
+
+def test_rounds_rotate_which_mechanism_runs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every repeat round starts one case later than the previous one."""
+    order: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def prepare(self) -> None:
+            pass
+
+        def step(self) -> None:
+            order.append(self.name)
+
+    cases = {name: Recorder(name) for name in ("dense", "a", "b")}
+    times = bench_module._measure(cases, warmup=0, repeats=4, device=torch.device("cpu"))
+    assert order == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a", "dense", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"dense": 4, "a": 4, "b": 4}
+
+
+def test_decode_steps_start_from_evicted_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode modes evict the last-level cache after restoring the KV cache (restoring would
+    leave part of it hot); prefill modes do not."""
+    evicted: list[str] = []
+    monkeypatch.setattr(bench_module, "evict_caches", lambda device: evicted.append("evict"))
+    cfg = tiny_config(modes=["fwd", "decode", "decode_attn"], lengths=[64])
+    run_bench(dataclasses.replace(cfg, repeats=3, warmup=1), progress=False)
+    # two decode modes x two mechanisms x (1 warm-up + 3 repeats + 1 peak-memory step)
+    assert len(evicted) == 2 * 2 * 5
+    assert perf.last_level_cache_bytes(torch.device("cpu")) >= 1 << 20
+    perf.evict_caches("cpu")
+
+
+def test_environment_names_the_cpu_and_warns_when_the_machine_is_busy(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_module.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    res = run_bench(tiny_config(modes=["fwd"], lengths=[64]), progress=True)
+    env = res.environment
+    assert env["load_average_start"] == 1.5 and env["cpu_count"] == os.cpu_count()
+    assert env["device_name"] not in ("", "x86_64")
+    assert "warning: the machine is busy (load average 1.50" in capsys.readouterr().err
+    monkeypatch.setattr(bench_module.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    run_bench(tiny_config(modes=["fwd"], lengths=[64]), progress=True)
+    assert "busy" not in capsys.readouterr().err
+
+
 def test_phased_mechanisms_are_measured_past_their_warm_up_unless_told() -> None:
     """DSA with its default 1000 warm-up steps: the bench measures its sparse stage (16 of 65
     rows read per decode step, sparse theory) unless ``train_step`` puts it in the warm-up,
@@ -219,7 +284,8 @@ def test_write_outputs_json_and_png(result: BenchResult, tmp_path) -> None:
     json_path, png_path = write_outputs(result, tmp_path / "out")
     data = json.loads(json_path.read_text())
     assert data["config"]["mechanisms"] == ["dense", "sliding_window"]
-    assert data["config"]["params"] == {"sliding_window": {"window": WINDOW}}
+    # every knob the module ran with, defaults included (dense has none)
+    assert data["config"]["params"] == {"sliding_window": {"window": WINDOW, "backend": "auto"}}
     assert len(data["rows"]) == len(result.rows)
     row = data["rows"][0]
     assert row == dataclasses.asdict(result.rows[0])
@@ -239,6 +305,7 @@ def test_metric_keys_and_flat_params(result: BenchResult) -> None:
     flat = flatten_config(result.config)
     assert flat["lengths"] == "64,128"
     assert flat["params.sliding_window.window"] == str(WINDOW)
+    assert flat["params.sliding_window.backend"] == "auto"
 
 
 def test_bench_command_end_to_end(tmp_path, monkeypatch, capsys) -> None:

@@ -332,14 +332,16 @@ def test_warmup_decoding_is_dense() -> None:
 
 
 def test_cost_model() -> None:
-    """Sparse: min(k, t) K/V rows; FLOPs add the indexer, shared by the query heads. Warm-up:
-    dense."""
+    """Sparse past k tokens: k K/V rows, FLOPs add the indexer, shared by the query heads; up
+    to k tokens a query attends all of them unscored (as the forward and decode steps do: no
+    indexer), and in warm-up: dense."""
     attn = _dsa(d_model=1024, n_heads=16, n_kv_heads=1, topk=2048, warmup_steps=0)
-    for t in (100, 2048, 32768):
+    for t in (100, 2048, 2049, 32768):
         cost = attn.cost(t)
         assert cost.keys == min(t, 2048)
-        index = 2 * t * 4 * (64 + 1) / 16
+        index = 2 * t * 4 * (64 + 1) / 16 if t > 2048 else 0.0
         assert cost.flops == pytest.approx(4 * cost.keys * 64 + index)
+        assert cost.side_rows == (t * 64 / (2 * 64) if t > 2048 else 0.0)
     # the indexer costs f = H_I·d_I / (2·h·D) = 1/8 of dense attention per visible key
     assert attn.cost(32768).flops - attn.attention_flops(2048) == pytest.approx(
         attn.attention_flops(32768) / 8, rel=0.02
