@@ -133,6 +133,33 @@ def test_selection_fold_matches_naive(
     assert_all_close(with_grads(actual, qkv), with_grads(expected, qkv))
 
 
+@pytest.mark.parametrize(
+    ("T", "block_size", "tile", "top_k"), [(61, 16, 4, 2), (100, 12, 4, 3), (53, 10, 4, 2)]
+)
+def test_selection_fold_splits_long_blocks_into_tiles(
+    monkeypatch: pytest.MonkeyPatch, T: int, block_size: int, tile: int, top_k: int
+) -> None:
+    """Blocks longer than the kernels' tile go as runs of tiles (the tiles of the own block
+    after the query's own tile left out): each call of NSA's op gets blocks of at most a tile,
+    and outputs and gradients still match the oracle (a block of 10 keys goes as tiles of 2)."""
+    monkeypatch.setattr(fold, "_TILE_KEYS", tile)
+    sizes: list[int] = []
+    select = fold.selected_attention
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(args[4])
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(fold, "selected_attention", recording)
+    qkv = make_qkv(1, T, 4, 2, 8)
+    with torch.no_grad():
+        idx_BTHR = route_blocks_naive(qkv[0], qkv[1], block_size, top_k)
+    actual = fold.moba_attention_by_selection(*qkv, idx_BTHR, block_size, 8**-0.5, "torch")
+    expected = moba_routed_attention(*qkv, idx_BTHR, block_size, backend="naive")
+    assert_all_close(with_grads(actual, qkv), with_grads(expected, qkv))
+    assert sizes == [max(d for d in range(1, tile + 1) if block_size % d == 0)]
+
+
 def test_several_workers_match_naive(
     threads: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,6 +31,9 @@ CASES = [
     (1, 262, 2, 1, 8, 2, 3),
     (1, 40, 2, 2, 8, 5, 1),
 ]
+# blocks of 12 keys through tiles of 4 (fold._TILE_KEYS set to 4 for this case: the route of
+# MoBA's 512-key blocks, which do not fit one tile's shared memory on a GPU)
+SPLIT_CASE = (1, 45, 2, 1, 8, 12, 2)
 
 
 def compare_triton_with_naive() -> dict[str, str]:
@@ -39,12 +42,14 @@ def compare_triton_with_naive() -> dict[str, str]:
     Runs in a child process started with TRITON_INTERPRET=1, which must be set before the
     kernel modules are imported.
     """
+    from sparsezoo.kernels.moba import fold
     from sparsezoo.kernels.nsa import triton_selection
 
     # 16 queries per dK/dV program, so the popular blocks' lists are split and reduced
     triton_selection.QUERIES_PER_PROGRAM = 16
     report = {}
-    for case in CASES:
+    for case in [*CASES, SPLIT_CASE]:
+        fold._TILE_KEYS = 4 if case == SPLIT_CASE else 64
         B, T, HQ, H, D, block_size, top_k = case
         gen = torch.Generator().manual_seed(0)
         qkv = [torch.randn(B, T, h, D, generator=gen).requires_grad_() for h in (HQ, H, H)]
@@ -81,7 +86,7 @@ def triton_report() -> dict[str, str]:
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", [*CASES, SPLIT_CASE], ids=str)
 def test_triton_interpreted_matches_naive(
     triton_report: dict[str, str], case: tuple[Any, ...]
 ) -> None:

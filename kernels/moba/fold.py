@@ -7,7 +7,11 @@ per KV group, so each query head is made a group of its own: KV head h moves int
 ``expand`` (no copy of K or V), and each gets its own index row [own block, routed blocks].
 The op's token-causal mask inside the own block and its exact backward carry over unchanged.
 The forward holds no per-query-head copy of K/V; the selection backward returns dk and dv per
-expanded head (G times the size of k), which autograd sums back over the group.
+expanded head (G times the size of k), which autograd sums back over the group. NSA's Triton
+kernels load a whole block as one tile, so MoBA blocks longer than ``_TILE_KEYS`` (512 tokens
+by default) go as runs of tiles: the forward kernel with a 512-key tile asks for 266,240 bytes
+of shared memory in fp32 at D = 64, over an H100's 232,448, and 36,864 with 64-key tiles
+(compiled ahead of time for sm_90 with this Triton, no GPU needed).
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, R routed
 slots, S slots with the own block (R + 1), X folded batch B·H.
 """
@@ -19,6 +23,29 @@ import torch
 from ..nsa.selection import selected_attention
 
 __all__ = ["moba_attention_by_selection"]
+
+# Longest block NSA's selection kernels take as one tile (NSA's own l' = 64).
+_TILE_KEYS = 64
+
+
+def _tile(block_size: int) -> int:
+    """The longest tile of at most ``_TILE_KEYS`` keys that divides ``block_size``."""
+    if block_size <= _TILE_KEYS:
+        return block_size
+    return max(d for d in range(1, _TILE_KEYS + 1) if block_size % d == 0)
+
+
+def _as_tiles(idx_BTHS: torch.Tensor, block_size: int, tile: int) -> torch.Tensor:
+    """Block ids as the ids of their tiles, [B, T, H, S·m] for m = block_size // tile; the
+    tiles of the query's own block after its own tile are future, so -1 (NSA's op masks keys
+    token by token only inside the query's own block, now its own tile)."""
+    m = block_size // tile
+    tiles_BTHSM = idx_BTHS[..., None] * m + torch.arange(m, device=idx_BTHS.device)
+    own_tile_1T11 = (torch.arange(idx_BTHS.shape[1], device=idx_BTHS.device) // tile).view(
+        1, -1, 1, 1, 1
+    )
+    unused = (idx_BTHS[..., None] < 0) | (tiles_BTHSM > own_tile_1T11)
+    return tiles_BTHSM.masked_fill(unused, -1).flatten(-2)
 
 
 def moba_attention_by_selection(
@@ -45,8 +72,12 @@ def moba_attention_by_selection(
         x.permute(0, 2, 1, 3).reshape(B * H, T, 1, D).expand(B * H, T, G, D)
         for x in (k_BTHD, v_BTHD)
     )
+    tile = _tile(block_size)
+    if tile < block_size:
+        idx_BTHS = _as_tiles(idx_BTHS, block_size, tile)
+        S = idx_BTHS.shape[-1]
     idx_XTGS = idx_BTHS.view(B, T, H, G, S).permute(0, 2, 1, 3, 4).reshape(B * H, T, G, S)
     o_XTGD = selected_attention(
-        q_XTGD, k_XTGD, v_XTGD, idx_XTGS, block_size, scale=scale, backend=backend
+        q_XTGD, k_XTGD, v_XTGD, idx_XTGS, tile, scale=scale, backend=backend
     )
     return o_XTGD.view(B, H, T, G, D).permute(0, 2, 1, 3, 4).reshape(B, T, HQ, D)
