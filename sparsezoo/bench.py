@@ -76,8 +76,8 @@ DEVICES = ("auto", "cpu", "cuda")
 MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 # the training step a bench module is set to by default: past any mechanism's warm-up
 FINAL_PHASE_STEP = 1 << 62
-# 1-minute load average above which the bench warns that other processes are running
-_BUSY_LOAD = 0.5
+# CPUs other processes may keep busy at the start before the bench warns
+_BUSY_CPUS = 0.5
 
 # BenchConfig field -> the command-line flag that sets it, so errors name what the user typed.
 _FLAGS = {
@@ -410,10 +410,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _busy_cpus(window_s: float = 0.5) -> float | None:
+    """CPUs other processes kept busy over ``window_s`` while this one slept (from /proc/stat;
+    None where it does not exist). Unlike the load average it does not count this process's
+    own work of the last minute, e.g. a bench run just before."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return None
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle and iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = sample()
+    time.sleep(window_s)
+    busy1, total1 = sample()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on, including how busy the machine was at the start (the
-    1-minute load average: other processes skew multi-threaded kernels, dense's among them,
-    more than the single-threaded workers of the sparse ones)."""
+    """What the numbers were measured on, including how busy other processes kept the machine
+    at the start: they skew multi-threaded kernels, dense's among them, more than the
+    single-threaded workers of the sparse mechanisms."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     return {
         "torch": torch.__version__,
@@ -423,7 +442,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "device_name": name,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_start": os.getloadavg()[0],
+        "busy_cpus_start": _busy_cpus(),
         "started": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -448,12 +467,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
         torch.set_num_threads(cfg.threads)
     try:
         environment = _environment(device)
-        load = environment["load_average_start"]
-        if console is not None and load > _BUSY_LOAD:
+        busy = environment["busy_cpus_start"]
+        if console is not None and busy is not None and busy > _BUSY_CPUS:
             console.print(
-                f"warning: the machine is busy (load average {load:.2f} on "
-                f"{environment['cpu_count']} CPUs): ratios against multi-threaded kernels are "
-                "unreliable"
+                f"warning: other processes keep {busy:.1f} of {environment['cpu_count']} CPUs "
+                "busy: ratios against multi-threaded kernels are unreliable"
             )
         modules = {name: _build(name, resolved, device) for name in names}
         # every knob each module runs with, defaults included, goes with the result

@@ -10,6 +10,9 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -200,15 +203,29 @@ def test_decode_steps_start_from_evicted_caches(monkeypatch: pytest.MonkeyPatch)
 def test_environment_names_the_cpu_and_warns_when_the_machine_is_busy(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench_module.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    monkeypatch.setattr(bench_module, "_busy_cpus", lambda: 1.5)
     res = run_bench(tiny_config(modes=["fwd"], lengths=[64]), progress=True)
     env = res.environment
-    assert env["load_average_start"] == 1.5 and env["cpu_count"] == os.cpu_count()
+    assert env["busy_cpus_start"] == 1.5 and env["cpu_count"] == os.cpu_count()
     assert env["device_name"] not in ("", "x86_64")
-    assert "warning: the machine is busy (load average 1.50" in capsys.readouterr().err
-    monkeypatch.setattr(bench_module.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert "warning: other processes keep 1.5 of" in capsys.readouterr().err
+    monkeypatch.setattr(bench_module, "_busy_cpus", lambda: 0.1)
     run_bench(tiny_config(modes=["fwd"], lengths=[64]), progress=True)
     assert "busy" not in capsys.readouterr().err
+
+
+def test_busy_cpus_counts_other_processes_not_this_one() -> None:
+    """Sampled while this process sleeps: a CPU-bound child counts about one CPU."""
+    idle = bench_module._busy_cpus(0.3)
+    assert idle is not None and 0.0 <= idle <= os.cpu_count()
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        busy = bench_module._busy_cpus(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy > 0.6
 
 
 def test_phased_mechanisms_are_measured_past_their_warm_up_unless_told() -> None:
