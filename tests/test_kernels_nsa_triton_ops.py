@@ -44,6 +44,9 @@ PHI_CASES = [
     (1, 301, 1, 8, 32, 16, 24, 16),
     (1, 2003, 2, 8, 8, 4, 16, 64),
 ]
+# the biases as strided views (every other element of a longer tensor): the kernel reads them
+# at unit stride, so the wrapper makes them contiguous
+STRIDED_BIAS_CASE = (2, 39, 2, 4, 8, 4, 16, 16)
 
 # (B, T, HQ, H, D, l, d, l', n, gain, blind, tile): odd T, groups of 1, 2, 3 and 4, l < l'
 # (Eq. 9 overlap of 3 or 5 tokens), n above the number of legal blocks (-1 padding), T < l (no
@@ -126,20 +129,26 @@ def compare_triton_with_naive() -> dict[str, str]:
     from sparsezoo.kernels.nsa import triton_compress_kv, triton_select
 
     report = {}
-    for case in PHI_CASES:
+    for case in [*PHI_CASES, STRIDED_BIAS_CASE]:
         B, T, H, D, L, d, hidden, tile = case
         triton_compress_kv.BLOCK_N = triton_compress_kv.BLOCK_F = tile
         inputs = make_phi(B, T, H, D, L, hidden)
+        key = f"phi{case}"
+        if case == STRIDED_BIAS_CASE:
+            key = f"strided{case}"
+            for i in (3, 5):  # b1, b2
+                strided = torch.zeros(2 * inputs[i].numel())[::2]
+                inputs[i] = strided.copy_(inputs[i].detach()).requires_grad_()
         # the oracle runs on fp64 copies, so every difference is the kernel's own rounding
         fp64_inputs = [x.detach().double().requires_grad_() for x in inputs]
         expected = [x.float() for x in phi_output_and_grads("naive", fp64_inputs, L, d)]
         torch_fp32 = phi_output_and_grads("torch", inputs, L, d)
         try:
-            report[f"phi{case}"] = _phi_mismatch(
+            report[key] = _phi_mismatch(
                 phi_output_and_grads("triton", inputs, L, d), expected, torch_fp32
             )
         except Exception as err:  # reported per case by the parent's parametrized tests
-            report[f"phi{case}"] = f"{type(err).__name__}: {err}"
+            report[key] = f"{type(err).__name__}: {err}"
     default_tiles = (triton_select.BLOCK_M, triton_select.BLOCK_C)
     for case in SELECT_CASES:
         L, d, ls, n = case[5:9]
@@ -194,6 +203,12 @@ def test_compress_kv_interpreted_matches_naive(
 ) -> None:
     """Interpreted phi kernels give the naive output and the gradients of x and every weight."""
     assert triton_report[f"phi{case}"] == ""
+
+
+@needs_triton
+def test_compress_kv_interpreted_reads_strided_biases(triton_report: dict[str, str]) -> None:
+    """Biases given as strided views give the naive output and gradients."""
+    assert triton_report[f"strided{STRIDED_BIAS_CASE}"] == ""
 
 
 @needs_triton

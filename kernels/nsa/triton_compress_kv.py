@@ -324,4 +324,6 @@ def compress_kv_triton(
     CPU tensors unless the kernels were imported under TRITON_INTERPRET=1.
     """
     require_cuda("compress_kv", x_BTHD)
+    # the kernel reads the biases at unit stride (a strided view would be read wrong)
+    b1_F, b2_D = b1_F.contiguous(), b2_D.contiguous()
     return _CompressKVTriton.apply(x_BTHD, pos_LD, w1_IF, b1_F, w2_FD, b2_D, block_size, stride)
