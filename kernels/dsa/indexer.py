@@ -477,7 +477,7 @@ def _keys_by_dim(k_idx_BSE: torch.Tensor) -> torch.Tensor:
     A chunk's scores are [rows, E] @ [E, keys]; with Kᵀ a transposed view of row-major keys
     that matmul ran at half speed on this CPU: [128, 64] @ [64, 32768], one core, 6.9 ms
     against 3.6 ms with contiguous rows. A decode step's few rows take the other form, see
-    ``_scores_by_keys``.
+    ``_few_query_scores``.
     """
     kt_BES = k_idx_BSE.float().transpose(1, 2)
     return kt_BES if kt_BES.stride(2) == 1 else kt_BES.contiguous()
