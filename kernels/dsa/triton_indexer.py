@@ -25,13 +25,17 @@ import triton
 import triton.language as tl
 
 from ..triton_common import dot_precision, pad16, require_cuda
-from .indexer import _CHUNK_ELEMENTS, _as_sets, _topk_output, scores_in_sets, select_topk_rows
+from .indexer import _as_sets, _topk_output, scores_in_sets, select_topk_rows
 
 # Tile sizes; not autotuned (no GPU was at hand when written). Tests shrink them so short
 # sequences span several tiles.
 BLOCK_T = 64
 BLOCK_S = 64
 BLOCK_K = 64
+# Scores (batch x queries x sets x keys) one chunk of the top-k holds: 256 MB of fp32, 1024
+# queries at 64k keys. The CPU path's budget (its ReLU terms sized for a core's caches) made
+# 16-query chunks there: ~4000 sequential launches and top-k passes at 64k tokens.
+_SCORE_ELEMENTS = 1 << 26
 
 
 @triton.jit
@@ -502,15 +506,15 @@ def indexer_topk_triton(
 ) -> torch.Tensor:
     """Top-k selection: dense Triton scores per query chunk, then torch's top-k per row.
 
-    Inputs are validated by the caller. Chunks hold about _CHUNK_ELEMENTS scores per indexer
-    head, so no [T, S] matrix exists; queries that see at most ``topk`` keys take them all.
+    Inputs are validated by the caller. Chunks hold about _SCORE_ELEMENTS scores, so no
+    [T, S] matrix exists; queries that see at most ``topk`` keys take them all.
     """
     require_cuda("indexer_topk", q_idx_BTNE)
     q, k, w_BTUN = _fp32_inputs(q_idx_BTNE, k_idx_BSE, w_idx)
-    B, T, N, _ = q.shape
+    B, T = q.shape[:2]
     S, U = k.shape[1], w_BTUN.shape[2]
     out_BTUK, first = _topk_output(B, T, S, U, topk, q.device)
-    size = max(1, _CHUNK_ELEMENTS // (N * S))
+    size = max(1, _SCORE_ELEMENTS // (B * U * S))
     for t0 in range(first, T, size):
         t1 = min(t0 + size, T)
         P = S - T + t1
