@@ -500,7 +500,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> BenchResult:
                         # the rows the step read (measured: MoBA's heads of a group may route
                         # to different blocks) plus the cost model's side rows (DSA's indexer)
                         read = cases[name].rows_read + module.cost(T + 1).side_rows
-                        theory = (T + 1) / read
+                        theory = cases[BASELINE].rows_read / read
                     else:
                         theory = prefill_flops[BASELINE][T] / prefill_flops[name][T]
                     rows.append(

@@ -167,10 +167,9 @@ def _log(
     cannot run at (the tag goes away when a rerun finds none).
     """
     now_ms = int(time.time() * 1000)
+    before = client.get_run(run_id).data
     rerun = _prefixes(suites)
-    stale = [
-        k for k in client.get_run(run_id).data.metrics if k.startswith(rerun) and k not in metrics
-    ]
+    stale = [k for k in before.metrics if k.startswith(rerun) and k not in metrics]
     logged = metrics | dict.fromkeys(stale, math.nan)
     batch = [Metric(k, v, now_ms, step) for k, v in sorted(logged.items())]
     for i in range(0, len(batch), _METRICS_PER_BATCH):
@@ -181,7 +180,7 @@ def _log(
     cannot_run = results["cannot_run"]
     if cannot_run:
         tags[TAG_CANNOT_RUN] = "; ".join(f"{k}: {why}" for k, why in cannot_run.items())
-    elif TAG_CANNOT_RUN in client.get_run(run_id).data.tags:
+    elif TAG_CANNOT_RUN in before.tags:
         client.delete_tag(run_id, TAG_CANNOT_RUN)
     tracking.set_tags(client, run_id, tags)
 
