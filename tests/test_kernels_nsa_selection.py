@@ -338,6 +338,27 @@ def test_loose_score_bound_is_redone_exactly(monkeypatch: pytest.MonkeyPatch) ->
     assert len(rows) > 50 and (rows % 2 == 0).all()
 
 
+def test_scores_hundreds_of_nats_high_stay_finite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries and keys pointing the same way score up to ~300 nats: the row references must
+    sit in the units of the (base-2) scores, or the terms exp2(s - ref) overflow fp32 (a bound
+    left in nats leaves them ~0.44 x 300 + 40 binary orders above the reference, past 2^128).
+    The torch path matches the fp64 oracle, outputs and gradients, to what fp32 resolves at
+    such scores (one ulp of a 250-nat score moves a probability by ~2e-5 relative, and the
+    gradients scale with |q| = 60: the exp-based path before base 2 was 3.6e-4 off in dk)."""
+    force_routed(monkeypatch)
+    q_BTHD, k_BTHD, v_BTHD = (x.detach() for x in make_qkv(1, 96, 4, 2, 8))
+    q_BTHD[..., 0] = 60.0
+    k_BTHD[..., 0] = 12.0
+    qkv = tuple(x.requires_grad_() for x in (q_BTHD, k_BTHD, v_BTHD))
+    idx_BTHS = nsa_like_indices(1, 96, 2, 4, 8)
+    qkv64 = tuple(x.detach().double().requires_grad_() for x in qkv)
+    expected = [x.float() for x in output_and_grads("naive", qkv64, idx_BTHS, 8)]
+    actual = output_and_grads("torch", qkv, idx_BTHS, 8)
+    assert all(bool(torch.isfinite(a).all()) for a in actual)
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.usefixtures("path")
 def test_non_contiguous_inputs() -> None:
     """q, k, v viewed from a [B, H, T, D] layout give the same results as contiguous copies."""

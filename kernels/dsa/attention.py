@@ -26,6 +26,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
+from ..base2 import LN2, LOG2E
 from ..cpu_workers import Workspace, even_ranges, single_threaded_ops, worker_count
 from .indexer import _positions, _split, run_on_workers
 
@@ -42,12 +43,6 @@ _AVAILABLE = ("naive", "torch", "triton")
 _CHUNK_SLOTS = 16384
 # Fewest slots a worker takes when a decode step splits every query's slots over the workers.
 _MIN_PART_SLOTS = 256
-# Softmaxes run in base 2: the query carries scale·log2(e), so exp2 replaces exp. torch's exp
-# goes through MKL's vector math, which on this AMD CPU ran 1.0-1.3 ns per element against
-# 0.55-0.73 for exp2 (torch.exp vs torch.exp2 over 16k-2M fp32 elements, one thread); the
-# relative error of exp2(x·log2 e) against exp(x) is below 4e-6.
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _validate(
@@ -332,9 +327,9 @@ def _shared_slots(
 
 
 def _scaled(q_CGD: torch.Tensor, scale: float, ws: Workspace) -> torch.Tensor:
-    """scale · log2(e) · q of one chunk (scores in base 2, see _LOG2E) in a workspace buffer (a
-    scaled copy of all of q would cost a q-sized allocation per call)."""
-    return torch.mul(q_CGD, scale * _LOG2E, out=ws.get("q", q_CGD, *q_CGD.shape))
+    """scale · log2(e) · q of one chunk (base-2 scores, see ``kernels.base2``) in a workspace
+    buffer (a scaled copy of all of q would cost a q-sized allocation per call)."""
+    return torch.mul(q_CGD, scale * LOG2E, out=ws.get("q", q_CGD, *q_CGD.shape))
 
 
 def _forward_chunk(
@@ -352,7 +347,7 @@ def _forward_chunk(
     inv_CG1 = sum_CG1.clamp_min(torch.finfo(torch.float32).tiny).reciprocal_()
     # normalise the small output rather than the [C, G, K] probabilities
     o_CGD = torch.bmm(p_CGK, slots.v_CKD).mul_(inv_CG1)
-    lse_CG = (max_CG1 + sum_CG1.log2()).squeeze(-1).mul_(_LN2)
+    lse_CG = (max_CG1 + sum_CG1.log2()).squeeze(-1).mul_(LN2)
     probs_CK = None
     if want_probs:
         G = q_CGD.shape[1]
@@ -361,30 +356,27 @@ def _forward_chunk(
 
 
 def _flash_slots(
-    slots: _Slots, q_UGD: torch.Tensor, scale: float
+    slots: _Slots, q_HGD: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of U units of G query rows over their slots (k, v [U, K, D]): (o [U, G, D],
-    lse [U, G]) from one aten flash call, which reads the gathered K/V where they lie and runs
-    its own fused exp. A unit is a KV head of one query (``slots`` batched over the heads; its
-    one mask row [1, K] serves every head, unused slots get an additive -inf) or a query of a
-    chunk whose slots are all used (no mask: a masked chunk takes ``_forward_chunk``).
+    """One query's softmax over slots that all H KV heads share (``slots`` batched over the
+    heads: k, v [H, K, D]): (o [H, G, D], lse [H, G]) from one aten flash call, which reads the
+    gathered K/V where they lie; unused slots get an additive -inf mask.
 
-    The flash kernel replaces the dozen ops of ``_forward_chunk``: a 64k-token decode step (4
-    KV heads of 128, 64 query heads, k = 2048, two workers) spent 1.4-1.6 ms per worker there
-    and 1.2 ms in this call; a prefill chunk of 8 queries (16 heads of 64, 2048 slots, one
-    thread) 1.49 ms in the matmuls and softmax there, 1.23 ms here.
+    A decode step's slot attention. The flash kernel replaces the dozen ops of
+    ``_forward_chunk``: a 64k-token step (4 KV heads of 128, 64 query heads, k = 2048, two
+    workers) spent 1.4-1.6 ms per worker there and 1.2 ms in this call.
     """
-    U, G, D = q_UGD.shape
+    H, G, D = q_HGD.shape
     mask_111K = None
     if not slots.all_used:
         if not bool(slots.used_CK.any()):
-            return q_UGD.new_zeros(U, G, D), q_UGD.new_full((U, G), float("-inf"))
-        mask_1K = q_UGD.new_zeros(slots.used_CK.shape).masked_fill_(~slots.used_CK, -torch.inf)
+            return q_HGD.new_zeros(H, G, D), q_HGD.new_full((H, G), float("-inf"))
+        mask_1K = q_HGD.new_zeros(slots.used_CK.shape).masked_fill_(~slots.used_CK, -torch.inf)
         mask_111K = mask_1K[None, None]
-    o_1UGD, lse_1UG = _flash(
-        q_UGD[None], slots.k_CKD[None], slots.v_CKD[None], attn_mask=mask_111K, scale=scale
+    o_1HGD, lse_1HG = _flash(
+        q_HGD[None], slots.k_CKD[None], slots.v_CKD[None], attn_mask=mask_111K, scale=scale
     )[:2]
-    return o_1UGD[0], lse_1UG[0]
+    return o_1HGD[0], lse_1HG[0]
 
 
 def _forward(
@@ -423,7 +415,7 @@ def _forward(
             for h in range(1 if one_query else H):
                 slots = heads[h] if shared else _head_slots(kv, b, h, idx_CHK[:, h], pos_C, ws)
                 at = (b, t0) if one_query else (b, slice(t0, t1), h)
-                if not want_probs and (one_query or slots.all_used):
+                if one_query and not want_probs:
                     (o_CGD, lse_CG), probs_CK = _flash_slots(slots, q_BTHGD[at], scale), None
                 else:
                     q_CGD = _scaled(q_BTHGD[at], scale, ws)
@@ -528,7 +520,7 @@ def _backward(
                 lse_C1G = lse_BTHG[b, t0:t1, h, None, :]
                 # base-2 scores less the lse in base 2; an empty row's lse is -inf: its scores
                 # are all -inf too, so p = exp2(-inf) = 0
-                lse2_C1G = lse_C1G.clamp_min(-1e30) * _LOG2E
+                lse2_C1G = lse_C1G.clamp_min(-1e30) * LOG2E
                 p_CKG = slots.scores(q_CGD, ws, keys_major=True).sub_(lse2_C1G).exp2_()
                 C, K = p_CKG.shape[:2]
                 dp_CKG = torch.bmm(
@@ -548,7 +540,7 @@ def _backward(
         dv_W[0] += dv
     # scores used scale·q: dq carries the scale; dk has it through q, which also carried
     # log2(e) for the base-2 scores (_scaled): ln 2 takes that back
-    dk_BSHD, dv_BSHD = dk_W[0].mul_(_LN2).transpose(1, 2), dv_W[0].transpose(1, 2)
+    dk_BSHD, dv_BSHD = dk_W[0].mul_(LN2).transpose(1, 2), dv_W[0].transpose(1, 2)
     return dq_BTHGD.mul_(scale).view(B, T, HQ, D), dk_BSHD, dv_BSHD
 
 

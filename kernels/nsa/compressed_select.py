@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import resolve_backend
+from ..base2 import LN2, LOG2E
 from ..cpu_workers import Workspace, run_workers, worker_count
 from .compression import (
     _FLASH_LSE_DEVICES,
@@ -79,9 +80,9 @@ def _chunk(
     The chunk's C = c·d queries are read straight from q_BTHD into the folded order
     (KV head, r, group member, m), in which row m of every folded head sees compressed tokens
     0 .. m, so the chunk reads the first m1 tokens and only its last c columns need the causal
-    mask. The exp argument is floored at _EXP_FLOOR (see ``select``) and the hidden entries are
-    then set to exactly 0, so no hidden token reaches the output or the importances. ``out`` is
-    (o_BTHD, lse_XWM, idx_BTHn); each chunk writes its own rows.
+    mask. The exp2 argument is floored at _EXP_FLOOR nats (see ``select``) and the hidden
+    entries are then set to exactly 0, so no hidden token reaches the output or the
+    importances. ``out`` is (o_BTHD, lse_XWM, idx_BTHn); each chunk writes its own rows.
     """
     o_BTHD, lse_XWM, idx_BTHn = out
     B, T, HQ, D = q_BTHD.shape
@@ -95,18 +96,19 @@ def _chunk(
         q_src = F.pad(q_src, (0, 0, 0, 0, 0, c * d - rows))
     q_XWcD = ws.get("q", kt_XDN, X, W, c, D)
     q_BcdHGD = q_src.reshape(B, c, d, H, G, D)
-    torch.mul(q_BcdHGD.permute(0, 3, 2, 4, 1, 5), scale, out=q_XWcD.view(B, H, d, G, c, D))
+    # base-2 logits (kernels.base2): q carries scale · log2 e, the lse is made natural below
+    torch.mul(q_BcdHGD.permute(0, 3, 2, 4, 1, 5), scale * LOG2E, out=q_XWcD.view(B, H, d, G, c, D))
     logits_XWcm = torch.bmm(
         q_XWcD.view(X, W * c, D), kt_XDN[:, :, :m1], out=ws.get("p", kt_XDN, X, W * c, m1)
     ).view(X, W, c, m1)
     hidden_cc = torch.ones(c, c, dtype=torch.bool, device=q_BTHD.device).triu_(1)
     logits_XWcm[..., m0:].masked_fill_(hidden_cc, float("-inf"))
     max_XWc = logits_XWcm.amax(dim=-1)
-    probs_XWcm = logits_XWcm.sub_(max_XWc[..., None]).clamp_(min=_EXP_FLOOR).exp_()
+    probs_XWcm = logits_XWcm.sub_(max_XWc[..., None]).clamp_(min=_EXP_FLOOR * LOG2E).exp2_()
     probs_XWcm[..., m0:].masked_fill_(hidden_cc, 0.0)
     sum_XWc = probs_XWcm.sum(dim=-1)
     probs_XWcm.div_(sum_XWc[..., None])
-    lse_XWM[:, :, m0:m1] = max_XWc + sum_XWc.log()
+    lse_XWM[:, :, m0:m1] = (max_XWc + sum_XWc.log2()).mul_(LN2)
     o_XRD = torch.bmm(probs_XWcm.view(X, W * c, m1), v_XND[:, :m1])
     o_BcdHGD = o_XRD.view(B, H, d, G, c, D).permute(0, 4, 2, 1, 3, 5)
     if rows == c * d:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
+from ..base2 import LOG2E
 from ..cpu_workers import run_workers, worker_count
 from .compression import validate_blocks, validate_qkv, visible_mask
 
@@ -39,8 +40,9 @@ _AVAILABLE = ("naive", "torch", "triton")
 # turn, so it should stay cache-resident: at T = 16k on one thread it took 0.47 s of CPU against
 # 0.76 s with 64 MiB tiles, while 2 MiB tiles lost again to per-chunk overhead.
 _TILE_ELEMENTS = 1 << 21
-# exp of arguments below about -87 (results under fp32's smallest normal, 1.2e-38) leaves torch's
-# vectorized CPU path and runs 20-40x slower; sharply peaked attention has many such entries.
+# exp of arguments below about -87 nats (results under fp32's smallest normal, 1.2e-38) leaves
+# torch's vectorized CPU path and runs 20-40x slower; sharply peaked attention has many such
+# entries.
 # The floor adds at most e^-87 = 1.7e-38 per token and head, so it can only reorder blocks whose
 # importances agree to that absolute level (in practice: blocks that all underflow to ~0).
 _EXP_FLOOR = -87.0
@@ -235,9 +237,9 @@ def _select_torch(
 ) -> torch.Tensor:
     """Fast path: query chunks, each reading only the compressed prefix and blocks it can reach.
 
-    Per chunk one batched matmul gives scale·q·k - lse for all G heads of a group and exp runs
-    in place. No visibility mask is needed: a token hidden from query t starts at or after
-    t - l + 2 > t - l', so it only overlaps blocks t // l' - 1 and later, whose scores
+    Per chunk one batched matmul gives scale·q·k - lse for all G heads of a group (in base 2)
+    and exp2 runs in place. No visibility mask is needed: a token hidden from query t starts at
+    or after t - l + 2 > t - l', so it only overlaps blocks t // l' - 1 and later, whose scores
     ``_mark_blocks`` overwrites with +inf (forced) or -inf (illegal), including any inf or NaN
     mass there; every block that is ranked sees visible tokens only (the naive oracle masks
     literally, and the tests compare). The overlap map is banded (block j overlaps tokens
@@ -261,7 +263,8 @@ def _select_torch(
     )
     k_XEN = F.pad(k_XEN, (0, S * per_block - N)).reshape(B * H, D + 1, S * per_block)
     neg_lse_BTH = (-lse_BTH.float()).masked_fill(lse_BTH == float("-inf"), float("-inf"))
-    q_BTHE = torch.cat([q_BTHD.float() * scale, neg_lse_BTH[..., None]], dim=-1)
+    # in base 2 (kernels.base2): both columns carry log2 e, so exp2 gives the same masses
+    q_BTHE = torch.cat([q_BTHD.float() * scale, neg_lse_BTH[..., None]], dim=-1).mul_(LOG2E)
     idx_BTHn = torch.full((B, T, H, n_select), -1, dtype=torch.int64, device=device)
     C = max(1, _TILE_ELEMENTS // (B * HQ * max(N, 1)))
 
@@ -274,7 +277,7 @@ def _select_torch(
         N_c = S_c * per_block
         q_XRE = q_BTHE[:, t0:t1].reshape(B, rows, H, G, D + 1).permute(0, 2, 3, 1, 4)
         logits_XRN = torch.bmm(q_XRE.reshape(B * H, G * rows, D + 1), k_XEN[:, :, :N_c])
-        probs_XRN = logits_XRN.clamp_(min=_EXP_FLOOR).exp_()
+        probs_XRN = logits_XRN.clamp_(min=_EXP_FLOOR * LOG2E).exp2_()
         mass_XCN = probs_XRN.view(B * H, G, rows, N_c).sum(dim=1)
         importance_XCS = block_importance(mass_XCN, S_c, block_size, stride, select_size)
         # blocks before the chunk's first query's previous block are legal and not local

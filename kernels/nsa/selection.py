@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, oracle_dtype, resolve_backend
+from ..base2 import LN2, LOG2E
 from ..block_mask import selected_keys
 from ..cpu_workers import Workspace, run_workers, worker_count
 from ..group_rows import fold_group_rows, unfold_group_rows
@@ -469,11 +470,12 @@ def _accumulate_batches(
     acc_ZF: torch.Tensor,
     sum_ZG: torch.Tensor,
 ) -> None:
-    """One worker's forward pass: add sum(exp(s - ref)) and sum(exp(s - ref) v) into its rows.
+    """One worker's forward pass: add sum(exp2(s - ref)) and sum(exp2(s - ref) v) into its
+    rows (scores and ref in base 2: see ``kernels.base2``).
 
     The per-row reference ref is fixed for the whole pass, so a batch is just gather, bmm,
-    exp, bmm, scatter-add. When every ref is 0 the subtraction is skipped. Keys come scaled
-    and transposed, both block-major (``_by_block``).
+    exp2, bmm, scatter-add. When every ref is 0 the subtraction is skipped. Keys come scaled
+    (by scale · log2 e) and transposed, both block-major (``_by_block``).
     """
     G = ref_ZG.shape[1]
     shifted = bool(ref_ZG.any())
@@ -484,7 +486,7 @@ def _accumulate_batches(
         probs_YGL = probs_CRL.view(Y, G, -1)
         if shifted:
             probs_YGL.sub_(bt.take(ref_ZG).unsqueeze(-1))
-        probs_YGL.exp_()
+        probs_YGL.exp2_()
         bt.add_to(sum_ZG, probs_YGL.sum(dim=-1))
         C, L, D = bt.blocks_C.shape[0], *v_ELD.shape[1:]
         v_CLD = torch.index_select(v_ELD, 0, bt.blocks_C, out=ws.get("v", v_ELD, C, L, D))
@@ -540,7 +542,8 @@ def _forward(
     block_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the selected blocks, workers in parallel: returns fp32 (o_ZF, lse_ZG).
+    """Softmax over the selected blocks, workers in parallel: returns fp32 (o_ZF, lse_ZG), the
+    lse in base 2 like the scores (``kernels.base2``; only the backward reads it).
 
     Rows accumulate exp(s - ref) against a fixed per-row reference ref = max(0, bound -
     _HEADROOM), where ``_score_bound`` >= every score of the row, so terms stay below
@@ -555,13 +558,15 @@ def _forward(
     H = k_BTHD.shape[2]
     q_ZF = _by_head(q_BTHD.float(), H)
     k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    bound_ZG = _score_bound(q_ZF, k_BTHD, scale, block_indices_BTHS, block_size)
-    ref_ZG = (bound_ZG - _HEADROOM).clamp_min_(0.0)
+    # scores in base 2 (kernels.base2): the keys carry scale · log2 e, so do bound and ref
+    scale2 = scale * LOG2E
+    bound_ZG = _score_bound(q_ZF, k_BTHD, scale2, block_indices_BTHS, block_size)
+    ref_ZG = (bound_ZG - _HEADROOM * LOG2E).clamp_min_(0.0)
     del bound_ZG
     G = HQ // H
     acc_ZF = torch.zeros_like(q_ZF)
     sum_ZG = torch.zeros_like(ref_ZG)
-    kscaled_EDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    kscaled_EDL = _by_block(k_BTHD * scale2, block_size, transpose=True)
     v_ELD = _by_block(v_BTHD, block_size, transpose=False)
     inputs = (q_ZF, kscaled_EDL, v_ELD, ref_ZG, acc_ZF, sum_ZG)
     run_workers([functools.partial(_accumulate_batches, bt, *inputs) for bt in routing.batches_W])
@@ -580,7 +585,7 @@ def _forward(
     # rows that selected nothing: acc 0, sum 0 -> output 0 (the clamp avoids 0/0), lse -inf
     norm_ZG1 = sum_ZG.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     o_ZF = acc_ZF.view(-1, G, D).div_(norm_ZG1).view(-1, G * D)
-    return o_ZF, ref_ZG + sum_ZG.log()
+    return o_ZF, ref_ZG + sum_ZG.log2()
 
 
 def _backward_batches(
@@ -596,9 +601,10 @@ def _backward_batches(
 ) -> None:
     """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers.
 
-    Per batch the probabilities are recomputed from the saved row lse, P = exp(S - lse), and
-    with delta = rowsum(dO ⊙ O): dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·K_j) (added
-    into the slots' query rows), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
+    Per batch the probabilities are recomputed from the saved row lse, P = exp(S - lse) (as
+    exp2 of base-2 scores and lse: ``kernels.base2``), and with delta = rowsum(dO ⊙ O):
+    dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·log2 e·K_j) (added into the slots' query rows;
+    the caller takes log2 e back), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
     Keys, values and their gradients are block-major (``_by_block``), K and V transposed.
     """
     G = lse_delta_ZG2.shape[1]
@@ -610,8 +616,8 @@ def _backward_batches(
         L = kscaled_CDL.shape[2]
         do_CRD = bt.take(do_ZF, ws.get("do", do_ZF, Y, do_ZF.shape[1])).view(C, R, D)
         lse_delta_YG2 = bt.take(lse_delta_ZG2)
-        # scores become probabilities in place: P = exp(S - lse) of the merged softmax
-        probs_YGL = probs_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., :1]).exp_()
+        # base-2 scores become probabilities in place: P = exp2(S - lse) of the merged softmax
+        probs_YGL = probs_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., :1]).exp2_()
         grad_CLD = ws.get("grad", do_ZF, C, L, D)
         dv_ELD.index_add_(0, bt.blocks_C, torch.bmm(probs_CRL.mT, do_CRD, out=grad_CLD))
         v_CDL = torch.index_select(v_EDL, 0, bt.blocks_C, out=ws.get("v", v_EDL, C, D, L))
@@ -644,7 +650,7 @@ def _backward(
     q_ZF = _by_head(q_BTHD.float(), H)
     do_ZF = _by_head(do_BTHD.float(), H)
     k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    # lse and delta side by side: one small gather per batch fetches both
+    # lse (in base 2, as the scores) and delta side by side: one small gather fetches both
     lse_delta_ZG2 = torch.stack([lse_ZG, torch.empty_like(lse_ZG)], dim=-1)
     # delta = rowsum(dO ⊙ O) over blocks of chunk size, so no q-sized temporary is ever alive
     block = max(1, _CHUNK_ROWS // (HQ // H))
@@ -653,7 +659,7 @@ def _backward(
         do_o_ZGD = (do_ZF[rows] * o_ZF[rows]).view(-1, HQ // H, D)
         torch.sum(do_o_ZGD, dim=-1, out=lse_delta_ZG2[rows, :, 1])
     dq_ZF = torch.zeros_like(q_ZF)
-    kscaled_EDL = _by_block(k_BTHD * scale, block_size, transpose=True)
+    kscaled_EDL = _by_block(k_BTHD * (scale * LOG2E), block_size, transpose=True)
     v_EDL = _by_block(v_BTHD, block_size, transpose=True)
     # one block-major dk/dv pair per worker, summed into the first in worker order
     shape = (B * H * -(-T // block_size), block_size, D)
@@ -670,7 +676,8 @@ def _backward(
         dk_W[0] += dk_ELD
         dv_W[0] += dv_ELD
     dk_BTHD = _from_blocks(dk_W[0].mul_(scale), B, T)
-    return _from_heads(dq_ZF, B, T, D), dk_BTHD, _from_blocks(dv_W[0], B, T)
+    # dq went through the keys' log2 e (base-2 scores): ln 2 takes it back
+    return _from_heads(dq_ZF.mul_(LN2), B, T, D), dk_BTHD, _from_blocks(dv_W[0], B, T)
 
 
 class _SelectedAttention(torch.autograd.Function):
