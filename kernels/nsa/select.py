@@ -262,9 +262,9 @@ def _select_torch(
         dim=2,
     )
     k_XEN = F.pad(k_XEN, (0, S * per_block - N)).reshape(B * H, D + 1, S * per_block)
-    neg_lse_BTH = (-lse_BTH.float()).masked_fill(lse_BTH == float("-inf"), float("-inf"))
     # in base 2 (kernels.base2): both columns carry log2 e, so exp2 gives the same masses
-    q_BTHE = torch.cat([q_BTHD.float() * scale, neg_lse_BTH[..., None]], dim=-1).mul_(LOG2E)
+    neg_lse_BTH = (lse_BTH.float() * -LOG2E).masked_fill(lse_BTH == float("-inf"), float("-inf"))
+    q_BTHE = torch.cat([q_BTHD.float() * (scale * LOG2E), neg_lse_BTH[..., None]], dim=-1)
     idx_BTHn = torch.full((B, T, H, n_select), -1, dtype=torch.int64, device=device)
     C = max(1, _TILE_ELEMENTS // (B * HQ * max(N, 1)))
 
