@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,11 +36,10 @@ from sparsezoo.kernels.cpu_workers import (
     worker_count,
 )
 from sparsezoo.kernels.nsa import (
+    NSAKnobs,
     block_importance,
     compress_kv,
-    compressed_select,
-    selected_attention,
-    sliding_window_attention,
+    gated_branches,
     topn_blocks,
 )
 from sparsezoo.kernels.rope import apply_rope
@@ -251,7 +250,8 @@ class NativeSparseAttention(AttentionMechanism):
     def _project(
         self, x_BTC: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Queries (RoPE'd), per-branch K/V and gates [B, T, HQ, 3] for tokens at ``start``."""
+        """Queries (RoPE'd), per-branch K/V and gate logits [B, T, HQ, 3] (before the sigmoid)
+        for tokens at ``start``."""
         B, T, _ = x_BTC.shape
         s = self.shape
         # one angle table for q and the rotated keys; the fresh q is rotated in place
@@ -274,8 +274,8 @@ class NativeSparseAttention(AttentionMechanism):
             "raw_k": raw_k, "raw_v": raw_v, "slc_k": slc_k, "slc_v": slc_v,
             "win_k": win_k, "win_v": win_v,
         }  # fmt: skip
-        gates_BTH3 = torch.sigmoid(self.gate(x_BTC)).view(B, T, s.n_heads, 3)
-        return q_BTHD, branch_kv, gates_BTH3
+        logits_BTH3 = self.gate(x_BTC).view(B, T, s.n_heads, 3)
+        return q_BTHD, branch_kv, logits_BTH3
 
     def _compress(
         self, raw_k_BTHD: torch.Tensor, raw_v_BTHD: torch.Tensor, first: int
@@ -294,9 +294,9 @@ class NativeSparseAttention(AttentionMechanism):
         """Gated sum of the three branches (Eq. 5); with a cache, sparse decoding."""
         B, T, _ = x_BTC.shape
         if cache is None:
-            q_BTHD, kv, gates_BTH3 = self._project(x_BTC, 0)
-            o_BTHD = self._mix(self._branches(q_BTHD, kv), gates_BTH3)
-            self.stats.update(self._gate_stats(gates_BTH3))
+            q_BTHD, kv, logits_BTH3 = self._project(x_BTC, 0)
+            o_BTHD = self._prefill(q_BTHD, kv, logits_BTH3)
+            self.stats.update(self._gate_stats(torch.sigmoid(logits_BTH3.detach())))
         else:
             o_BTHD = self.decode_reader(x_BTC, cache)()
         return self.wo(o_BTHD.reshape(B, T, -1))
@@ -305,7 +305,8 @@ class NativeSparseAttention(AttentionMechanism):
         """Project the new tokens and append them (emitting the compressed tokens they
         complete); the returned function runs the three branches over the cache and mixes them."""
         assert isinstance(cache, NSACache)
-        q_BTHD, kv, gates_BTH3 = self._project(x_BTC, cache.length)
+        q_BTHD, kv, logits_BTH3 = self._project(x_BTC, cache.length)
+        gates_BTH3 = torch.sigmoid(logits_BTH3)
         self._append(cache, kv)
 
         def read() -> torch.Tensor:
@@ -321,17 +322,10 @@ class NativeSparseAttention(AttentionMechanism):
         return read
 
     def _mix(self, outs: Iterable[torch.Tensor], gates_BTH3: torch.Tensor) -> torch.Tensor:
-        """Eq. 5: the gate-weighted sum of the branch outputs, taken from ``outs`` in branch order.
-
-        With ``outs`` a generator (the prefill's ``_branches``) each branch runs only when its
-        term is added, so autograd, which runs the newest ready node first, back-propagates
-        each branch right after its gate term: one branch's output gradient is alive at a
-        time, not all three at once (a module's forward+backward at 16k tokens, 16 query heads
-        of 64 on one KV head: peak heap 675 -> 612 MB).
-        """
+        """Eq. 5 for decoding: the gate-weighted sum of the branch outputs in branch order (the
+        prefill mixes inside ``gated_branches``)."""
         # gate-major contiguous copy, then one multiply and in-place multiply-adds: the
-        # broadcast products of strided gate views plus ``sum`` took 0.2-0.7 s at T = 32k
-        # (fresh full-size temporaries per term) against 0.05 s for this
+        # broadcast products of strided gate views plus ``sum`` cost fresh full-size temporaries
         gates_3BTH1 = gates_BTH3.permute(3, 0, 1, 2).contiguous()[..., None]
         terms = zip(gates_3BTH1, outs, strict=True)
         gate_BTH1, o = next(terms)
@@ -346,36 +340,22 @@ class NativeSparseAttention(AttentionMechanism):
         g = gates_BTH3.detach().float().mean(dim=(0, 1, 2))
         return {f"gate_{b}": g[i] for i, b in enumerate(BRANCHES)}
 
-    def _branches(
-        self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor]
-    ) -> Iterator[torch.Tensor]:
-        """The prefill's compression, selection and window outputs, each computed when the
-        consumer asks for it (see ``_mix``); the selection stats are set with the first."""
+    def _prefill(
+        self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor], logits_BTH3: torch.Tensor
+    ) -> torch.Tensor:
+        """The gated sum of the compression, selection and window branches over the whole
+        sequence (``gated_branches``: one score pass serves the compression output and the
+        block selection, Eq. 8-11); sets the selection stats."""
         p = self.params
         T = q_BTHD.shape[1]
         kcmp_BNHD, vcmp_BNHD = self._compress(kv["raw_k"], kv["raw_v"], 0)
-        # one score pass serves the compression output and the block selection (Eq. 8-11)
-        o_cmp, _, idx_BTHK = compressed_select(
-            q_BTHD,
-            kcmp_BNHD,
-            vcmp_BNHD,
-            block_size=p.block_size,
-            stride=p.stride,
-            select_size=p.select_size,
-            n_select=p.n_select,
-            scale=self.scale,
-            backend=p.backend,
-        )
-        # set here, not after the last yield: that code runs only if the consumer exhausts us
-        self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
-        yield o_cmp
-        yield selected_attention(
-            q_BTHD, kv["slc_k"], kv["slc_v"], idx_BTHK, p.select_size, scale=self.scale,
-            backend=p.backend,
+        knobs = NSAKnobs(p.block_size, p.stride, p.select_size, p.n_select, p.window)
+        o_BTHD, idx_BTHK = gated_branches(
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, (kv["slc_k"], kv["slc_v"]), (kv["win_k"], kv["win_v"]),
+            logits_BTH3, knobs, scale=self.scale, backend=p.backend,
         )  # fmt: skip
-        yield sliding_window_attention(
-            q_BTHD, kv["win_k"], kv["win_v"], p.window, scale=self.scale, backend=p.backend
-        )
+        self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
+        return o_BTHD
 
     def _selection_stats(
         self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor

@@ -9,7 +9,9 @@
 - ``compressed_select``: compressed attention and block selection in one pass over the scores
   (what the mechanism calls);
 - ``selected_attention``: attention over the selected blocks, shared by a GQA group;
-- ``sliding_window_attention``: the project's one window definition (re-exported).
+- ``sliding_window_attention``: the project's one window definition (re-exported);
+- ``gated_branches``: the three branches and their sigmoid gate (Eq. 5) in one op, what the
+  mechanism's prefill calls; its CPU path keeps no selection or window output for backward.
 Each op has a ``naive`` oracle, a fast ``torch`` path and ``triton`` kernels (``topn_blocks``,
 ``overlap_weights`` and ``block_importance`` are small torch helpers). Layout [B, T, H, D].
 """
@@ -17,14 +19,17 @@ Each op has a ``naive`` oracle, a fast ``torch`` path and ``triton`` kernels (``
 from ..window import sliding_window_attention
 from .compressed_select import compressed_select
 from .compression import compress_kv, compressed_attention
+from .gated import NSAKnobs, gated_branches
 from .select import block_importance, overlap_weights, select_blocks, topn_blocks
 from .selection import selected_attention
 
 __all__ = [
+    "NSAKnobs",
     "block_importance",
     "compress_kv",
     "compressed_attention",
     "compressed_select",
+    "gated_branches",
     "overlap_weights",
     "select_blocks",
     "selected_attention",

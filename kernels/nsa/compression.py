@@ -33,6 +33,11 @@ _AVAILABLE = ("naive", "torch", "triton")
 _FLASH_LSE_DEVICES = ("cpu",)
 # Elements of one fp32 score tile [B, R, rows, M] of that no-grad log-sum-exp pass (64 MiB).
 _LSE_TILE_ELEMENTS = 1 << 24
+# The gated backward (``gated_compressed_backward``) runs the folded heads in about this many
+# parts, so its recomputed output and folded copies are an eighth of q each.
+_GATED_PARTS = 8
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def num_compressed(T: int, block_size: int, stride: int) -> int:
@@ -286,6 +291,96 @@ def _unfold_rows(x_BRM: torch.Tensor, T: int, H: int, block_size: int, stride: i
     x_BHrGN = x_BRM.reshape(B, H, stride, G, N, *rest)
     x_BNrHG = x_BHrGN.permute(0, 4, 2, 1, 3, *range(5, 5 + len(rest)))
     return x_BNrHG.reshape(B, N * stride, H * G, *rest)[:, : T - block_size + 1]
+
+
+def _fold_part(
+    x_BTHX: torch.Tensor, r0: int, r1: int, N: int, H: int, block_size: int, stride: int
+) -> torch.Tensor:
+    """The folded rows of offsets r0 .. r1 - 1 only: ``_fold_queries``' heads (h, r, g) with
+    r in that range, [B, H·c·G, N, *rest] (c = r1 - r0), rows past T zero."""
+    B, T, HQ = x_BTHX.shape[:3]
+    rest = x_BTHX.shape[3:]
+    c, first = r1 - r0, block_size - 1
+    full, rem = divmod(T - first, stride)
+    part_BNcHX = x_BTHX.new_zeros(B, N, c, HQ, *rest)
+    if full:
+        rows = x_BTHX[:, first : first + full * stride].reshape(B, full, stride, HQ, *rest)
+        part_BNcHX[:, :full] = rows[:, :, r0:r1]
+    if rem > r0:
+        t0 = first + full * stride + r0
+        part_BNcHX[:, full, : min(r1, rem) - r0] = x_BTHX[:, t0 : t0 + min(r1, rem) - r0]
+    part_BNcHGX = part_BNcHX.view(B, N, c, H, HQ // H, *rest)
+    order = (0, 3, 2, 4, 1, *range(5, 5 + len(rest)))
+    return part_BNcHGX.permute(order).reshape(B, H * c * (HQ // H), N, *rest)
+
+
+def _add_unfolded_part(
+    dst_BTHX: torch.Tensor, x_BRMX: torch.Tensor, r0: int, r1: int, H: int, block_size: int,
+    stride: int,
+) -> None:  # fmt: skip
+    """Inverse of ``_fold_part``, added into the rows of dst (contiguous) it came from."""
+    B, R, N = x_BRMX.shape[:3]
+    rest = x_BRMX.shape[3:]
+    T, HQ = dst_BTHX.shape[1:3]
+    c, first = r1 - r0, block_size - 1
+    full, rem = divmod(T - first, stride)
+    order = (0, 4, 2, 1, 3, *range(5, 5 + len(rest)))
+    x_BNcHX = x_BRMX.reshape(B, H, c, R // (H * c), N, *rest).permute(order)
+    x_BNcHX = x_BNcHX.reshape(B, N, c, HQ, *rest)
+    if full:
+        rows = dst_BTHX[:, first : first + full * stride].view(B, full, stride, HQ, *rest)
+        rows[:, :, r0:r1] += x_BNcHX[:, :full]
+    if rem > r0:
+        t0 = first + full * stride + r0
+        dst_BTHX[:, t0 : t0 + min(r1, rem) - r0] += x_BNcHX[:, full, : min(r1, rem) - r0]
+
+
+def gated_compressed_backward(
+    dy_BTHD: torch.Tensor,
+    gate_BTH: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    vcmp_BNHD: torch.Tensor,
+    block_size: int,
+    stride: int,
+    scale: float,
+    dq_BTHD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``gate · compressed_attention(q, kcmp, vcmp)`` on CPU without its output:
+    adds dq into ``dq_BTHD`` (contiguous) and returns (dkcmp, dvcmp, s_BTH), s = rowsum(dy ⊙ o)
+    the gradient of the gate.
+
+    The folded heads run in parts of a few offsets r (``_fold_part``); each part recomputes
+    its output and lse with aten's causal flash forward (a pair consistent with its flash
+    backward) and back-propagates gate · dy, so no q-sized output or folded copy exists.
+    Inputs are in one dtype with T >= block_size; dk and dv accumulate in fp32 (fp64 for fp64).
+    """
+    B, T, HQ, D = q_BTHD.shape
+    N, H = kcmp_BNHD.shape[1], kcmp_BNHD.shape[2]
+    k_BHND, v_BHND = kcmp_BNHD.transpose(1, 2), vcmp_BNHD.transpose(1, 2)
+    acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+    dk_BHND, dv_BHND = (k_BHND.new_zeros(B, H, N, D, dtype=acc) for _ in range(2))
+    s_BTH = torch.zeros(B, T, HQ, dtype=acc, device=q_BTHD.device)
+    gate_BTH1 = gate_BTH.unsqueeze(-1).to(q_BTHD.dtype)
+    step = max(1, stride // _GATED_PARTS)
+    for r0 in range(0, stride, step):
+        r1 = min(stride, r0 + step)
+        part = (r0, r1, N, H, block_size, stride)
+        q_BRMD = _fold_part(q_BTHD, *part)
+        o_BRMD, lse_BRM = _flash(q_BRMD, k_BHND, v_BHND, is_causal=True, scale=scale)
+        dy_BRMD = _fold_part(dy_BTHD, *part)
+        _add_unfolded_part(
+            s_BTH, torch.linalg.vecdot(dy_BRMD, o_BRMD).to(acc), *part[:2], *part[3:]
+        )
+        do_BRMD = dy_BRMD.mul_(_fold_part(gate_BTH1, *part))
+        dq_BRMD, dk_part, dv_part = _flash_backward(
+            do_BRMD, q_BRMD, k_BHND, v_BHND, o_BRMD, lse_BRM, 0.0, True, scale=scale
+        )
+        _add_unfolded_part(dq_BTHD, dq_BRMD, *part[:2], *part[3:])
+        dk_BHND += dk_part
+        dv_BHND += dv_part
+    dk_BNHD, dv_BNHD = (x.transpose(1, 2).to(kcmp_BNHD.dtype) for x in (dk_BHND, dv_BHND))
+    return dk_BNHD, dv_BNHD, s_BTH
 
 
 def _causal_lse(q_BRMD: torch.Tensor, k_BHND: torch.Tensor, scale: float) -> torch.Tensor:

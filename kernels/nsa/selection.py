@@ -253,13 +253,13 @@ class _Batch:
             return x_ZX[self.first : self.first + self.rows_Y.shape[0]]
         return torch.index_select(x_ZX, 0, self.rows_Y, out=out_YX)
 
-    def add_to(self, x_ZX: torch.Tensor, src_YX: torch.Tensor) -> None:
-        """Add ``src_YX`` into the slots' rows of ``x_ZX`` in place; a row met twice (the same
-        query in two chunks of the batch) gets both, in slot order."""
+    def add_to(self, x_ZX: torch.Tensor, src_YX: torch.Tensor, alpha: float = 1.0) -> None:
+        """Add ``alpha · src_YX`` into the slots' rows of ``x_ZX`` in place; a row met twice
+        (the same query in two chunks of the batch) gets both, in slot order."""
         if self.first >= 0:
-            x_ZX[self.first : self.first + self.rows_Y.shape[0]] += src_YX
+            x_ZX[self.first : self.first + self.rows_Y.shape[0]].add_(src_YX, alpha=alpha)
         else:
-            x_ZX.index_add_(0, self.rows_Y, src_YX)
+            x_ZX.index_add_(0, self.rows_Y, src_YX, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -598,13 +598,16 @@ def _backward_batches(
     dq_ZF: torch.Tensor,
     dk_ELD: torch.Tensor,
     dv_ELD: torch.Tensor,
+    gate_ZG: torch.Tensor | None,
 ) -> None:
-    """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers.
+    """One worker's backward: dq into its query rows, unscaled dk and dv into its own buffers;
+    with ``gate_ZG`` the output gradient of row (z, g) is gate · dO (a gated branch).
 
     Per batch the probabilities are recomputed from the saved row lse, P = exp(S - lse) (as
     exp2 of base-2 scores and lse: ``kernels.base2``), and with delta = rowsum(dO ⊙ O):
-    dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·log2 e·K_j) (added into the slots' query rows;
-    the caller takes log2 e back), dK_j += dSᵀ Q (the caller applies the scale), dV_j += Pᵀ dO.
+    dS = P ⊙ (dO V_jᵀ - delta), dQ = dS (scale·log2 e·K_j) (added into the slots' query rows
+    times ln 2, which takes log2 e back), dK_j += dSᵀ Q (the caller applies the scale),
+    dV_j += Pᵀ dO.
     Keys, values and their gradients are block-major (``_by_block``), K and V transposed.
     """
     G = lse_delta_ZG2.shape[1]
@@ -614,7 +617,15 @@ def _backward_batches(
         q_CRD, kscaled_CDL, probs_CRL = _batch_scores(bt, q_ZF, kscaled_EDL, ws)
         C, R, D = q_CRD.shape
         L = kscaled_CDL.shape[2]
-        do_CRD = bt.take(do_ZF, ws.get("do", do_ZF, Y, do_ZF.shape[1])).view(C, R, D)
+        do_YF = bt.take(do_ZF, ws.get("do", do_ZF, Y, do_ZF.shape[1]))
+        if gate_ZG is not None:
+            # out of place: ``take`` may return a view of the caller's dO
+            gated_YF = ws.get("gated", do_ZF, *do_YF.shape)
+            torch.mul(
+                do_YF.view(Y, G, D), bt.take(gate_ZG).unsqueeze(-1), out=gated_YF.view(Y, G, D)
+            )
+            do_YF = gated_YF
+        do_CRD = do_YF.view(C, R, D)
         lse_delta_YG2 = bt.take(lse_delta_ZG2)
         # base-2 scores become probabilities in place: P = exp2(S - lse) of the merged softmax
         probs_YGL = probs_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., :1]).exp2_()
@@ -624,8 +635,24 @@ def _backward_batches(
         dscores_CRL = torch.bmm(do_CRD, v_CDL, out=ws.get("dscores", do_ZF, C, R, L))
         dscores_CRL.view(Y, G, L).sub_(lse_delta_YG2[..., 1:]).mul_(probs_YGL)
         dq_CRD = torch.bmm(dscores_CRL, kscaled_CDL.mT, out=ws.get("dq", do_ZF, C, R, D))
-        bt.add_to(dq_ZF, dq_CRD.view(Y, -1))
+        bt.add_to(dq_ZF, dq_CRD.view(Y, -1), alpha=LN2)
         dk_ELD.index_add_(0, bt.blocks_C, torch.bmm(dscores_CRL.mT, q_CRD, out=grad_CLD))
+
+
+def _lse_delta(lse_ZG: torch.Tensor, do_ZF: torch.Tensor, o_ZF: torch.Tensor) -> torch.Tensor:
+    """The backward's per-row pair [Z, G, 2]: the saved lse and delta = rowsum(dO ⊙ O).
+
+    Side by side, so one small gather fetches both; delta is summed over blocks of chunk size,
+    so no q-sized temporary is ever alive.
+    """
+    G = lse_ZG.shape[1]
+    lse_delta_ZG2 = torch.stack([lse_ZG, torch.empty_like(lse_ZG)], dim=-1)
+    block = max(1, _CHUNK_ROWS // G)
+    for start in range(0, lse_ZG.shape[0], block):
+        rows = slice(start, start + block)
+        do_o_ZGD = (do_ZF[rows] * o_ZF[rows]).view(-1, G, do_ZF.shape[1] // G)
+        torch.sum(do_o_ZGD, dim=-1, out=lse_delta_ZG2[rows, :, 1])
+    return lse_delta_ZG2
 
 
 def _backward(
@@ -633,42 +660,42 @@ def _backward(
     q_BTHD: torch.Tensor,
     k_BTHD: torch.Tensor,
     v_BTHD: torch.Tensor,
-    o_ZF: torch.Tensor,
-    lse_ZG: torch.Tensor,
+    lse_delta_ZG2: torch.Tensor,
     routing: _Routing,
     block_size: int,
     scale: float,
+    gate_BTH: torch.Tensor | None = None,
+    dq_BTHD: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact gradients through the merged softmax, workers in parallel: fp32 (dq, dk, dv).
 
+    ``lse_delta_ZG2`` holds each row's saved lse (base 2) and delta = rowsum(dO ⊙ O)
+    (``_lse_delta``, or a caller's own delta: ``gated_branches`` derives it without O). With
+    ``gate_BTH`` the output gradient is gate · do, scaled per gathered row (no q-sized copy).
+    A given ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned: in
+    place when one KV head makes its rows the workers' layout in fp32, else through a copy.
     Workers own disjoint query rows, so dq is shared; dk and dv rows are shared between
     workers (a block is chosen by queries of several workers), so each worker accumulates
     into its own dk/dv buffers, summed in worker order afterwards: no atomics, deterministic.
     """
-    B, T, HQ, D = q_BTHD.shape
+    B, T, _, D = q_BTHD.shape
     H = k_BTHD.shape[2]
     q_ZF = _by_head(q_BTHD.float(), H)
     do_ZF = _by_head(do_BTHD.float(), H)
     k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    # lse (in base 2, as the scores) and delta side by side: one small gather fetches both
-    lse_delta_ZG2 = torch.stack([lse_ZG, torch.empty_like(lse_ZG)], dim=-1)
-    # delta = rowsum(dO ⊙ O) over blocks of chunk size, so no q-sized temporary is ever alive
-    block = max(1, _CHUNK_ROWS // (HQ // H))
-    for start in range(0, H * B * T, block):
-        rows = slice(start, start + block)
-        do_o_ZGD = (do_ZF[rows] * o_ZF[rows]).view(-1, HQ // H, D)
-        torch.sum(do_o_ZGD, dim=-1, out=lse_delta_ZG2[rows, :, 1])
-    dq_ZF = torch.zeros_like(q_ZF)
+    in_place = dq_BTHD is not None and H == 1 and dq_BTHD.dtype == torch.float32
+    dq_ZF = _by_head(dq_BTHD, H) if in_place else torch.zeros_like(q_ZF)
     kscaled_EDL = _by_block(k_BTHD * (scale * LOG2E), block_size, transpose=True)
     v_EDL = _by_block(v_BTHD, block_size, transpose=True)
     # one block-major dk/dv pair per worker, summed into the first in worker order
     shape = (B * H * -(-T // block_size), block_size, D)
     dk_W = [k_BTHD.new_zeros(shape) for _ in routing.batches_W]
     dv_W = [v_BTHD.new_zeros(shape) for _ in routing.batches_W]
+    gate_ZG = None if gate_BTH is None else _by_head(gate_BTH.float()[..., None], H)
     shared = (q_ZF, do_ZF, kscaled_EDL, v_EDL, lse_delta_ZG2, dq_ZF)
     run_workers(
         [
-            functools.partial(_backward_batches, batches, *shared, dk_ELD, dv_ELD)
+            functools.partial(_backward_batches, batches, *shared, dk_ELD, dv_ELD, gate_ZG)
             for batches, dk_ELD, dv_ELD in zip(routing.batches_W, dk_W, dv_W, strict=True)
         ]
     )
@@ -676,8 +703,12 @@ def _backward(
         dk_W[0] += dk_ELD
         dv_W[0] += dv_ELD
     dk_BTHD = _from_blocks(dk_W[0].mul_(scale), B, T)
-    # dq went through the keys' log2 e (base-2 scores): ln 2 takes it back
-    return _from_heads(dq_ZF.mul_(LN2), B, T, D), dk_BTHD, _from_blocks(dv_W[0], B, T)
+    dv_BTHD = _from_blocks(dv_W[0], B, T)
+    if dq_BTHD is None:
+        return _from_heads(dq_ZF, B, T, D), dk_BTHD, dv_BTHD
+    if not in_place:
+        dq_BTHD += _from_heads(dq_ZF, B, T, D)
+    return dq_BTHD, dk_BTHD, dv_BTHD
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -712,8 +743,9 @@ class _SelectedAttention(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
         """Gradients for q, k, v in their dtypes; indices, block size and scale get none."""
         q_BTHD, k_BTHD, v_BTHD, o_ZF, lse_ZG = ctx.saved_tensors
+        pair_ZG2 = _lse_delta(lse_ZG, _by_head(do_BTHD.float(), k_BTHD.shape[2]), o_ZF)
         dq, dk, dv = _backward(
-            do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_ZF, lse_ZG, ctx.routing, ctx.block_size, ctx.scale
+            do_BTHD, q_BTHD, k_BTHD, v_BTHD, pair_ZG2, ctx.routing, ctx.block_size, ctx.scale
         )
         return dq.to(q_BTHD.dtype), dk.to(k_BTHD.dtype), dv.to(v_BTHD.dtype), None, None, None
 

@@ -22,6 +22,7 @@ Layout of the computation:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -193,20 +194,31 @@ def _forward(
     return o_BTHD, lse_BTH
 
 
+# what a backward piece feeds aten's flash backward besides q, k, v and the lse: given the piece,
+# its mask and its query rows in kernel layout, the output gradient's rows and the output rows
+PieceRows = Callable[[_Piece, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def _backward(
-    do_BTHD: torch.Tensor,
     q_BTHD: torch.Tensor,
     k_BTHD: torch.Tensor,
     v_BTHD: torch.Tensor,
-    o_BTHD: torch.Tensor,
     lse_BTH: torch.Tensor,
     window: int,
     scale: float,
+    piece_rows: PieceRows,
+    dq_BTHD: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes; dk, dv accumulate in fp32 across pieces."""
+    """(dq, dk, dv) in the inputs' dtypes; dk, dv accumulate in fp32 across pieces.
+
+    ``piece_rows`` gives each piece's output-gradient and output rows: slices of saved tensors
+    (``_WindowAttention``) or a recomputed output (``gated_window_backward``). A given
+    ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned.
+    """
     B, T, H, D = k_BTHD.shape
     HQ = q_BTHD.shape[2]
-    dq_BTHD = torch.empty_like(q_BTHD)
+    accumulate = dq_BTHD is not None
+    dq_BTHD = torch.empty_like(q_BTHD) if dq_BTHD is None else dq_BTHD
     slack = _chunk_size(window, HQ // H)
     dk_BTHD, dv_BTHD = (
         torch.zeros(B, T + slack, H, D, dtype=torch.float32, device=k_BTHD.device) for _ in range(2)
@@ -214,23 +226,77 @@ def _backward(
     masks: dict[int, torch.Tensor] = {}
     for piece in _pieces(B, T, window, HQ // H):
         mask = _piece_mask(piece, window, masks, q_BTHD, H)
-        rows = [_to_kernel(_queries(x, piece), piece, H) for x in (do_BTHD, q_BTHD, o_BTHD)]
+        q_rows = _to_kernel(_queries(q_BTHD, piece), piece, H)
+        do_rows, o_rows = piece_rows(piece, mask, q_rows)
         dq_NHYD, dk_NHKD, dv_NHKD = _flash_backward(
-            rows[0],
-            rows[1],
+            do_rows,
+            q_rows,
             _tiles(k_BTHD, piece, window),
             _tiles(v_BTHD, piece, window),
-            rows[2],
+            o_rows,
             _to_kernel(_queries(lse_BTH, piece), piece, H).contiguous(),
             0.0,
             piece.causal,
             attn_mask=mask,
             scale=scale,
         )
-        _queries(dq_BTHD, piece).copy_(_from_kernel(dq_NHYD, piece))
+        dq_rows = _queries(dq_BTHD, piece)
+        if accumulate:
+            dq_rows += _from_kernel(dq_NHYD, piece)
+        else:
+            dq_rows.copy_(_from_kernel(dq_NHYD, piece))
         _add_tiles(dk_BTHD, dk_NHKD, piece, window)
         _add_tiles(dv_BTHD, dv_NHKD, piece, window)
     return dq_BTHD, dk_BTHD[:, :T].to(k_BTHD.dtype), dv_BTHD[:, :T].to(v_BTHD.dtype)
+
+
+def gated_window_backward(
+    dy_BTHD: torch.Tensor,
+    gate_BTH: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    lse_BTH: torch.Tensor,
+    window: int,
+    scale: float,
+    dq_BTHD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``gate · window_attention(q, k, v)`` without the saved output: adds dq into
+    ``dq_BTHD`` (contiguous) and returns (dk, dv, s_BTH), s = rowsum(dy ⊙ o) the gradient of
+    the gate.
+
+    Inputs are contiguous and in one dtype (the forward's); ``lse_BTH`` is the forward's. Each
+    piece recomputes its output rows with the forward's flash call, so only piece-sized
+    outputs ever exist: a caller that keeps the gated sum of several branches instead of each
+    branch's output (NSA's ``gated_branches``) saves a q-sized tensor for one more flash
+    forward. The piece's output gradient is gate · dy.
+    """
+    B, T, HQ, _ = q_BTHD.shape
+    H = k_BTHD.shape[2]
+    acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+    s_BTH = torch.empty(B, T, HQ, dtype=acc, device=q_BTHD.device)
+
+    def piece_rows(
+        piece: _Piece, mask: torch.Tensor | None, q_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        o_rows, _ = _flash(
+            q_rows,
+            _tiles(k_BTHD, piece, window),
+            _tiles(v_BTHD, piece, window),
+            is_causal=piece.causal,
+            attn_mask=mask,
+            scale=scale,
+        )
+        dy_rows = _to_kernel(_queries(dy_BTHD, piece), piece, H)
+        s_rows = torch.linalg.vecdot(dy_rows, o_rows).to(acc)
+        _queries(s_BTH, piece).copy_(_from_kernel(s_rows, piece))
+        gate_rows = _to_kernel(_queries(gate_BTH, piece), piece, H)
+        return dy_rows * gate_rows.unsqueeze(-1).to(dy_rows.dtype), o_rows
+
+    _, dk_BTHD, dv_BTHD = _backward(
+        q_BTHD, k_BTHD, v_BTHD, lse_BTH, window, scale, piece_rows, dq_BTHD
+    )
+    return dk_BTHD, dv_BTHD, s_BTH
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -260,7 +326,15 @@ class _WindowAttention(torch.autograd.Function):
         """Gradients for q, k, v; window and scale get none."""
         q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH = ctx.saved_tensors
         do_BTHD = do_BTHD.to(q_BTHD.dtype).contiguous()
-        grads = _backward(do_BTHD, q_BTHD, k_BTHD, v_BTHD, o_BTHD, lse_BTH, ctx.window, ctx.scale)
+        H = k_BTHD.shape[2]
+
+        def piece_rows(
+            piece: _Piece, _mask: torch.Tensor | None, _q_rows: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            do_rows, o_rows = (_to_kernel(_queries(x, piece), piece, H) for x in (do_BTHD, o_BTHD))
+            return do_rows, o_rows
+
+        grads = _backward(q_BTHD, k_BTHD, v_BTHD, lse_BTH, ctx.window, ctx.scale, piece_rows)
         return (*grads, None, None)
 
 

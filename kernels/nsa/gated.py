@@ -1,0 +1,268 @@
+"""NSA's three branches and their gate in one op (``gated_branches``): Eq. 5 of the paper.
+
+o_t = Σ_c sigmoid(logit_c) · o_c over the compression, selection and window branches. As three
+ops plus an autograd mix, training keeps every branch's output alive from the forward to the
+backward (the mix needs them for the gate gradients and each flash backward for its delta =
+rowsum(dO ⊙ O)): three q-sized tensors besides the mix. The fused torch path keeps the mix
+and no branch output:
+- compression and window: their backwards recompute the output a part at a time with the
+  forward's flash call (``gated_compressed_backward``, ``gated_window_backward``), the two
+  cheap branches (aten's flash kernel, ~1 s each at 32k tokens here);
+- selection, the costliest branch: with s_c = rowsum(dY ⊙ o_c) the gate gradients,
+  rowsum(dY ⊙ y) = Σ_c g_c s_c, so its delta g_slc · s_slc is rowsum(dY ⊙ y) minus the other
+  two branches' terms: exact algebra, no recompute. Its rounding error is absolute, at fp32
+  precision of the whole row's terms (the stored mix, the recomputed outputs); both uses of
+  it (the flash delta and the gate logit's gradient s_slc · g(1 - g)) scale with g_slc, so a
+  nearly closed gate never divides it. The selection K/V gradients, which scale with g_slc,
+  then carry a relative error of about fp32 eps / g_slc: 2% at g_slc = 6e-6 (sigmoid(-12)),
+  where they are ~1e-5 of the other gradients, and ~1e-5 at g_slc = 0.01.
+Every branch's output gradient g_c · dY is formed a part or a gathered batch at a time, and
+the three backwards add into one dq.
+The gate's sigmoid is inside the op for that reason: the logit gradient is delta · (1 - g),
+with no division by g.
+Other backends (and short rows, where the selection runs as one masked call, and devices
+without aten's CPU flash kernels) compose the three ops and the mix through autograd.
+Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, G group size HQ // H,
+D head dim, S selection slots, Z query rows of every KV head H·B·T, 3 the branches
+(compression, selection, window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ..backend import check_attention_shapes, resolve_backend
+from ..window import sliding_window_attention
+from ..window.torch_impl import _forward as _window_forward
+from ..window.torch_impl import gated_window_backward
+from .compressed_select import _fused_forward, _Geometry, compressed_select
+from .compression import (
+    _FLASH_LSE_DEVICES,
+    gated_compressed_backward,
+    num_compressed,
+    validate_attention,
+)
+from .select import validate_select_knobs
+from .selection import _backward as _selection_backward
+from .selection import _by_head, _from_heads, _route, _use_masked, _workers, selected_attention
+from .selection import _forward as _selection_forward
+
+__all__ = ["NSAKnobs", "gated_branches"]
+
+_OP = "gated_branches"
+_AVAILABLE = ("naive", "torch", "triton")
+# rows of the chunked row dot products: a [rows, HQ, D] product at a time, not a q-sized one
+_DOT_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class NSAKnobs:
+    """The block geometry of the three branches: compression blocks of ``block_size`` tokens
+    every ``stride``, ``n_select`` selected blocks of ``select_size``, a ``window`` of keys."""
+
+    block_size: int
+    stride: int
+    select_size: int
+    n_select: int
+    window: int
+
+
+def _rowdot(a_BTHD: torch.Tensor, b_BTHD: torch.Tensor) -> torch.Tensor:
+    """rowsum(a ⊙ b) over D, [B, T, HQ] in fp32 (fp64 for fp64), a block of rows at a time."""
+    B, T, HQ, _ = a_BTHD.shape
+    acc = torch.promote_types(a_BTHD.dtype, torch.float32)
+    out_BTH = torch.empty(B, T, HQ, dtype=acc, device=a_BTHD.device)
+    for t0 in range(0, T, _DOT_ROWS):
+        rows = slice(t0, t0 + _DOT_ROWS)
+        out_BTH[:, rows] = torch.linalg.vecdot(a_BTHD[:, rows], b_BTHD[:, rows])
+    return out_BTH
+
+
+class _GatedBranches(torch.autograd.Function):
+    """The fused CPU path: saves q, every K/V, the gate logits, the selection and window lse and
+    the mix; no branch output (see the module doc)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        q_BTHD: torch.Tensor,
+        kcmp_BNHD: torch.Tensor,
+        vcmp_BNHD: torch.Tensor,
+        kslc_BTHD: torch.Tensor,
+        vslc_BTHD: torch.Tensor,
+        kwin_BTHD: torch.Tensor,
+        vwin_BTHD: torch.Tensor,
+        logits_BTH3: torch.Tensor,
+        knobs: NSAKnobs,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the three branch forwards and mix them; returns (y_BTHD, idx_BTHS)."""
+        B, T, HQ, D = q_BTHD.shape
+        H = kslc_BTHD.shape[2]
+        G = HQ // H
+        geo = _Geometry(T, H, G, knobs.block_size, knobs.stride, knobs.select_size, knobs.n_select)
+        o_cmp_BTHD, _, idx_BTHS = _fused_forward(q_BTHD, kcmp_BNHD, vcmp_BNHD, scale, geo)
+        routing = _route(
+            idx_BTHS, knobs.select_size, G, _workers(idx_BTHS, G * D, knobs.select_size)
+        )
+        o_slc_ZF, lse_ZG = _selection_forward(
+            q_BTHD, kslc_BTHD, vslc_BTHD, idx_BTHS, routing, knobs.select_size, scale
+        )
+        o_win_BTHD, lse_win_BTH = _window_forward(q_BTHD, kwin_BTHD, vwin_BTHD, knobs.window, scale)
+        # gate-major contiguous gates: strided [..., c] views cost full-size passes (see _mix)
+        acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+        gates_3BTH1 = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()[..., None]
+        y_BTHD = o_cmp_BTHD.mul_(gates_3BTH1[0])
+        y_BTHD.addcmul_(_from_heads(o_slc_ZF, B, T, D), gates_3BTH1[1])
+        del o_slc_ZF
+        y_BTHD.addcmul_(o_win_BTHD, gates_3BTH1[2])
+        del o_win_BTHD
+        y_BTHD = y_BTHD.to(q_BTHD.dtype)
+        ctx.save_for_backward(
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
+            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
+        )  # fmt: skip
+        ctx.knobs, ctx.scale, ctx.routing = knobs, scale, routing
+        ctx.mark_non_differentiable(idx_BTHS)
+        return y_BTHD, idx_BTHS
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, dy_BTHD: torch.Tensor, _grad_idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Gradients of q, the six K/V inputs and the gate logits, branch by branch."""
+        (
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
+            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
+        ) = ctx.saved_tensors  # fmt: skip
+        knobs: NSAKnobs = ctx.knobs
+        H = kslc_BTHD.shape[2]
+        dy_BTHD = dy_BTHD.to(q_BTHD.dtype).contiguous()
+        acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+        gates_3BTH = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()
+        # one q-sized accumulator: every branch's backward adds into it
+        dq_BTHD = torch.zeros_like(q_BTHD)
+        dkcmp, dvcmp, s_cmp_BTH = gated_compressed_backward(
+            dy_BTHD, gates_3BTH[0], q_BTHD, kcmp_BNHD, vcmp_BNHD, knobs.block_size, knobs.stride,
+            ctx.scale, dq_BTHD,
+        )  # fmt: skip
+        dkwin, dvwin, s_win_BTH = gated_window_backward(
+            dy_BTHD, gates_3BTH[2], q_BTHD, kwin_BTHD, vwin_BTHD, lse_win_BTH, knobs.window,
+            ctx.scale, dq_BTHD,
+        )  # fmt: skip
+        # g_slc · s_slc = rowsum(dY ⊙ y) - g_cmp · s_cmp - g_win · s_win (module doc)
+        delta_BTH = _rowdot(dy_BTHD, y_BTHD)
+        delta_BTH -= gates_3BTH[0] * s_cmp_BTH
+        delta_BTH -= gates_3BTH[2] * s_win_BTH
+        lse_delta_ZG2 = torch.stack(
+            [lse_ZG, _by_head(delta_BTH[..., None], H).view(lse_ZG.shape).to(lse_ZG.dtype)], dim=-1
+        )
+        _, dkslc, dvslc = _selection_backward(
+            dy_BTHD, q_BTHD, kslc_BTHD, vslc_BTHD, lse_delta_ZG2, ctx.routing, knobs.select_size,
+            ctx.scale, gate_BTH=gates_3BTH[1], dq_BTHD=dq_BTHD,
+        )  # fmt: skip
+        one_minus_3BTH = 1.0 - gates_3BTH
+        dlogits_BTH3 = torch.stack(
+            [
+                s_cmp_BTH * gates_3BTH[0] * one_minus_3BTH[0],
+                delta_BTH * one_minus_3BTH[1],
+                s_win_BTH * gates_3BTH[2] * one_minus_3BTH[2],
+            ],
+            dim=-1,
+        )
+        return (
+            dq_BTHD, dkcmp, dvcmp, dkslc.to(kslc_BTHD.dtype), dvslc.to(vslc_BTHD.dtype), dkwin,
+            dvwin, dlogits_BTH3.to(logits_BTH3.dtype), None, None,
+        )  # fmt: skip
+
+
+def _composed(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    vcmp_BNHD: torch.Tensor,
+    kv_slc: tuple[torch.Tensor, torch.Tensor],
+    kv_win: tuple[torch.Tensor, torch.Tensor],
+    logits_BTH3: torch.Tensor,
+    knobs: NSAKnobs,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three ops of ``backend`` and an autograd mix. Each branch runs right before its term
+    is added, so autograd (newest ready node first) back-propagates the window, then the
+    selection, then the compression, one branch's output gradient alive at a time."""
+    o_cmp, _, idx_BTHS = compressed_select(
+        q_BTHD, kcmp_BNHD, vcmp_BNHD, block_size=knobs.block_size, stride=knobs.stride,
+        select_size=knobs.select_size, n_select=knobs.n_select, scale=scale, backend=backend,
+    )  # fmt: skip
+    gates_3BTH1 = torch.sigmoid(logits_BTH3).permute(3, 0, 1, 2).contiguous()[..., None]
+    y_BTHD = o_cmp * gates_3BTH1[0]
+    o_slc = selected_attention(
+        q_BTHD, *kv_slc, idx_BTHS, knobs.select_size, scale=scale, backend=backend
+    )
+    y_BTHD = y_BTHD.addcmul(o_slc, gates_3BTH1[1])
+    o_win = sliding_window_attention(q_BTHD, *kv_win, knobs.window, scale=scale, backend=backend)
+    return y_BTHD.addcmul(o_win, gates_3BTH1[2]), idx_BTHS
+
+
+def gated_branches(
+    q_BTHD: torch.Tensor,
+    kcmp_BNHD: torch.Tensor,
+    vcmp_BNHD: torch.Tensor,
+    kv_slc: tuple[torch.Tensor, torch.Tensor],
+    kv_win: tuple[torch.Tensor, torch.Tensor],
+    logits_BTH3: torch.Tensor,
+    knobs: NSAKnobs,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NSA's prefill attention: (y_BTHD, idx_BTHS) with y = Σ_c sigmoid(logit_c) · o_c.
+
+    q_BTHD [B, T, HQ, D]; kcmp_BNHD / vcmp_BNHD [B, N, H, D] the compressed tokens
+    (``compress_kv``); kv_slc and kv_win the (k, v) pairs [B, T, H, D] of the selection and
+    window branches (the same tensors when the branches share K/V); logits_BTH3 [B, T, HQ, 3]
+    the gate's pre-sigmoid outputs in branch order (compression, selection, window). The
+    branches are ``compressed_select`` (which also picks idx_BTHS, int64 [B, T, H, n_select],
+    no gradient), ``selected_attention`` over those blocks and ``sliding_window_attention``,
+    with the rules and errors of those ops. y has q's dtype and is differentiable in q, every
+    K/V and the logits. ``backend`` ``torch`` on CPU runs the fused op of the module doc (same
+    results, less memory); ``naive`` (the oracle), ``triton`` and the torch path elsewhere
+    compose the three ops. Raises ValueError naming the argument for a bad knob, shape or
+    backend.
+    """
+    validate_attention(_OP, q_BTHD, kcmp_BNHD, vcmp_BNHD, knobs.block_size, knobs.stride)
+    validate_select_knobs(_OP, knobs.block_size, knobs.stride, knobs.select_size, knobs.n_select)
+    B, T, HQ, _ = q_BTHD.shape
+    if logits_BTH3.shape != (B, T, HQ, 3):
+        raise ValueError(
+            f"{_OP}: logits_BTH3 must be [B, T, HQ, 3] = {[B, T, HQ, 3]}, "
+            f"got {list(logits_BTH3.shape)}"
+        )
+    for name, (k_BTHD, v_BTHD) in (("kv_slc", kv_slc), ("kv_win", kv_win)):
+        check_attention_shapes(f"{_OP} ({name})", q_BTHD, k_BTHD, v_BTHD)
+        if not (q_BTHD.dtype == k_BTHD.dtype == v_BTHD.dtype):
+            raise ValueError(
+                f"{_OP}: {name} dtypes {k_BTHD.dtype}, {v_BTHD.dtype} differ from q's "
+                f"{q_BTHD.dtype}"
+            )
+    if isinstance(knobs.window, bool) or not isinstance(knobs.window, int) or knobs.window < 1:
+        raise ValueError(f"{_OP}: window must be an int >= 1, got {knobs.window!r}")
+    chosen = resolve_backend(_OP, backend, _AVAILABLE, q_BTHD)
+    scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
+    fused = (
+        chosen == "torch"
+        and q_BTHD.device.type in _FLASH_LSE_DEVICES
+        and num_compressed(T, knobs.block_size, knobs.stride) > 0
+        and not _use_masked(q_BTHD, kv_slc[0], knobs.select_size)
+    )
+    if not fused:
+        return _composed(
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, kv_slc, kv_win, logits_BTH3, knobs, scale, chosen
+        )
+    y_BTHD, idx_BTHS = _GatedBranches.apply(
+        q_BTHD, kcmp_BNHD, vcmp_BNHD, *kv_slc, *kv_win, logits_BTH3, knobs, scale
+    )
+    return y_BTHD, idx_BTHS
