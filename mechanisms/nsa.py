@@ -295,10 +295,10 @@ class NativeSparseAttention(AttentionMechanism):
         B, T, _ = x_BTC.shape
         if cache is None:
             q_BTHD, kv, logits_BTH3 = self._project(x_BTC, 0)
-            o_BTHD = self._prefill(q_BTHD, kv, logits_BTH3)
+            y_BTC = self._prefill(q_BTHD, kv, logits_BTH3)
             self.stats.update(self._gate_stats(torch.sigmoid(logits_BTH3.detach())))
-        else:
-            o_BTHD = self.decode_reader(x_BTC, cache)()
+            return y_BTC
+        o_BTHD = self.decode_reader(x_BTC, cache)()
         return self.wo(o_BTHD.reshape(B, T, -1))
 
     def decode_reader(self, x_BTC: torch.Tensor, cache: KVCache) -> Callable[[], torch.Tensor]:
@@ -343,19 +343,21 @@ class NativeSparseAttention(AttentionMechanism):
     def _prefill(
         self, q_BTHD: torch.Tensor, kv: dict[str, torch.Tensor], logits_BTH3: torch.Tensor
     ) -> torch.Tensor:
-        """The gated sum of the compression, selection and window branches over the whole
-        sequence (``gated_branches``: one score pass serves the compression output and the
-        block selection, Eq. 8-11); sets the selection stats."""
+        """The output projection of the gated sum of the compression, selection and window
+        branches over the whole sequence, [B, T, C] (``gated_branches``: one score pass serves
+        the compression output and the block selection, Eq. 8-11, and the projection runs
+        inside the op so that training need not keep the gated sum); sets the selection
+        stats."""
         p = self.params
         T = q_BTHD.shape[1]
         kcmp_BNHD, vcmp_BNHD = self._compress(kv["raw_k"], kv["raw_v"], 0)
         knobs = NSAKnobs(p.block_size, p.stride, p.select_size, p.n_select, p.window)
-        o_BTHD, idx_BTHK = gated_branches(
+        y_BTC, idx_BTHK = gated_branches(
             q_BTHD, kcmp_BNHD, vcmp_BNHD, (kv["slc_k"], kv["slc_v"]), (kv["win_k"], kv["win_v"]),
-            logits_BTH3, knobs, scale=self.scale, backend=p.backend,
+            logits_BTH3, knobs, scale=self.scale, backend=p.backend, out_weight=self.wo.weight,
         )  # fmt: skip
         self.stats = self._selection_stats(idx_BTHK, torch.arange(T, device=q_BTHD.device))
-        return o_BTHD
+        return y_BTC
 
     def _selection_stats(
         self, idx_BTHK: torch.Tensor, pos_T: torch.Tensor

@@ -9,6 +9,7 @@ Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, D head
 from __future__ import annotations
 
 import re
+import weakref
 
 import pytest
 import torch
@@ -126,6 +127,61 @@ def test_nearly_closed_selection_gate_errs_only_at_the_rows_rounding() -> None:
         assert float((got.double() - want).abs().max()) <= 1e-6 * largest, name
 
 
+@pytest.mark.parametrize("T", [301, 64])
+def test_output_projection_inside_the_op(T: int) -> None:
+    """With ``out_weight`` W the op returns y·Wᵀ [B, T, C], fused (T 301) and composed (T 64),
+    and W gets its gradient, as the naive composition followed by the projection."""
+    knobs = NSAKnobs(16, 8, 16, 4, 16)
+    inputs = make_inputs(1, T, 4, 2, 16, knobs)
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    results = []
+    for backend, dtype in (("torch", torch.float32), ("naive", torch.float64)):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in [*inputs, weight]]
+        q, kcmp, vcmp, kslc, vslc, kwin, vwin, logits, w = leaves
+        out, _ = gated_branches(
+            q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, backend=backend,
+            out_weight=w,
+        )  # fmt: skip
+        assert out.shape == (1, T, 24)
+        gen = torch.Generator().manual_seed(1)
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (fast, fast_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-4, atol=1e-4)
+    for name, got, want in zip((*NAMES, "out_weight"), fast_grads, ref_grads, strict=True):
+        err = float((got.double() - want).abs().max())
+        assert err <= 2e-5 * float(want.abs().max()), name
+
+
+def test_projected_mix_is_freed_before_the_branch_backwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the projection inside the op the mix y lives only until the backward has taken
+    rowsum(dY ⊙ y): it is gone when the branch backwards (and their q-sized buffers) run."""
+    refs: list[weakref.ref] = []
+    alive: list[bool] = []
+    rowdot, compressed = gated_module._rowdot, gated_module.gated_compressed_backward
+
+    def recording_rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        refs.append(weakref.ref(b))
+        return rowdot(a, b)
+
+    def checking_compressed(*args: object, **kwargs: object) -> object:
+        alive.append(refs[-1]() is not None)
+        return compressed(*args, **kwargs)
+
+    monkeypatch.setattr(gated_module, "_rowdot", recording_rowdot)
+    monkeypatch.setattr(gated_module, "gated_compressed_backward", checking_compressed)
+    knobs = NSAKnobs(16, 8, 16, 4, 16)
+    q, kcmp, vcmp, kslc, vslc, kwin, vwin, logits = make_inputs(1, 301, 4, 1, 16, knobs)
+    weight = torch.randn(24, 64, requires_grad=True)
+    out, _ = gated_branches(
+        q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, out_weight=weight
+    )
+    out.sum().backward()
+    assert alive == [False]
+
+
 @pytest.mark.parametrize("T", [10, 64])
 def test_short_rows_compose_the_three_ops(T: int) -> None:
     """Below one compression block (T 10) and where the selection runs as one masked call
@@ -211,6 +267,7 @@ def test_composition_back_propagates_each_branch_after_its_gate_term(
         ({"window": 0}, "window must be an int >= 1, got 0"),
         ({"stride": 5}, "block_size"),
         ({"n_select": 2}, "n_select"),
+        ({"out_weight": (24, 63)}, "out_weight must be [C, HQ·D] with HQ·D = 64"),
     ],
 )
 def test_bad_input_names_the_argument(change: dict, message: str) -> None:
@@ -228,5 +285,6 @@ def test_bad_input_names_the_argument(change: dict, message: str) -> None:
     if "kv_slc" in change:
         kslc, vslc = torch.randn(change["kv_slc"]), torch.randn(change["kv_slc"])
     kwin = torch.randn(change["kwin"]) if "kwin" in change else kwin
+    weight = torch.randn(change["out_weight"]) if "out_weight" in change else None
     with pytest.raises(ValueError, match=re.escape(message)):
-        gated_branches(q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs)
+        gated_branches(q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, out_weight=weight)

@@ -172,10 +172,10 @@ def test_density_counts_each_attended_key_once(
 
 
 def test_training_forward_keeps_no_branch_output() -> None:
-    """The prefill's branches and gate run as one op (``gated_branches``) whose backward needs
-    no branch output: of the tensors autograd keeps, only two have the attention output's
-    size, the queries and the gated mix (the output projection's input). The three branch
-    outputs used to be kept as well (five)."""
+    """The prefill's branches, gate and output projection run as one op (``gated_branches``)
+    whose backward needs no branch output: of the tensors autograd keeps, only the queries
+    have the attention output's size (the gated mix is held by the op until its backward
+    reads it once). The three branch outputs and the mix used to be kept as well (five)."""
     preset = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}
     attn = _nsa(gate_hidden=32, **preset).train()
     x = torch.randn(1, 300, 64, requires_grad=True)
@@ -189,7 +189,7 @@ def test_training_forward_keeps_no_branch_output() -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = attn(x)
-    assert len(storages) == 2
+    assert len(storages) == 1
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..backend import check_attention_shapes, resolve_backend
@@ -96,52 +97,80 @@ class _GatedBranches(torch.autograd.Function):
         kwin_BTHD: torch.Tensor,
         vwin_BTHD: torch.Tensor,
         logits_BTH3: torch.Tensor,
+        out_weight: torch.Tensor | None,
         knobs: NSAKnobs,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the three branch forwards and mix them; returns (y_BTHD, idx_BTHS)."""
+        """Run the three branch forwards and mix them; returns (y_BTHD, idx_BTHS), or the
+        projected (out_BTC, idx_BTHS) with ``out_weight``."""
         B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
         G = HQ // H
         geo = _Geometry(T, H, G, knobs.block_size, knobs.stride, knobs.select_size, knobs.n_select)
+        # gate-major contiguous gates: strided [..., c] views cost full-size passes (see _mix)
+        acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+        gates_3BTH1 = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()[..., None]
+        # each branch's term is added as soon as it ran: one branch output alive at a time
         o_cmp_BTHD, _, idx_BTHS = _fused_forward(q_BTHD, kcmp_BNHD, vcmp_BNHD, scale, geo)
+        y_BTHD = o_cmp_BTHD.mul_(gates_3BTH1[0])
         routing = _route(
             idx_BTHS, knobs.select_size, G, _workers(idx_BTHS, G * D, knobs.select_size)
         )
         o_slc_ZF, lse_ZG = _selection_forward(
             q_BTHD, kslc_BTHD, vslc_BTHD, idx_BTHS, routing, knobs.select_size, scale
         )
-        o_win_BTHD, lse_win_BTH = _window_forward(q_BTHD, kwin_BTHD, vwin_BTHD, knobs.window, scale)
-        # gate-major contiguous gates: strided [..., c] views cost full-size passes (see _mix)
-        acc = torch.promote_types(q_BTHD.dtype, torch.float32)
-        gates_3BTH1 = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()[..., None]
-        y_BTHD = o_cmp_BTHD.mul_(gates_3BTH1[0])
         y_BTHD.addcmul_(_from_heads(o_slc_ZF, B, T, D), gates_3BTH1[1])
         del o_slc_ZF
+        o_win_BTHD, lse_win_BTH = _window_forward(q_BTHD, kwin_BTHD, vwin_BTHD, knobs.window, scale)
         y_BTHD.addcmul_(o_win_BTHD, gates_3BTH1[2])
         del o_win_BTHD
         y_BTHD = y_BTHD.to(q_BTHD.dtype)
-        ctx.save_for_backward(
-            q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
-        )  # fmt: skip
         ctx.knobs, ctx.scale, ctx.routing = knobs, scale, routing
         ctx.mark_non_differentiable(idx_BTHS)
-        return y_BTHD, idx_BTHS
+        if out_weight is None:
+            saved_y = y_BTHD
+            out = y_BTHD
+        else:
+            # the mix is internal here: held on ctx (no cycle, it is not an output) and
+            # dropped in backward after its last use instead of living through it
+            saved_y, ctx.mix = None, [y_BTHD]
+            out = F.linear(y_BTHD.view(B, T, HQ * D), out_weight)
+        ctx.save_for_backward(
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
+            logits_BTH3, lse_ZG, lse_win_BTH, saved_y, out_weight,
+        )  # fmt: skip
+        return out, idx_BTHS
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: FunctionCtx, dy_BTHD: torch.Tensor, _grad_idx: torch.Tensor | None
+        ctx: FunctionCtx, grad_out: torch.Tensor, _grad_idx: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of q, the six K/V inputs and the gate logits, branch by branch."""
+        """Gradients of q, the six K/V inputs, the gate logits and the projection weight,
+        branch by branch."""
         (
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
+            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD, out_weight,
         ) = ctx.saved_tensors  # fmt: skip
         knobs: NSAKnobs = ctx.knobs
+        B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
-        dy_BTHD = dy_BTHD.to(q_BTHD.dtype).contiguous()
+        dweight = None
+        if out_weight is None:
+            dy_BTHD = grad_out.to(q_BTHD.dtype).contiguous()
+        else:
+            y_BTHD = ctx.mix.pop()
+            # 2-d products, as aten's own linear backward: a view even of an expanded
+            # gradient (a loss of out.sum()), which a 3-d matmul would first copy
+            grad_NC = grad_out.to(out_weight.dtype).flatten(0, 1)
+            del grad_out
+            dy_BTHD = (grad_NC @ out_weight).view(B, T, HQ, D).to(q_BTHD.dtype)
+            if ctx.needs_input_grad[8]:
+                dweight = grad_NC.mT @ y_BTHD.view(B * T, -1).to(grad_NC.dtype)
+            del grad_NC
+        # rowsum(dY ⊙ y) first: then the mix can go (with a projection, nothing else holds it)
+        delta_BTH = _rowdot(dy_BTHD, y_BTHD)
+        del y_BTHD
         acc = torch.promote_types(q_BTHD.dtype, torch.float32)
         gates_3BTH = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()
         # one q-sized accumulator: every branch's backward adds into it
@@ -155,7 +184,6 @@ class _GatedBranches(torch.autograd.Function):
             ctx.scale, dq_BTHD,
         )  # fmt: skip
         # g_slc · s_slc = rowsum(dY ⊙ y) - g_cmp · s_cmp - g_win · s_win (module doc)
-        delta_BTH = _rowdot(dy_BTHD, y_BTHD)
         delta_BTH -= gates_3BTH[0] * s_cmp_BTH
         delta_BTH -= gates_3BTH[2] * s_win_BTH
         lse_delta_ZG2 = torch.stack(
@@ -176,7 +204,7 @@ class _GatedBranches(torch.autograd.Function):
         )
         return (
             dq_BTHD, dkcmp, dvcmp, dkslc.to(kslc_BTHD.dtype), dvslc.to(vslc_BTHD.dtype), dkwin,
-            dvwin, dlogits_BTH3.to(logits_BTH3.dtype), None, None,
+            dvwin, dlogits_BTH3.to(logits_BTH3.dtype), dweight, None, None,
         )  # fmt: skip
 
 
@@ -187,13 +215,15 @@ def _composed(
     kv_slc: tuple[torch.Tensor, torch.Tensor],
     kv_win: tuple[torch.Tensor, torch.Tensor],
     logits_BTH3: torch.Tensor,
+    out_weight: torch.Tensor | None,
     knobs: NSAKnobs,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The three ops of ``backend`` and an autograd mix. Each branch runs right before its term
-    is added, so autograd (newest ready node first) back-propagates the window, then the
-    selection, then the compression, one branch's output gradient alive at a time."""
+    """The three ops of ``backend``, an autograd mix and the optional projection. Each branch
+    runs right before its term is added, so autograd (newest ready node first)
+    back-propagates the window, then the selection, then the compression, one branch's output
+    gradient alive at a time."""
     o_cmp, _, idx_BTHS = compressed_select(
         q_BTHD, kcmp_BNHD, vcmp_BNHD, block_size=knobs.block_size, stride=knobs.stride,
         select_size=knobs.select_size, n_select=knobs.n_select, scale=scale, backend=backend,
@@ -205,7 +235,10 @@ def _composed(
     )
     y_BTHD = y_BTHD.addcmul(o_slc, gates_3BTH1[1])
     o_win = sliding_window_attention(q_BTHD, *kv_win, knobs.window, scale=scale, backend=backend)
-    return y_BTHD.addcmul(o_win, gates_3BTH1[2]), idx_BTHS
+    y_BTHD = y_BTHD.addcmul(o_win, gates_3BTH1[2])
+    if out_weight is None:
+        return y_BTHD, idx_BTHS
+    return F.linear(y_BTHD.flatten(2), out_weight), idx_BTHS
 
 
 def gated_branches(
@@ -218,8 +251,10 @@ def gated_branches(
     knobs: NSAKnobs,
     scale: float | None = None,
     backend: str = "auto",
+    out_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NSA's prefill attention: (y_BTHD, idx_BTHS) with y = Σ_c sigmoid(logit_c) · o_c.
+    """NSA's prefill attention: (y_BTHD, idx_BTHS) with y = Σ_c sigmoid(logit_c) · o_c, or
+    (y·Wᵀ [B, T, C], idx_BTHS) with the output projection's ``out_weight`` W [C, HQ·D].
 
     q_BTHD [B, T, HQ, D]; kcmp_BNHD / vcmp_BNHD [B, N, H, D] the compressed tokens
     (``compress_kv``); kv_slc and kv_win the (k, v) pairs [B, T, H, D] of the selection and
@@ -228,10 +263,12 @@ def gated_branches(
     branches are ``compressed_select`` (which also picks idx_BTHS, int64 [B, T, H, n_select],
     no gradient), ``selected_attention`` over those blocks and ``sliding_window_attention``,
     with the rules and errors of those ops. y has q's dtype and is differentiable in q, every
-    K/V and the logits. ``backend`` ``torch`` on CPU runs the fused op of the module doc (same
-    results, less memory); ``naive`` (the oracle), ``triton`` and the torch path elsewhere
-    compose the three ops. Raises ValueError naming the argument for a bad knob, shape or
-    backend.
+    K/V, the logits and W. With W inside the op the fused path keeps the mix only until its
+    backward has read it once, not through the whole backward (the projection's own autograd
+    would keep it; ~a q-sized tensor off the training peak). ``backend`` ``torch`` on CPU runs
+    the fused op of the module doc (same results, less memory); ``naive`` (the oracle),
+    ``triton`` and the torch path elsewhere compose the three ops. Raises ValueError naming
+    the argument for a bad knob, shape or backend.
     """
     validate_attention(_OP, q_BTHD, kcmp_BNHD, vcmp_BNHD, knobs.block_size, knobs.stride)
     validate_select_knobs(_OP, knobs.block_size, knobs.stride, knobs.select_size, knobs.n_select)
@@ -250,6 +287,13 @@ def gated_branches(
             )
     if isinstance(knobs.window, bool) or not isinstance(knobs.window, int) or knobs.window < 1:
         raise ValueError(f"{_OP}: window must be an int >= 1, got {knobs.window!r}")
+    if out_weight is not None and (
+        out_weight.dim() != 2 or out_weight.shape[1] != HQ * q_BTHD.shape[-1]
+    ):
+        raise ValueError(
+            f"{_OP}: out_weight must be [C, HQ·D] with HQ·D = {HQ * q_BTHD.shape[-1]}, "
+            f"got {list(out_weight.shape)}"
+        )
     chosen = resolve_backend(_OP, backend, _AVAILABLE, q_BTHD)
     scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
     fused = (
@@ -260,9 +304,10 @@ def gated_branches(
     )
     if not fused:
         return _composed(
-            q_BTHD, kcmp_BNHD, vcmp_BNHD, kv_slc, kv_win, logits_BTH3, knobs, scale, chosen
-        )
-    y_BTHD, idx_BTHS = _GatedBranches.apply(
-        q_BTHD, kcmp_BNHD, vcmp_BNHD, *kv_slc, *kv_win, logits_BTH3, knobs, scale
+            q_BTHD, kcmp_BNHD, vcmp_BNHD, kv_slc, kv_win, logits_BTH3, out_weight, knobs, scale,
+            chosen,
+        )  # fmt: skip
+    out, idx_BTHS = _GatedBranches.apply(
+        q_BTHD, kcmp_BNHD, vcmp_BNHD, *kv_slc, *kv_win, logits_BTH3, out_weight, knobs, scale
     )
-    return y_BTHD, idx_BTHS
+    return out, idx_BTHS
