@@ -123,6 +123,9 @@ class _GatedBranches(torch.autograd.Function):
         )
         y_BTHD.addcmul_(_from_heads(o_slc_ZF, B, T, D), gates_3BTH1[1])
         del o_slc_ZF
+        # the window's flash calls read overlapping key tiles: contiguous rows, not the strided
+        # views of a fused K/V projection (its backward takes the same tensors)
+        kwin_BTHD, vwin_BTHD = kwin_BTHD.contiguous(), vwin_BTHD.contiguous()
         o_win_BTHD, lse_win_BTH = _window_forward(q_BTHD, kwin_BTHD, vwin_BTHD, knobs.window, scale)
         y_BTHD.addcmul_(o_win_BTHD, gates_3BTH1[2])
         del o_win_BTHD
