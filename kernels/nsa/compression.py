@@ -293,22 +293,38 @@ def _unfold_rows(x_BRM: torch.Tensor, T: int, H: int, block_size: int, stride: i
     return x_BNrHG.reshape(B, N * stride, H * G, *rest)[:, : T - block_size + 1]
 
 
+def _part_rows(
+    x_BTHX: torch.Tensor, r0: int, r1: int, block_size: int, stride: int
+) -> list[tuple[torch.Tensor, slice, int]]:
+    """Where offsets r0 .. r1 - 1 of the folded rows sit in x: (rows [B, n, c', HQ, *rest] of
+    x, the folded rows m they are, c' offsets from r0) for the full rows of ``stride``
+    queries and the partial last one. Query t = l - 1 + m·d + r (see ``_fold_queries``)."""
+    B, T, HQ = x_BTHX.shape[:3]
+    rest = x_BTHX.shape[3:]
+    first = block_size - 1
+    full, rem = divmod(T - first, stride)
+    pieces = []
+    if full:
+        # a view for contiguous x (the rows added into), a copy of a strided x (only read)
+        rows = x_BTHX[:, first : first + full * stride].reshape(B, full, stride, HQ, *rest)
+        pieces.append((rows[:, :, r0:r1], slice(0, full), r1 - r0))
+    if rem > r0:
+        t0, c = first + full * stride + r0, min(r1, rem) - r0
+        pieces.append((x_BTHX[:, t0 : t0 + c].unsqueeze(1), slice(full, full + 1), c))
+    return pieces
+
+
 def _fold_part(
     x_BTHX: torch.Tensor, r0: int, r1: int, N: int, H: int, block_size: int, stride: int
 ) -> torch.Tensor:
     """The folded rows of offsets r0 .. r1 - 1 only: ``_fold_queries``' heads (h, r, g) with
     r in that range, [B, H·c·G, N, *rest] (c = r1 - r0), rows past T zero."""
-    B, T, HQ = x_BTHX.shape[:3]
+    B, _, HQ = x_BTHX.shape[:3]
     rest = x_BTHX.shape[3:]
-    c, first = r1 - r0, block_size - 1
-    full, rem = divmod(T - first, stride)
+    c = r1 - r0
     part_BNcHX = x_BTHX.new_zeros(B, N, c, HQ, *rest)
-    if full:
-        rows = x_BTHX[:, first : first + full * stride].reshape(B, full, stride, HQ, *rest)
-        part_BNcHX[:, :full] = rows[:, :, r0:r1]
-    if rem > r0:
-        t0 = first + full * stride + r0
-        part_BNcHX[:, full, : min(r1, rem) - r0] = x_BTHX[:, t0 : t0 + min(r1, rem) - r0]
+    for rows, m, n_r in _part_rows(x_BTHX, r0, r1, block_size, stride):
+        part_BNcHX[:, m, :n_r] = rows
     part_BNcHGX = part_BNcHX.view(B, N, c, H, HQ // H, *rest)
     order = (0, 3, 2, 4, 1, *range(5, 5 + len(rest)))
     return part_BNcHGX.permute(order).reshape(B, H * c * (HQ // H), N, *rest)
@@ -321,18 +337,12 @@ def _add_unfolded_part(
     """Inverse of ``_fold_part``, added into the rows of dst (contiguous) it came from."""
     B, R, N = x_BRMX.shape[:3]
     rest = x_BRMX.shape[3:]
-    T, HQ = dst_BTHX.shape[1:3]
-    c, first = r1 - r0, block_size - 1
-    full, rem = divmod(T - first, stride)
+    c, HQ = r1 - r0, dst_BTHX.shape[2]
     order = (0, 4, 2, 1, 3, *range(5, 5 + len(rest)))
     x_BNcHX = x_BRMX.reshape(B, H, c, R // (H * c), N, *rest).permute(order)
     x_BNcHX = x_BNcHX.reshape(B, N, c, HQ, *rest)
-    if full:
-        rows = dst_BTHX[:, first : first + full * stride].view(B, full, stride, HQ, *rest)
-        rows[:, :, r0:r1] += x_BNcHX[:, :full]
-    if rem > r0:
-        t0 = first + full * stride + r0
-        dst_BTHX[:, t0 : t0 + min(r1, rem) - r0] += x_BNcHX[:, full, : min(r1, rem) - r0]
+    for rows, m, n_r in _part_rows(dst_BTHX, r0, r1, block_size, stride):
+        rows += x_BNcHX[:, m, :n_r]
 
 
 def gated_compressed_backward(

@@ -50,15 +50,21 @@ from .compression import (
 )
 from .select import validate_select_knobs
 from .selection import _backward as _selection_backward
-from .selection import _by_head, _from_heads, _route, _use_masked, _workers, selected_attention
+from .selection import (
+    _by_head,
+    _from_heads,
+    _route,
+    _rowdot,
+    _use_masked,
+    _workers,
+    selected_attention,
+)
 from .selection import _forward as _selection_forward
 
 __all__ = ["NSAKnobs", "gated_branches"]
 
 _OP = "gated_branches"
 _AVAILABLE = ("naive", "torch", "triton")
-# rows of the chunked row dot products: a [rows, HQ, D] product at a time, not a q-sized one
-_DOT_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -71,17 +77,6 @@ class NSAKnobs:
     select_size: int
     n_select: int
     window: int
-
-
-def _rowdot(a_BTHD: torch.Tensor, b_BTHD: torch.Tensor) -> torch.Tensor:
-    """rowsum(a ⊙ b) over D, [B, T, HQ] in fp32 (fp64 for fp64), a block of rows at a time."""
-    B, T, HQ, _ = a_BTHD.shape
-    acc = torch.promote_types(a_BTHD.dtype, torch.float32)
-    out_BTH = torch.empty(B, T, HQ, dtype=acc, device=a_BTHD.device)
-    for t0 in range(0, T, _DOT_ROWS):
-        rows = slice(t0, t0 + _DOT_ROWS)
-        out_BTH[:, rows] = torch.linalg.vecdot(a_BTHD[:, rows], b_BTHD[:, rows])
-    return out_BTH
 
 
 class _GatedBranches(torch.autograd.Function):

@@ -639,20 +639,25 @@ def _backward_batches(
         dk_ELD.index_add_(0, bt.blocks_C, torch.bmm(dscores_CRL.mT, q_CRD, out=grad_CLD))
 
 
-def _lse_delta(lse_ZG: torch.Tensor, do_ZF: torch.Tensor, o_ZF: torch.Tensor) -> torch.Tensor:
-    """The backward's per-row pair [Z, G, 2]: the saved lse and delta = rowsum(dO ⊙ O).
+def _rowdot(a_XD: torch.Tensor, b_XD: torch.Tensor) -> torch.Tensor:
+    """rowsum(a ⊙ b) over the last dim D for inputs of one shape [*X, D]: [*X] in fp32 (fp64
+    for fp64), _CHUNK_ROWS rows at a time, so no product of the inputs' size is ever alive."""
+    D = a_XD.shape[-1]
+    a_RD, b_RD = a_XD.reshape(-1, D), b_XD.reshape(-1, D)
+    acc = torch.promote_types(a_XD.dtype, torch.float32)
+    out_R = torch.empty(a_RD.shape[0], dtype=acc, device=a_XD.device)
+    for r0 in range(0, a_RD.shape[0], _CHUNK_ROWS):
+        rows = slice(r0, r0 + _CHUNK_ROWS)
+        out_R[rows] = torch.linalg.vecdot(a_RD[rows], b_RD[rows])
+    return out_R.view(a_XD.shape[:-1])
 
-    Side by side, so one small gather fetches both; delta is summed over blocks of chunk size,
-    so no q-sized temporary is ever alive.
-    """
+
+def _lse_delta(lse_ZG: torch.Tensor, do_ZF: torch.Tensor, o_ZF: torch.Tensor) -> torch.Tensor:
+    """The backward's per-row pair [Z, G, 2]: the saved lse and delta = rowsum(dO ⊙ O), side by
+    side, so one small gather fetches both."""
     G = lse_ZG.shape[1]
-    lse_delta_ZG2 = torch.stack([lse_ZG, torch.empty_like(lse_ZG)], dim=-1)
-    block = max(1, _CHUNK_ROWS // G)
-    for start in range(0, lse_ZG.shape[0], block):
-        rows = slice(start, start + block)
-        do_o_ZGD = (do_ZF[rows] * o_ZF[rows]).view(-1, G, do_ZF.shape[1] // G)
-        torch.sum(do_o_ZGD, dim=-1, out=lse_delta_ZG2[rows, :, 1])
-    return lse_delta_ZG2
+    delta_ZG = _rowdot(do_ZF.view(-1, G, do_ZF.shape[1] // G), o_ZF.view(-1, G, o_ZF.shape[1] // G))
+    return torch.stack([lse_ZG, delta_ZG.to(lse_ZG.dtype)], dim=-1)
 
 
 def _backward(

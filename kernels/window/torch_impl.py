@@ -213,12 +213,12 @@ def _backward(
 
     ``piece_rows`` gives each piece's output-gradient and output rows: slices of saved tensors
     (``_WindowAttention``) or a recomputed output (``gated_window_backward``). A given
-    ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned.
+    ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned; else a zeroed
+    one does.
     """
     B, T, H, D = k_BTHD.shape
     HQ = q_BTHD.shape[2]
-    accumulate = dq_BTHD is not None
-    dq_BTHD = torch.empty_like(q_BTHD) if dq_BTHD is None else dq_BTHD
+    dq_BTHD = torch.zeros_like(q_BTHD) if dq_BTHD is None else dq_BTHD
     slack = _chunk_size(window, HQ // H)
     dk_BTHD, dv_BTHD = (
         torch.zeros(B, T + slack, H, D, dtype=torch.float32, device=k_BTHD.device) for _ in range(2)
@@ -241,10 +241,7 @@ def _backward(
             scale=scale,
         )
         dq_rows = _queries(dq_BTHD, piece)
-        if accumulate:
-            dq_rows += _from_kernel(dq_NHYD, piece)
-        else:
-            dq_rows.copy_(_from_kernel(dq_NHYD, piece))
+        dq_rows += _from_kernel(dq_NHYD, piece)
         _add_tiles(dk_BTHD, dk_NHKD, piece, window)
         _add_tiles(dv_BTHD, dv_NHKD, piece, window)
     return dq_BTHD, dk_BTHD[:, :T].to(k_BTHD.dtype), dv_BTHD[:, :T].to(v_BTHD.dtype)
