@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sparsezoo.kernels.cpu_workers import (
     even_ranges,
@@ -156,6 +157,19 @@ class NSACache(KVCache):
         return self.k_BHSD[:, :, :S].transpose(1, 2), self.v_BHSD[:, :, :S].transpose(1, 2)
 
 
+def _recomputed(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)``, keeping for the backward only its inputs when autograd records it.
+
+    For the small MLPs beside the attention (phi, the gate), whose saved activations (phi's
+    flattened blocks, twice the keys' size; the gate's hidden layer) would otherwise live
+    through the attention's backward, the training peak: their recompute is a few ms and runs
+    after it, when memory is low (at 32k tokens, 16 query heads of 64: ~50 MB off the peak).
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
 def _linear_init(module: nn.Linear) -> nn.Linear:
     nn.init.normal_(module.weight, std=module.in_features**-0.5)
     if module.bias is not None:
@@ -254,10 +268,14 @@ class NativeSparseAttention(AttentionMechanism):
         for tokens at ``start``."""
         B, T, _ = x_BTC.shape
         s = self.shape
-        # one angle table for q and the rotated keys; the fresh q is rotated in place
+        # one angle table for q and the rotated keys. q is rotated out of place: in place on a
+        # view of the projection, autograd's CopySlices backward clones the gradient and
+        # rotates a second copy, at the end of the backward where the input's gradient is
+        # being summed (the training peak at 32k: 823 MB, against 694 out of place); the
+        # unrotated projection is freed at once, nothing saves it
         cos_TD, sin_TD = self.rope_tables(start, T, x_BTC.device)
         q_BTHD = self.wq(x_BTC).view(B, T, s.n_heads, s.head_dim)
-        q_BTHD = apply_rope(q_BTHD, cos_TD, sin_TD, in_place=True)
+        q_BTHD = apply_rope(q_BTHD, cos_TD, sin_TD)
         # unbind (not slicing) so backward stacks the branch gradients in one allocation
         kv_sets = [
             kv.unbind(2)
@@ -274,7 +292,7 @@ class NativeSparseAttention(AttentionMechanism):
             "raw_k": raw_k, "raw_v": raw_v, "slc_k": slc_k, "slc_v": slc_v,
             "win_k": win_k, "win_v": win_v,
         }  # fmt: skip
-        logits_BTH3 = self.gate(x_BTC).view(B, T, s.n_heads, 3)
+        logits_BTH3 = _recomputed(self.gate, x_BTC).view(B, T, s.n_heads, 3)
         return q_BTHD, branch_kv, logits_BTH3
 
     def _compress(
@@ -283,8 +301,8 @@ class NativeSparseAttention(AttentionMechanism):
         """Compressed K (rotated at each block's last position) and V; ``first`` is the index
         of the first compressed token the raw slice starts at."""
         p = self.params
-        kcmp_BNHD = self.compress_k(raw_k_BTHD, p.stride, p.backend)
-        vcmp_BNHD = self.compress_v(raw_v_BTHD, p.stride, p.backend)
+        kcmp_BNHD = _recomputed(self.compress_k, raw_k_BTHD, p.stride, p.backend)
+        vcmp_BNHD = _recomputed(self.compress_v, raw_v_BTHD, p.stride, p.backend)
         idx = torch.arange(first, first + kcmp_BNHD.shape[1], device=raw_k_BTHD.device)
         return self.rope_at(kcmp_BNHD, idx * p.stride + p.block_size - 1), vcmp_BNHD
 

@@ -9,7 +9,6 @@ Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, D head
 from __future__ import annotations
 
 import re
-import weakref
 
 import pytest
 import torch
@@ -128,9 +127,11 @@ def test_nearly_closed_selection_gate_errs_only_at_the_rows_rounding() -> None:
 
 
 @pytest.mark.parametrize("T", [301, 64])
-def test_output_projection_inside_the_op(T: int) -> None:
-    """With ``out_weight`` W the op returns y·Wᵀ [B, T, C], fused (T 301) and composed (T 64),
-    and W gets its gradient, as the naive composition followed by the projection."""
+def test_output_projection_inside_the_op(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``out_weight`` W the op returns y·Wᵀ [B, T, C], fused (T 301, its projection's
+    backward in chunks of 32 rows, the last partial) and composed (T 64), and W gets its
+    gradient, as the naive composition followed by the projection."""
+    monkeypatch.setattr(gated_module, "_PROJECT_CHUNK_ELEMENTS", 32 * (24 + 64))
     knobs = NSAKnobs(16, 8, 16, 4, 16)
     inputs = make_inputs(1, T, 4, 2, 16, knobs)
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -153,33 +154,43 @@ def test_output_projection_inside_the_op(T: int) -> None:
         assert err <= 2e-5 * float(want.abs().max()), name
 
 
-def test_projected_mix_is_freed_before_the_branch_backwards(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With the projection inside the op the mix y lives only until the backward has taken
-    rowsum(dY ⊙ y): it is gone when the branch backwards (and their q-sized buffers) run."""
-    refs: list[weakref.ref] = []
-    alive: list[bool] = []
-    rowdot, compressed = gated_module._rowdot, gated_module.gated_compressed_backward
+def test_projected_mix_buffer_becomes_its_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the projection inside the op the mix y and its gradient dY never coexist: the
+    branch backwards get dY in y's own buffer (the projection's backward overwrote it a chunk
+    of rows at a time), and no other tensor of y's size is alive beside q and dq."""
+    received: list[int] = []
+    compressed = gated_module.gated_compressed_backward
 
-    def recording_rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        refs.append(weakref.ref(b))
-        return rowdot(a, b)
+    def checking_compressed(dy: torch.Tensor, *args: object, **kwargs: object) -> object:
+        received.append(dy.untyped_storage().data_ptr())
+        return compressed(dy, *args, **kwargs)
 
-    def checking_compressed(*args: object, **kwargs: object) -> object:
-        alive.append(refs[-1]() is not None)
-        return compressed(*args, **kwargs)
-
-    monkeypatch.setattr(gated_module, "_rowdot", recording_rowdot)
     monkeypatch.setattr(gated_module, "gated_compressed_backward", checking_compressed)
+    # chunks of 32 rows: the 301 rows take ten chunks, the last one partial
+    monkeypatch.setattr(gated_module, "_PROJECT_CHUNK_ELEMENTS", 32 * (24 + 64))
     knobs = NSAKnobs(16, 8, 16, 4, 16)
     q, kcmp, vcmp, kslc, vslc, kwin, vwin, logits = make_inputs(1, 301, 4, 1, 16, knobs)
     weight = torch.randn(24, 64, requires_grad=True)
     out, _ = gated_branches(
         q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, out_weight=weight
     )
-    out.sum().backward()
-    assert alive == [False]
+    mix_ptr = out.grad_fn.mix[0].untyped_storage().data_ptr()
+    out.backward(torch.randn(out.shape))
+    assert received == [mix_ptr]
+
+
+def test_projected_backward_runs_once() -> None:
+    """The projection's backward consumes the mix's buffer: a second backward through the same
+    graph raises a clear error instead of using overwritten values."""
+    knobs = NSAKnobs(16, 8, 16, 4, 16)
+    q, kcmp, vcmp, kslc, vslc, kwin, vwin, logits = make_inputs(1, 301, 4, 1, 16, knobs)
+    weight = torch.randn(24, 64, requires_grad=True)
+    out, _ = gated_branches(
+        q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, out_weight=weight
+    )
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"gated_branches: .* runs once"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("T", [10, 64])

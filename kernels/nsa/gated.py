@@ -65,6 +65,8 @@ __all__ = ["NSAKnobs", "gated_branches"]
 
 _OP = "gated_branches"
 _AVAILABLE = ("naive", "torch", "triton")
+# rows of the projection's backward per chunk: its dOut and dY rows together ~16 MB in fp32
+_PROJECT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,15 @@ class _GatedBranches(torch.autograd.Function):
         kwin_BTHD: torch.Tensor,
         vwin_BTHD: torch.Tensor,
         logits_BTH3: torch.Tensor,
-        out_weight: torch.Tensor | None,
         knobs: NSAKnobs,
         scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the three branch forwards and mix them; returns (y_BTHD, idx_BTHS), or the
-        projected (out_BTC, idx_BTHS) with ``out_weight``."""
+        keep_mix: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the three branch forwards and mix them; returns (y_BTHD, unit_BTH, idx_BTHS).
+
+        With ``keep_mix`` the mix is saved for the backward's rowsum(dY ⊙ y); without, the
+        caller projects it with ``_ProjectMix``, whose backward hands that row dot back as the
+        gradient of unit_BTH (ones: the per-head scale the projection applies to y)."""
         B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
         G = HQ // H
@@ -127,51 +132,32 @@ class _GatedBranches(torch.autograd.Function):
         y_BTHD = y_BTHD.to(q_BTHD.dtype)
         ctx.knobs, ctx.scale, ctx.routing = knobs, scale, routing
         ctx.mark_non_differentiable(idx_BTHS)
-        if out_weight is None:
-            saved_y = y_BTHD
-            out = y_BTHD
-        else:
-            # the mix is internal here: held on ctx (no cycle, it is not an output) and
-            # dropped in backward after its last use instead of living through it
-            saved_y, ctx.mix = None, [y_BTHD]
-            out = F.linear(y_BTHD.view(B, T, HQ * D), out_weight)
         ctx.save_for_backward(
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, saved_y, out_weight,
+            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD if keep_mix else None,
         )  # fmt: skip
-        return out, idx_BTHS
+        return y_BTHD, q_BTHD.new_ones((B, T, HQ), dtype=acc), idx_BTHS
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: FunctionCtx, grad_out: torch.Tensor, _grad_idx: torch.Tensor | None
+        ctx: FunctionCtx,
+        dy_BTHD: torch.Tensor,
+        drow_BTH: torch.Tensor,
+        _grad_idx: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of q, the six K/V inputs, the gate logits and the projection weight,
-        branch by branch."""
+        """Gradients of q, the six K/V inputs and the gate logits, branch by branch."""
         (
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD, out_weight,
+            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
         ) = ctx.saved_tensors  # fmt: skip
         knobs: NSAKnobs = ctx.knobs
-        B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
-        dweight = None
-        if out_weight is None:
-            dy_BTHD = grad_out.to(q_BTHD.dtype).contiguous()
-        else:
-            y_BTHD = ctx.mix.pop()
-            # 2-d products, as aten's own linear backward: a view even of an expanded
-            # gradient (a loss of out.sum()), which a 3-d matmul would first copy
-            grad_NC = grad_out.to(out_weight.dtype).flatten(0, 1)
-            del grad_out
-            dy_BTHD = (grad_NC @ out_weight).view(B, T, HQ, D).to(q_BTHD.dtype)
-            if ctx.needs_input_grad[8]:
-                dweight = grad_NC.mT @ y_BTHD.view(B * T, -1).to(grad_NC.dtype)
-            del grad_NC
-        # rowsum(dY ⊙ y) first: then the mix can go (with a projection, nothing else holds it)
-        delta_BTH = _rowdot(dy_BTHD, y_BTHD)
-        del y_BTHD
+        dy_BTHD = dy_BTHD.to(q_BTHD.dtype).contiguous()
         acc = torch.promote_types(q_BTHD.dtype, torch.float32)
+        # rowsum(dY ⊙ y): the projection's report, or from the kept mix (then freed)
+        delta_BTH = drow_BTH.to(acc, copy=True) if y_BTHD is None else _rowdot(dy_BTHD, y_BTHD)
+        del y_BTHD
         gates_3BTH = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()
         # one q-sized accumulator: every branch's backward adds into it
         dq_BTHD = torch.zeros_like(q_BTHD)
@@ -204,8 +190,64 @@ class _GatedBranches(torch.autograd.Function):
         )
         return (
             dq_BTHD, dkcmp, dvcmp, dkslc.to(kslc_BTHD.dtype), dvslc.to(vslc_BTHD.dtype), dkwin,
-            dvwin, dlogits_BTH3.to(logits_BTH3.dtype), dweight, None, None,
+            dvwin, dlogits_BTH3.to(logits_BTH3.dtype), None, None, None,
         )  # fmt: skip
+
+
+class _ProjectMix(torch.autograd.Function):
+    """out = y·Wᵀ of the fused op's mix y, an internal tensor whose buffer the backward reuses.
+
+    The backward runs a chunk of rows at a time: dY = dOut·W, rowsum(dY ⊙ y) per head (which
+    ``_GatedBranches`` needs for the selection's delta, returned as the gradient of the unit
+    row scale y comes with), dW += dOutᵀ·y, then dY overwrites y's rows. So y and dY never
+    both exist (nor a materialised copy of an expanded dOut): the mix's buffer becomes its
+    gradient, one q-sized tensor off the start of the training backward. y is held on ctx,
+    not saved (it is overwritten), so the graph can be back-propagated once.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, y_BTHD: torch.Tensor, unit_BTH: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """Project [B, T, HQ, D] to [B, T, C]; ``unit_BTH`` only routes the row dot back."""
+        B, T, HQ, D = y_BTHD.shape
+        ctx.mix = [y_BTHD.detach()]
+        ctx.save_for_backward(weight)
+        return F.linear(y_BTHD.view(B, T, HQ * D), weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(dY in y's buffer, rowsum(dY ⊙ y) [B, T, HQ] fp32 (fp64 for fp64), dW)."""
+        if not ctx.mix:
+            raise RuntimeError(
+                f"{_OP}: the fused op's backward reuses its mix's buffer and runs once; "
+                "back-propagate through it once (no retain_graph)"
+            )
+        y_BTHD = ctx.mix.pop()
+        (weight,) = ctx.saved_tensors
+        B, T, HQ, D = y_BTHD.shape
+        y_NF = y_BTHD.view(B * T, HQ * D)
+        # 2-d products, as aten's own linear backward: a view even of an expanded gradient (a
+        # loss of out.sum()), which only a chunk at a time gets copied for the matmul
+        grad_NC = grad_out.to(weight.dtype).flatten(0, 1)
+        del grad_out
+        acc = torch.promote_types(y_BTHD.dtype, torch.float32)
+        drow_NH = torch.empty(B * T, HQ, dtype=acc, device=y_BTHD.device)
+        dweight = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+        rows = max(1, _PROJECT_CHUNK_ELEMENTS // max(1, weight.shape[0] + weight.shape[1]))
+        for r0 in range(0, B * T, rows):
+            grad_RC, y_RF = grad_NC[r0 : r0 + rows], y_NF[r0 : r0 + rows]
+            dy_RF = (grad_RC @ weight).to(y_BTHD.dtype)
+            drow_NH[r0 : r0 + rows] = torch.linalg.vecdot(
+                dy_RF.view(-1, HQ, D), y_RF.view(-1, HQ, D)
+            )
+            if dweight is not None:
+                dweight.addmm_(grad_RC.mT, y_RF.to(grad_RC.dtype))
+            y_RF.copy_(dy_RF)
+        return y_BTHD, drow_NH.view(B, T, HQ), dweight
 
 
 def _composed(
@@ -307,7 +349,10 @@ def gated_branches(
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kv_slc, kv_win, logits_BTH3, out_weight, knobs, scale,
             chosen,
         )  # fmt: skip
-    out, idx_BTHS = _GatedBranches.apply(
-        q_BTHD, kcmp_BNHD, vcmp_BNHD, *kv_slc, *kv_win, logits_BTH3, out_weight, knobs, scale
-    )
-    return out, idx_BTHS
+    y_BTHD, unit_BTH, idx_BTHS = _GatedBranches.apply(
+        q_BTHD, kcmp_BNHD, vcmp_BNHD, *kv_slc, *kv_win, logits_BTH3, knobs, scale,
+        out_weight is None,
+    )  # fmt: skip
+    if out_weight is None:
+        return y_BTHD, idx_BTHS
+    return _ProjectMix.apply(y_BTHD, unit_BTH, out_weight), idx_BTHS
