@@ -15,6 +15,7 @@ from train_utils import train_tiny_and_check_it_learns
 
 import sparsezoo
 from sparsezoo.kernels.backend import triton_available
+from sparsezoo.kernels.nsa.compression import num_compressed
 from sparsezoo.mechanisms import MechanismConfigError
 from sparsezoo.mechanisms import nsa as nsa_module
 from sparsezoo.mechanisms.nsa import Compressor, NSACache
@@ -192,6 +193,33 @@ def test_training_forward_keeps_no_branch_output() -> None:
     assert len(storages) == 1
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_training_forward_keeps_no_phi_or_gate_activations() -> None:
+    """phi and the gate MLP are recomputed in the backward: autograd keeps neither phi's
+    flattened blocks (N·H rows of l·D) nor the gate's hidden layer (T rows of gate_hidden),
+    which otherwise live through the attention's backward, the training peak; x still gets
+    its gradient and so do both MLPs' weights."""
+    preset = {"block_size": 16, "stride": 8, "select_size": 16, "n_select": 4, "window": 16}
+    attn = _nsa(gate_hidden=24, **preset).train()
+    H = attn.shape.n_kv_heads
+    x = torch.randn(1, 300, 64, requires_grad=True)
+    blocks_size = num_compressed(300, 16, 8) * H * 16 * attn.shape.head_dim
+    hidden_size = 300 * 24
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = attn(x)
+    assert sizes and blocks_size not in sizes and hidden_size not in sizes
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for module in (attn.compress_k, attn.compress_v, attn.gate):
+        for name, weight in module.named_parameters():
+            assert weight.grad is not None and weight.grad.abs().sum() > 0, name
 
 
 def test_cache_keeps_selection_blocks_contiguous_and_padded() -> None:

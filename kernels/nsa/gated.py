@@ -19,9 +19,12 @@ output:
   other gradients, and ~1e-5 at g_slc = 0.01.
 Every branch's output gradient g_c · dY is formed a part or a gathered batch at a time, and
 the three backwards add into one dq. With the output projection inside the op
-(``out_weight``) the mix itself is dropped once the backward has read it. Measured at 16k
-tokens, 16 query heads of 64 on one KV head, paper blocks: forward+backward time within noise
-of the three-op path; peak heap of a module step 670 -> 414 MB.
+(``out_weight``, ``_ProjectMix``) the projection's backward writes dY over the mix's rows as it
+reads them: the mix's buffer becomes its gradient. Measured at 16k tokens, 16 query heads of
+64 on one KV head, paper blocks: forward+backward time within noise of the three-op path;
+peak heap of a module step 670 -> 414 MB (mix kept until read); at 32k, ``sparsezoo bench``
+fwdbwd peak 810 -> 743 MB with the buffer reused (and NSA's q rotated out of place, phi and
+the gate recomputed; dense 696 MB).
 Other backends (and short rows, where the selection runs as one masked call, and devices
 without aten's CPU flash kernels) compose the three ops and the mix through autograd.
 Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, G group size HQ // H,
@@ -305,9 +308,10 @@ def gated_branches(
     branches are ``compressed_select`` (which also picks idx_BTHS, int64 [B, T, H, n_select],
     no gradient), ``selected_attention`` over those blocks and ``sliding_window_attention``,
     with the rules and errors of those ops. y has q's dtype and is differentiable in q, every
-    K/V, the logits and W. With W inside the op the fused path keeps the mix only until its
-    backward has read it once, not through the whole backward (the projection's own autograd
-    would keep it; ~a q-sized tensor off the training peak). ``backend`` ``torch`` on CPU runs
+    K/V, the logits and W. With W inside the op the fused path's backward turns the mix's
+    buffer into its gradient (``_ProjectMix``), where a projection outside would keep the mix
+    and its gradient alive together (a q-sized tensor more at the training peak); that
+    backward runs once (a second raises RuntimeError). ``backend`` ``torch`` on CPU runs
     the fused op of the module doc (same results, less memory); ``naive`` (the oracle),
     ``triton`` and the torch path elsewhere compose the three ops. Raises ValueError naming
     the argument for a bad knob, shape or backend.
