@@ -126,14 +126,15 @@ def test_nearly_closed_selection_gate_errs_only_at_the_rows_rounding() -> None:
         assert float((got.double() - want).abs().max()) <= 1e-6 * largest, name
 
 
-@pytest.mark.parametrize("T", [301, 64])
-def test_output_projection_inside_the_op(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("B", "T"), [(1, 301), (2, 301), (1, 64)])
+def test_output_projection_inside_the_op(B: int, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``out_weight`` W the op returns y·Wᵀ [B, T, C], fused (T 301, its projection's
-    backward in chunks of 32 rows, the last partial) and composed (T 64), and W gets its
-    gradient, as the naive composition followed by the projection."""
+    backward in chunks of 32 rows, the last partial; two batch rows, the chunks crossing from
+    one to the other) and composed (T 64), and W gets its gradient, as the naive composition
+    followed by the projection."""
     monkeypatch.setattr(gated_module, "_PROJECT_CHUNK_ELEMENTS", 32 * (24 + 64))
     knobs = NSAKnobs(16, 8, 16, 4, 16)
-    inputs = make_inputs(1, T, 4, 2, 16, knobs)
+    inputs = make_inputs(B, T, 4, 2, 16, knobs)
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     results = []
     for backend, dtype in (("torch", torch.float32), ("naive", torch.float64)):
@@ -143,7 +144,7 @@ def test_output_projection_inside_the_op(T: int, monkeypatch: pytest.MonkeyPatch
             q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, backend=backend,
             out_weight=w,
         )  # fmt: skip
-        assert out.shape == (1, T, 24)
+        assert out.shape == (B, T, 24)
         gen = torch.Generator().manual_seed(1)
         grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
         results.append((out, torch.autograd.grad(out, leaves, grad)))
