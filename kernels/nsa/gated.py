@@ -107,7 +107,8 @@ class _GatedBranches(torch.autograd.Function):
 
         With ``keep_mix`` the mix is saved for the backward's rowsum(dY ⊙ y); without, the
         caller projects it with ``_ProjectMix``, whose backward hands that row dot back as the
-        gradient of unit_BTH (ones: the per-head scale the projection applies to y)."""
+        gradient of unit_BTH: ones, a per-head scale of y that is 1 by construction (so the
+        projection skips multiplying by it), whose gradient is exactly rowsum(dY ⊙ y)."""
         B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
         G = HQ // H
