@@ -8,6 +8,7 @@ Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, D head
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -87,11 +88,24 @@ CASES = [
 ]
 
 
+def several_row_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the fused backward split even these short sequences into its most row ranges."""
+    monkeypatch.setattr(gated_module, "_MIN_RANGE_ROWS", 1)
+
+
+@pytest.mark.parametrize("ranges", ["one", "several"])
 @pytest.mark.parametrize(("B", "T", "HQ", "H", "D", "knobs"), CASES)
 def test_fused_path_equals_the_naive_composition(
-    B: int, T: int, HQ: int, H: int, D: int, knobs: NSAKnobs
-) -> None:
-    """Output, block ids and the gradients of q, every K/V and the gate logits."""
+    B: int, T: int, HQ: int, H: int, D: int, knobs: NSAKnobs, ranges: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Output, block ids and the gradients of q, every K/V and the gate logits, with the
+    backward in one row range and in several (compression rows past the first range split
+    into earlier and diagonal tokens, window pieces from a range's start, the selection routed
+    per range)."""
+    if ranges == "several":
+        several_row_ranges(monkeypatch)
+        assert len(gated_module._row_ranges(B, T, knobs)) > 4
     inputs = make_inputs(B, T, HQ, H, D, knobs)
     assert uses_fused_path(inputs, knobs)
     assert_matches(run(inputs, knobs, "torch"), oracle(inputs, knobs))
@@ -126,13 +140,18 @@ def test_nearly_closed_selection_gate_errs_only_at_the_rows_rounding() -> None:
         assert float((got.double() - want).abs().max()) <= 1e-6 * largest, name
 
 
+@pytest.mark.parametrize("ranges", ["one", "several"])
 @pytest.mark.parametrize(("B", "T"), [(1, 301), (2, 301), (1, 64)])
-def test_output_projection_inside_the_op(B: int, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_projection_inside_the_op(
+    B: int, T: int, ranges: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With ``out_weight`` W the op returns y·Wᵀ [B, T, C], fused (T 301, its projection's
     backward in chunks of 32 rows, the last partial; two batch rows, the chunks crossing from
     one to the other) and composed (T 64), and W gets its gradient, as the naive composition
     followed by the projection."""
     monkeypatch.setattr(gated_module, "_PROJECT_CHUNK_ELEMENTS", 32 * (24 + 64))
+    if ranges == "several":
+        several_row_ranges(monkeypatch)
     knobs = NSAKnobs(16, 8, 16, 4, 16)
     inputs = make_inputs(B, T, 4, 2, 16, knobs)
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -156,9 +175,10 @@ def test_output_projection_inside_the_op(B: int, T: int, monkeypatch: pytest.Mon
 
 
 def test_projected_mix_buffer_becomes_its_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the projection inside the op the mix y and its gradient dY never coexist: the
-    branch backwards get dY in y's own buffer (the projection's backward overwrote it a chunk
-    of rows at a time), and no other tensor of y's size is alive beside q and dq."""
+    """With the projection inside the op the mix y, its gradient dY and dq share one buffer:
+    the branch backwards get dY in y's own storage (the projection's backward overwrote it a
+    chunk of rows at a time), a row range at a time, and q's gradient is that storage too
+    (each range's dq written over dY's rows once every branch is done with them)."""
     received: list[int] = []
     compressed = gated_module.gated_compressed_backward
 
@@ -167,6 +187,7 @@ def test_projected_mix_buffer_becomes_its_gradient(monkeypatch: pytest.MonkeyPat
         return compressed(dy, *args, **kwargs)
 
     monkeypatch.setattr(gated_module, "gated_compressed_backward", checking_compressed)
+    several_row_ranges(monkeypatch)
     # chunks of 32 rows: the 301 rows take ten chunks, the last one partial
     monkeypatch.setattr(gated_module, "_PROJECT_CHUNK_ELEMENTS", 32 * (24 + 64))
     knobs = NSAKnobs(16, 8, 16, 4, 16)
@@ -176,8 +197,35 @@ def test_projected_mix_buffer_becomes_its_gradient(monkeypatch: pytest.MonkeyPat
         q, kcmp, vcmp, (kslc, vslc), (kwin, vwin), logits, knobs, out_weight=weight
     )
     mix_ptr = out.grad_fn.mix[0].untyped_storage().data_ptr()
-    out.backward(torch.randn(out.shape))
-    assert received == [mix_ptr]
+    (dq,) = torch.autograd.grad(out, [q], torch.randn(out.shape))
+    assert len(received) > 1 and set(received) == {mix_ptr}
+    assert dq.untyped_storage().data_ptr() == mix_ptr
+
+
+@pytest.mark.parametrize(
+    ("B", "T", "knobs", "expected"),
+    [
+        (1, 32768, NSAKnobs(32, 16, 64, 16, 512), 8),
+        (1, 16384, NSAKnobs(32, 16, 64, 16, 512), 4),
+        (2, 8192, NSAKnobs(32, 16, 64, 16, 512), 4),
+        (1, 4096, NSAKnobs(32, 16, 64, 16, 512), 1),
+        (1, 8200, NSAKnobs(32, 16, 64, 16, 4500), 1),
+    ],
+)
+def test_row_ranges_cover_the_rows_at_legal_starts(
+    B: int, T: int, knobs: NSAKnobs, expected: int
+) -> None:
+    """The backward's row ranges tile 0 .. T; past the first, each starts past the window's
+    causal head at a folded row's first query (l - 1 + m·d); at most eight, of about 4096 rows
+    of the batch or more (fewer where the window leaves no legal start)."""
+    ranges = gated_module._row_ranges(B, T, knobs)
+    assert len(ranges) == expected
+    assert ranges[0][0] == 0 and ranges[-1][1] == T
+    for (_, end), (start, _) in itertools.pairwise(ranges):
+        assert end == start
+    for start, end in ranges[1:]:
+        assert start >= knobs.window and (start - knobs.block_size + 1) % knobs.stride == 0
+        assert end > start
 
 
 def test_projected_backward_runs_once() -> None:

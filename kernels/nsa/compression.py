@@ -296,14 +296,14 @@ def _unfold_rows(x_BRM: torch.Tensor, T: int, H: int, block_size: int, stride: i
 
 
 def _part_rows(
-    x_BTHX: torch.Tensor, r0: int, r1: int, block_size: int, stride: int
+    x_BTHX: torch.Tensor, r0: int, r1: int, first: int, stride: int
 ) -> list[tuple[torch.Tensor, slice, int]]:
     """Where offsets r0 .. r1 - 1 of the folded rows sit in x: (rows [B, n, c', HQ, *rest] of
     x, the folded rows m they are, c' offsets from r0) for the full rows of ``stride``
-    queries and the partial last one. Query t = l - 1 + m·d + r (see ``_fold_queries``)."""
+    queries and the partial last one. Row t of x is query first + m·d + r (``first`` = l - 1
+    for a whole sequence, see ``_fold_queries``; a row range starts at a folded row)."""
     B, T, HQ = x_BTHX.shape[:3]
     rest = x_BTHX.shape[3:]
-    first = block_size - 1
     full, rem = divmod(T - first, stride)
     pieces = []
     if full:
@@ -317,7 +317,7 @@ def _part_rows(
 
 
 def _fold_part(
-    x_BTHX: torch.Tensor, r0: int, r1: int, N: int, H: int, block_size: int, stride: int
+    x_BTHX: torch.Tensor, r0: int, r1: int, N: int, H: int, first: int, stride: int
 ) -> torch.Tensor:
     """The folded rows of offsets r0 .. r1 - 1 only: ``_fold_queries``' heads (h, r, g) with
     r in that range, [B, H·c·G, N, *rest] (c = r1 - r0), rows past T zero."""
@@ -325,7 +325,7 @@ def _fold_part(
     rest = x_BTHX.shape[3:]
     c = r1 - r0
     part_BNcHX = x_BTHX.new_zeros(B, N, c, HQ, *rest)
-    for rows, m, n_r in _part_rows(x_BTHX, r0, r1, block_size, stride):
+    for rows, m, n_r in _part_rows(x_BTHX, r0, r1, first, stride):
         part_BNcHX[:, m, :n_r] = rows
     part_BNcHGX = part_BNcHX.view(B, N, c, H, HQ // H, *rest)
     order = (0, 3, 2, 4, 1, *range(5, 5 + len(rest)))
@@ -333,7 +333,7 @@ def _fold_part(
 
 
 def _add_unfolded_part(
-    dst_BTHX: torch.Tensor, x_BRMX: torch.Tensor, r0: int, r1: int, H: int, block_size: int,
+    dst_BTHX: torch.Tensor, x_BRMX: torch.Tensor, r0: int, r1: int, H: int, first: int,
     stride: int,
 ) -> None:  # fmt: skip
     """Inverse of ``_fold_part``, added into the rows of dst (contiguous) it came from."""
@@ -343,8 +343,29 @@ def _add_unfolded_part(
     order = (0, 4, 2, 1, 3, *range(5, 5 + len(rest)))
     x_BNcHX = x_BRMX.reshape(B, H, c, R // (H * c), N, *rest).permute(order)
     x_BNcHX = x_BNcHX.reshape(B, N, c, HQ, *rest)
-    for rows, m, n_r in _part_rows(dst_BTHX, r0, r1, block_size, stride):
+    for rows, m, n_r in _part_rows(dst_BTHX, r0, r1, first, stride):
         rows += x_BNcHX[:, m, :n_r]
+
+
+def _rows_flash(
+    q_BRMD: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor, m0: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of folded rows m0 .. m0 + M - 1 under the causal rule (row m sees tokens 0 .. m):
+    aten's flash kernel is top-left causal only, so rows past the first are a causal call on
+    their diagonal tokens m0 .. and, for m0 > 0, a full call on tokens 0 .. m0 - 1, merged by
+    their log-sum-exps (exact: the flash backward of each part with the merged pair gives that
+    part's share of the gradients)."""
+    M = q_BRMD.shape[2]
+    o_BRMD, lse_BRM = _flash(
+        q_BRMD, k_BHND[:, :, m0 : m0 + M], v_BHND[:, :, m0 : m0 + M], is_causal=True, scale=scale
+    )
+    if m0 == 0:
+        return o_BRMD, lse_BRM
+    o_old, lse_old = _flash(q_BRMD, k_BHND[:, :, :m0], v_BHND[:, :, :m0], scale=scale)
+    lse_new = torch.logaddexp(lse_old, lse_BRM)
+    o_BRMD.mul_((lse_BRM - lse_new).exp_().unsqueeze(-1))
+    o_BRMD.addcmul_(o_old, (lse_old - lse_new).exp_().unsqueeze(-1))
+    return o_BRMD, lse_new
 
 
 def gated_compressed_backward(
@@ -357,42 +378,63 @@ def gated_compressed_backward(
     stride: int,
     scale: float,
     dq_BTHD: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``gate · compressed_attention(q, kcmp, vcmp)`` on CPU without its output:
-    adds dq into ``dq_BTHD`` (contiguous) and returns (dkcmp, dvcmp, s_BTH), s = rowsum(dy ⊙ o)
-    the gradient of the gate.
+    rows: tuple[int, int],
+    dkv_BHND: tuple[torch.Tensor, torch.Tensor],
+    s_BTH: torch.Tensor,
+) -> None:
+    """Backward of ``gate · compressed_attention(q, kcmp, vcmp)`` on CPU for the queries
+    ``rows`` (t0, t1) without its output: adds their dq into ``dq_BTHD`` (contiguous, those
+    rows only), dk and dv into ``dkv_BHND`` (fp32 [B, H, N, D], fp64 for fp64) and writes
+    their rows of ``s_BTH``, s = rowsum(dy ⊙ o) the gradient of the gate. t0 is 0 or a folded
+    row's first query (l - 1 + m·d, ``_fold_queries``).
 
     The folded heads run in parts of a few offsets r (``_fold_part``); each part recomputes
-    its output and lse with aten's causal flash forward (a pair consistent with its flash
-    backward) and back-propagates gate · dy, so no q-sized output or folded copy exists.
-    Inputs are in one dtype with T >= block_size; dk and dv accumulate in fp32 (fp64 for fp64).
+    its output and lse with aten's causal flash forward (``_rows_flash``, a pair consistent
+    with its flash backward) and back-propagates gate · dy, so no q-sized output or folded
+    copy exists. Inputs are in one dtype with T >= block_size.
     """
-    B, T, HQ, D = q_BTHD.shape
-    N, H = kcmp_BNHD.shape[1], kcmp_BNHD.shape[2]
+    B, _, HQ, _ = q_BTHD.shape
+    H = kcmp_BNHD.shape[2]
+    t0, t1 = rows
+    lo = max(t0, block_size - 1)
+    if t1 <= lo:
+        return
+    m0 = (lo - block_size + 1) // stride
+    M = -(-(t1 - lo) // stride)
     k_BHND, v_BHND = kcmp_BNHD.transpose(1, 2), vcmp_BNHD.transpose(1, 2)
-    acc = torch.promote_types(q_BTHD.dtype, torch.float32)
-    dk_BHND, dv_BHND = (k_BHND.new_zeros(B, H, N, D, dtype=acc) for _ in range(2))
-    s_BTH = torch.zeros(B, T, HQ, dtype=acc, device=q_BTHD.device)
-    gate_BTH1 = gate_BTH.unsqueeze(-1).to(q_BTHD.dtype)
+    dk_BHND, dv_BHND = dkv_BHND
+    # the range's rows, contiguous (the folded parts are added into them)
+    s_bTH = torch.zeros(B, t1 - t0, HQ, dtype=s_BTH.dtype, device=s_BTH.device)
+    q_bTHD, dy_bTHD = q_BTHD[:, t0:t1], dy_BTHD[:, t0:t1]
+    gate_bTH1 = gate_BTH[:, t0:t1].unsqueeze(-1).to(q_BTHD.dtype)
     step = max(1, stride // _GATED_PARTS)
     for r0 in range(0, stride, step):
         r1 = min(stride, r0 + step)
-        part = (r0, r1, N, H, block_size, stride)
-        q_BRMD = _fold_part(q_BTHD, *part)
-        o_BRMD, lse_BRM = _flash(q_BRMD, k_BHND, v_BHND, is_causal=True, scale=scale)
-        dy_BRMD = _fold_part(dy_BTHD, *part)
+        part = (r0, r1, M, H, lo - t0, stride)
+        q_BRMD = _fold_part(q_bTHD, *part)
+        o_BRMD, lse_BRM = _rows_flash(q_BRMD, k_BHND, v_BHND, m0, scale)
+        dy_BRMD = _fold_part(dy_bTHD, *part)
         _add_unfolded_part(
-            s_BTH, torch.linalg.vecdot(dy_BRMD, o_BRMD).to(acc), *part[:2], *part[3:]
+            s_bTH, torch.linalg.vecdot(dy_BRMD, o_BRMD).to(s_BTH.dtype), *part[:2], *part[3:]
         )
-        do_BRMD = dy_BRMD.mul_(_fold_part(gate_BTH1, *part))
+        do_BRMD = dy_BRMD.mul_(_fold_part(gate_bTH1, *part))
+        keys = slice(m0, m0 + M)
         dq_BRMD, dk_part, dv_part = _flash_backward(
-            do_BRMD, q_BRMD, k_BHND, v_BHND, o_BRMD, lse_BRM, 0.0, True, scale=scale
-        )
+            do_BRMD, q_BRMD, k_BHND[:, :, keys], v_BHND[:, :, keys], o_BRMD, lse_BRM, 0.0, True,
+            scale=scale,
+        )  # fmt: skip
+        dk_BHND[:, :, keys] += dk_part
+        dv_BHND[:, :, keys] += dv_part
+        if m0:
+            dq_old, dk_part, dv_part = _flash_backward(
+                do_BRMD, q_BRMD, k_BHND[:, :, :m0], v_BHND[:, :, :m0], o_BRMD, lse_BRM, 0.0,
+                False, scale=scale,
+            )  # fmt: skip
+            dq_BRMD += dq_old
+            dk_BHND[:, :, :m0] += dk_part
+            dv_BHND[:, :, :m0] += dv_part
         _add_unfolded_part(dq_BTHD, dq_BRMD, *part[:2], *part[3:])
-        dk_BHND += dk_part
-        dv_BHND += dv_part
-    dk_BNHD, dv_BNHD = (x.transpose(1, 2).to(kcmp_BNHD.dtype) for x in (dk_BHND, dv_BHND))
-    return dk_BNHD, dv_BNHD, s_BTH
+    s_BTH[:, t0:t1] = s_bTH
 
 
 def _causal_lse(q_BRMD: torch.Tensor, k_BHND: torch.Tensor, scale: float) -> torch.Tensor:

@@ -17,14 +17,16 @@ output:
   the op). The selection K/V gradients, which scale with g_slc, then carry a relative error
   of about fp32 eps / g_slc: 2% at g_slc = 6e-6 (sigmoid(-12)), where they are ~1e-5 of the
   other gradients, and ~1e-5 at g_slc = 0.01.
-Every branch's output gradient g_c · dY is formed a part or a gathered batch at a time, and
-the three backwards add into one dq. With the output projection inside the op
-(``out_weight``, ``_ProjectMix``) the projection's backward writes dY over the mix's rows as it
-reads them: the mix's buffer becomes its gradient. Measured at 16k tokens, 16 query heads of
-64 on one KV head, paper blocks: forward+backward time within noise of the three-op path;
-peak heap of a module step 670 -> 414 MB (mix kept until read); at 32k, ``sparsezoo bench``
-fwdbwd peak 810 -> 743 MB with the buffer reused (and NSA's q rotated out of place, phi and
-the gate recomputed; dense 696 MB).
+Every branch's output gradient g_c · dY is formed a part or a gathered batch at a time. With
+the output projection inside the op (``out_weight``, ``_ProjectMix``) the projection's backward
+writes dY over the mix's rows as it reads them: the mix's buffer becomes its gradient. The
+backward then runs in ranges of query rows (``_row_ranges``: up to eight of 4096 rows or more),
+all three branches per range, each range's dq added up in a range-sized buffer and written
+over dY's rows once no branch reads them again: dq, dY and the mix share one buffer. Measured
+at 32k tokens, 16 query heads of 64 on one KV head, paper blocks (``sparsezoo bench`` fwdbwd,
+with NSA's q rotated out of place, phi and the gate recomputed): training peak 810 -> 743 MB
+with the mix's buffer reused, 663 MB with the row ranges (dense: 696 MB); the op's backward
+at 16k and 32k within noise of the whole-sequence one.
 Other backends (and short rows, where the selection runs as one masked call, and devices
 without aten's CPU flash kernels) compose the three ops and the mix through autograd.
 Legend: B batch, T time, N compressed tokens, HQ query heads, H KV heads, G group size HQ // H,
@@ -34,6 +36,7 @@ D head dim, S selection slots, Z query rows of every KV head H·B·T, 3 the bran
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +46,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from ..backend import check_attention_shapes, resolve_backend
 from ..window import sliding_window_attention
 from ..window.torch_impl import _forward as _window_forward
-from ..window.torch_impl import gated_window_backward
+from ..window.torch_impl import gated_window_backward, window_dkv
 from .compressed_select import _fused_forward, _Geometry, compressed_select
 from .compression import (
     _FLASH_LSE_DEVICES,
@@ -52,8 +55,9 @@ from .compression import (
     validate_attention,
 )
 from .select import validate_select_knobs
-from .selection import _backward as _selection_backward
+from .selection import _backward_dkv as _selection_dkv
 from .selection import (
+    _backward_kv,
     _by_head,
     _from_heads,
     _route,
@@ -62,6 +66,7 @@ from .selection import (
     _workers,
     selected_attention,
 )
+from .selection import _backward_rows as _selection_rows
 from .selection import _forward as _selection_forward
 
 __all__ = ["NSAKnobs", "gated_branches"]
@@ -70,6 +75,13 @@ _OP = "gated_branches"
 _AVAILABLE = ("naive", "torch", "triton")
 # rows of the projection's backward per chunk: its dOut and dY rows together ~16 MB in fp32
 _PROJECT_CHUNK_ELEMENTS = 1 << 22
+# query-row ranges of the fused backward (``_row_ranges``): each range's dq is written over
+# dY's rows once all three branches are done with them, so dq costs a range's rows, not q's.
+# At most eight (an eighth of q at 32k tokens: training peak 743 -> 663 MB) of at least 4096
+# rows of a batch (at 16k tokens, 16 query heads of 64, eight ranges of 2048 rows made the
+# op's backward ~20% slower; four: within noise)
+_ROW_RANGES = 8
+_MIN_RANGE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -134,11 +146,12 @@ class _GatedBranches(torch.autograd.Function):
         y_BTHD.addcmul_(o_win_BTHD, gates_3BTH1[2])
         del o_win_BTHD
         y_BTHD = y_BTHD.to(q_BTHD.dtype)
-        ctx.knobs, ctx.scale, ctx.routing = knobs, scale, routing
+        # the backward routes each row range anew (``_route``): the ids, not the routing, are kept
+        ctx.knobs, ctx.scale, ctx.workers = knobs, scale, len(routing.batches_W)
         ctx.mark_non_differentiable(idx_BTHS)
         ctx.save_for_backward(
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD if keep_mix else None,
+            logits_BTH3, lse_ZG, lse_win_BTH, idx_BTHS, y_BTHD if keep_mix else None,
         )  # fmt: skip
         return y_BTHD, q_BTHD.new_ones((B, T, HQ), dtype=acc), idx_BTHS
 
@@ -150,39 +163,69 @@ class _GatedBranches(torch.autograd.Function):
         drow_BTH: torch.Tensor,
         _grad_idx: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        """Gradients of q, the six K/V inputs and the gate logits, branch by branch."""
+        """Gradients of q, the six K/V inputs and the gate logits, a row range at a time."""
         (
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
-            logits_BTH3, lse_ZG, lse_win_BTH, y_BTHD,
+            logits_BTH3, lse_ZG, lse_win_BTH, idx_BTHS, y_BTHD,
         ) = ctx.saved_tensors  # fmt: skip
         knobs: NSAKnobs = ctx.knobs
+        B, T, HQ, D = q_BTHD.shape
         H = kslc_BTHD.shape[2]
-        dy_BTHD = dy_BTHD.to(q_BTHD.dtype).contiguous()
         acc = torch.promote_types(q_BTHD.dtype, torch.float32)
-        # rowsum(dY ⊙ y): the projection's report, or from the kept mix (then freed)
-        delta_BTH = drow_BTH.to(acc, copy=True) if y_BTHD is None else _rowdot(dy_BTHD, y_BTHD)
+        ranges = _row_ranges(B, T, knobs)
+        # dq: one range's own buffer, or, over several, dY's rows as each range is done with
+        # them: dY then arrives in the mix's buffer (``_ProjectMix``), this op's own
+        dq_BTHD: torch.Tensor | None = None
+        if y_BTHD is None:
+            delta_BTH = drow_BTH.to(acc, copy=True)
+            if len(ranges) > 1:
+                dq_BTHD = dy_BTHD
+        else:
+            dy_BTHD = dy_BTHD.to(q_BTHD.dtype).contiguous()
+            delta_BTH = _rowdot(dy_BTHD, y_BTHD)
+            if len(ranges) > 1:
+                dq_BTHD = torch.empty_like(q_BTHD)
         del y_BTHD
         gates_3BTH = torch.sigmoid(logits_BTH3.to(acc)).permute(3, 0, 1, 2).contiguous()
-        # one q-sized accumulator: every branch's backward adds into it
-        dq_BTHD = torch.zeros_like(q_BTHD)
-        dkcmp, dvcmp, s_cmp_BTH = gated_compressed_backward(
-            dy_BTHD, gates_3BTH[0], q_BTHD, kcmp_BNHD, vcmp_BNHD, knobs.block_size, knobs.stride,
-            ctx.scale, dq_BTHD,
-        )  # fmt: skip
-        dkwin, dvwin, s_win_BTH = gated_window_backward(
-            dy_BTHD, gates_3BTH[2], q_BTHD, kwin_BTHD, vwin_BTHD, lse_win_BTH, knobs.window,
-            ctx.scale, dq_BTHD,
-        )  # fmt: skip
-        # g_slc · s_slc = rowsum(dY ⊙ y) - g_cmp · s_cmp - g_win · s_win (module doc)
-        delta_BTH -= gates_3BTH[0] * s_cmp_BTH
-        delta_BTH -= gates_3BTH[2] * s_win_BTH
-        lse_delta_ZG2 = torch.stack(
-            [lse_ZG, _by_head(delta_BTH[..., None], H).view(lse_ZG.shape).to(lse_ZG.dtype)], dim=-1
-        )
-        _, dkslc, dvslc = _selection_backward(
-            dy_BTHD, q_BTHD, kslc_BTHD, vslc_BTHD, lse_delta_ZG2, ctx.routing, knobs.select_size,
-            ctx.scale, gate_BTH=gates_3BTH[1], dq_BTHD=dq_BTHD,
-        )  # fmt: skip
+        s_cmp_BTH, s_win_BTH = (q_BTHD.new_zeros(B, T, HQ, dtype=acc) for _ in range(2))
+        dkv_cmp = tuple(kcmp_BNHD.new_zeros(B, H, kcmp_BNHD.shape[1], D, dtype=acc) for _ in "kv")
+        dkv_win = window_dkv(kwin_BTHD, knobs.window, HQ // H)
+        slc = _backward_kv(kslc_BTHD, vslc_BTHD, knobs.select_size, ctx.scale, ctx.workers)
+        lse_HBTG = lse_ZG.view(H, B, T, -1)
+        for t0, t1 in ranges:
+            rows = slice(t0, t1)
+            dq_bTHD = torch.zeros(B, t1 - t0, HQ, D, dtype=q_BTHD.dtype, device=q_BTHD.device)
+            gated_compressed_backward(
+                dy_BTHD, gates_3BTH[0], q_BTHD, kcmp_BNHD, vcmp_BNHD, knobs.block_size,
+                knobs.stride, ctx.scale, dq_bTHD, (t0, t1), dkv_cmp, s_cmp_BTH,
+            )  # fmt: skip
+            gated_window_backward(
+                dy_BTHD, gates_3BTH[2], q_BTHD, kwin_BTHD, vwin_BTHD, lse_win_BTH, knobs.window,
+                ctx.scale, dq_bTHD, (t0, t1), dkv_win, s_win_BTH,
+            )  # fmt: skip
+            # g_slc · s_slc = rowsum(dY ⊙ y) - g_cmp · s_cmp - g_win · s_win (module doc)
+            delta_bTH = delta_BTH[:, rows]
+            delta_bTH -= gates_3BTH[0, :, rows] * s_cmp_BTH[:, rows]
+            delta_bTH -= gates_3BTH[2, :, rows] * s_win_BTH[:, rows]
+            lse_bZG = lse_HBTG[:, :, rows].reshape(H * B * (t1 - t0), -1)
+            delta_bZG = _by_head(delta_bTH[..., None], H).view(lse_bZG.shape)
+            routing = _route(
+                idx_BTHS[:, rows], knobs.select_size, HQ // H, ctx.workers, t0,
+                -(-T // knobs.select_size),
+            )  # fmt: skip
+            _selection_rows(
+                slc, dy_BTHD[:, rows], q_BTHD[:, rows],
+                torch.stack([lse_bZG, delta_bZG.to(lse_bZG.dtype)], dim=-1), routing,
+                gates_3BTH[1, :, rows], dq_bTHD,
+            )  # fmt: skip
+            # every branch is done with these rows of dY: dq takes their place
+            if dq_BTHD is None:
+                dq_BTHD = dq_bTHD
+            else:
+                dq_BTHD[:, rows] = dq_bTHD
+        dkslc, dvslc = _selection_dkv(slc, ctx.scale, B, T)
+        dkcmp, dvcmp = (x.transpose(1, 2).to(kcmp_BNHD.dtype) for x in dkv_cmp)
+        dkwin, dvwin = (x[:, :T].to(kwin_BTHD.dtype) for x in dkv_win)
         one_minus_3BTH = 1.0 - gates_3BTH
         dlogits_BTH3 = torch.stack(
             [
@@ -196,6 +239,21 @@ class _GatedBranches(torch.autograd.Function):
             dq_BTHD, dkcmp, dvcmp, dkslc.to(kslc_BTHD.dtype), dvslc.to(vslc_BTHD.dtype), dkwin,
             dvwin, dlogits_BTH3.to(logits_BTH3.dtype), None, None, None,
         )  # fmt: skip
+
+
+def _row_ranges(B: int, T: int, knobs: NSAKnobs) -> list[tuple[int, int]]:
+    """Up to _ROW_RANGES ranges of query rows for the backward, of about _MIN_RANGE_ROWS rows
+    of the batch or more, each starting where the compression's folded rows and the window's
+    pieces can start: at a folded row's first query (l - 1 + m·d) past the window's causal
+    head (the first range holds it)."""
+    first, d = knobs.block_size - 1, knobs.stride
+    n = max(1, min(_ROW_RANGES, B * T // _MIN_RANGE_ROWS))
+    bounds = [0]
+    for i in range(1, n):
+        t = first + d * round(i * (T - first) / (n * d))
+        if t >= max(knobs.window, first, bounds[-1] + 1) and t < T:
+            bounds.append(t)
+    return list(itertools.pairwise([*bounds, T]))
 
 
 class _ProjectMix(torch.autograd.Function):

@@ -273,8 +273,19 @@ class _Routing:
     has_keys_Z: torch.Tensor
 
 
-def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: int) -> _Routing:
+def _route(
+    block_indices_BTHS: torch.Tensor,
+    block_size: int,
+    G: int,
+    workers: int,
+    t0: int = 0,
+    n_blocks: int | None = None,
+) -> _Routing:
     """Invert the selection into per-(b, h, j) query lists (CSR), per worker, in batches.
+
+    ``block_indices_BTHS`` may be the rows t0 .. t0 + T - 1 of a longer sequence (its rows
+    then sit at those positions; query rows are numbered within the slice), whose keys have
+    ``n_blocks`` blocks (default: those of T rows).
 
     Worker w owns the query rows b·T + t of one contiguous range, the ranges balanced by
     their number of legal selections, so workers write disjoint output rows. One stable sort
@@ -287,10 +298,10 @@ def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: i
     B·T·H·S ids plus a Python loop over the experts; no dense [T, N] mask is built.
     """
     B, T, H, S = block_indices_BTHS.shape
-    N = -(-T // block_size)
+    N = -(-T // block_size) if n_blocks is None else n_blocks
     E = B * H * N
     device = block_indices_BTHS.device
-    t_1T11 = torch.arange(T, device=device).view(1, T, 1, 1)
+    t_1T11 = torch.arange(t0, t0 + T, device=device).view(1, T, 1, 1)
     legal_BTHS = (block_indices_BTHS >= 0) & (block_indices_BTHS * block_size <= t_1T11)
     cum_pairs_Q = legal_BTHS.sum(dim=(2, 3)).flatten().cumsum(0)
     P = int(cum_pairs_Q[-1])
@@ -308,7 +319,7 @@ def _route(block_indices_BTHS: torch.Tensor, block_size: int, G: int, workers: i
     h_P = rows_P % H
     rows_P.div_(H, rounding_mode="floor").add_(h_P.mul_(B * T))
     del h_P
-    own_pos_P = (key_P % N).mul_(-block_size).add_(rows_P % T)
+    own_pos_P = (key_P % N).mul_(-block_size).add_(rows_P % T + t0)
     counts_K = torch.bincount(key_P, minlength=workers * E).tolist()
     own_K = torch.bincount(key_P[own_pos_P < block_size], minlength=workers * E).tolist()
     del key_P
@@ -660,6 +671,83 @@ def _lse_delta(lse_ZG: torch.Tensor, do_ZF: torch.Tensor, o_ZF: torch.Tensor) ->
     return torch.stack([lse_ZG, delta_ZG.to(lse_ZG.dtype)], dim=-1)
 
 
+@dataclass
+class _BackwardKV:
+    """What every row range of a backward shares: the block-major scaled keys and values and
+    each worker's fp32 dk / dv accumulators (``_backward_kv``)."""
+
+    kscaled_EDL: torch.Tensor
+    v_EDL: torch.Tensor
+    dk_W: list[torch.Tensor]
+    dv_W: list[torch.Tensor]
+
+
+def _backward_kv(
+    k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, block_size: int, scale: float, workers: int
+) -> _BackwardKV:
+    """Block-major K (times scale · log2 e) and V, and zeroed dk / dv for ``workers``."""
+    B, T, H, D = k_BTHD.shape
+    k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
+    shape = (B * H * -(-T // block_size), block_size, D)
+    return _BackwardKV(
+        _by_block(k_BTHD * (scale * LOG2E), block_size, transpose=True),
+        _by_block(v_BTHD, block_size, transpose=True),
+        [k_BTHD.new_zeros(shape) for _ in range(workers)],
+        [v_BTHD.new_zeros(shape) for _ in range(workers)],
+    )
+
+
+def _backward_rows(
+    kv: _BackwardKV,
+    do_BTHD: torch.Tensor,
+    q_BTHD: torch.Tensor,
+    lse_delta_ZG2: torch.Tensor,
+    routing: _Routing,
+    gate_BTH: torch.Tensor | None = None,
+    dq_BTHD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The backward of some query rows (all of a sequence, or a row range routed with its
+    offset): dq of those rows, dk / dv added into ``kv``'s worker accumulators.
+
+    ``lse_delta_ZG2`` holds each row's saved lse (base 2) and delta = rowsum(dO ⊙ O)
+    (``_lse_delta``, or a caller's own delta: ``gated_branches`` derives it without O). With
+    ``gate_BTH`` the output gradient is gate · do, scaled per gathered row (no q-sized copy).
+    A given ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned: in
+    place when one KV head makes its rows the workers' layout in fp32, else through a copy.
+    Workers own disjoint query rows, so dq is shared; dk and dv rows are shared between
+    workers (a block is chosen by queries of several workers), so each worker accumulates
+    into its own dk/dv buffers (summed in worker order by ``_backward_dkv``): no atomics,
+    deterministic.
+    """
+    B, T, _, D = q_BTHD.shape
+    H = lse_delta_ZG2.shape[0] // (B * T)
+    q_ZF = _by_head(q_BTHD.float(), H)
+    do_ZF = _by_head(do_BTHD.float(), H)
+    in_place = dq_BTHD is not None and H == 1 and dq_BTHD.dtype == torch.float32
+    dq_ZF = _by_head(dq_BTHD, H) if in_place else torch.zeros_like(q_ZF)
+    gate_ZG = None if gate_BTH is None else _by_head(gate_BTH.float()[..., None], H)
+    shared = (q_ZF, do_ZF, kv.kscaled_EDL, kv.v_EDL, lse_delta_ZG2, dq_ZF)
+    run_workers(
+        [
+            functools.partial(_backward_batches, batches, *shared, dk_ELD, dv_ELD, gate_ZG)
+            for batches, dk_ELD, dv_ELD in zip(routing.batches_W, kv.dk_W, kv.dv_W, strict=True)
+        ]
+    )
+    if dq_BTHD is None:
+        return _from_heads(dq_ZF, B, T, D)
+    if not in_place:
+        dq_BTHD += _from_heads(dq_ZF, B, T, D)
+    return dq_BTHD
+
+
+def _backward_dkv(kv: _BackwardKV, scale: float, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    """The workers' dk / dv summed in worker order, as fp32 [B, T, H, D] (dk times scale)."""
+    for dk_ELD, dv_ELD in zip(kv.dk_W[1:], kv.dv_W[1:], strict=True):
+        kv.dk_W[0] += dk_ELD
+        kv.dv_W[0] += dv_ELD
+    return _from_blocks(kv.dk_W[0].mul_(scale), B, T), _from_blocks(kv.dv_W[0], B, T)
+
+
 def _backward(
     do_BTHD: torch.Tensor,
     q_BTHD: torch.Tensor,
@@ -669,51 +757,13 @@ def _backward(
     routing: _Routing,
     block_size: int,
     scale: float,
-    gate_BTH: torch.Tensor | None = None,
-    dq_BTHD: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact gradients through the merged softmax, workers in parallel: fp32 (dq, dk, dv).
-
-    ``lse_delta_ZG2`` holds each row's saved lse (base 2) and delta = rowsum(dO ⊙ O)
-    (``_lse_delta``, or a caller's own delta: ``gated_branches`` derives it without O). With
-    ``gate_BTH`` the output gradient is gate · do, scaled per gathered row (no q-sized copy).
-    A given ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned: in
-    place when one KV head makes its rows the workers' layout in fp32, else through a copy.
-    Workers own disjoint query rows, so dq is shared; dk and dv rows are shared between
-    workers (a block is chosen by queries of several workers), so each worker accumulates
-    into its own dk/dv buffers, summed in worker order afterwards: no atomics, deterministic.
-    """
-    B, T, _, D = q_BTHD.shape
-    H = k_BTHD.shape[2]
-    q_ZF = _by_head(q_BTHD.float(), H)
-    do_ZF = _by_head(do_BTHD.float(), H)
-    k_BTHD, v_BTHD = k_BTHD.float(), v_BTHD.float()
-    in_place = dq_BTHD is not None and H == 1 and dq_BTHD.dtype == torch.float32
-    dq_ZF = _by_head(dq_BTHD, H) if in_place else torch.zeros_like(q_ZF)
-    kscaled_EDL = _by_block(k_BTHD * (scale * LOG2E), block_size, transpose=True)
-    v_EDL = _by_block(v_BTHD, block_size, transpose=True)
-    # one block-major dk/dv pair per worker, summed into the first in worker order
-    shape = (B * H * -(-T // block_size), block_size, D)
-    dk_W = [k_BTHD.new_zeros(shape) for _ in routing.batches_W]
-    dv_W = [v_BTHD.new_zeros(shape) for _ in routing.batches_W]
-    gate_ZG = None if gate_BTH is None else _by_head(gate_BTH.float()[..., None], H)
-    shared = (q_ZF, do_ZF, kscaled_EDL, v_EDL, lse_delta_ZG2, dq_ZF)
-    run_workers(
-        [
-            functools.partial(_backward_batches, batches, *shared, dk_ELD, dv_ELD, gate_ZG)
-            for batches, dk_ELD, dv_ELD in zip(routing.batches_W, dk_W, dv_W, strict=True)
-        ]
-    )
-    for dk_ELD, dv_ELD in zip(dk_W[1:], dv_W[1:], strict=True):
-        dk_W[0] += dk_ELD
-        dv_W[0] += dv_ELD
-    dk_BTHD = _from_blocks(dk_W[0].mul_(scale), B, T)
-    dv_BTHD = _from_blocks(dv_W[0], B, T)
-    if dq_BTHD is None:
-        return _from_heads(dq_ZF, B, T, D), dk_BTHD, dv_BTHD
-    if not in_place:
-        dq_BTHD += _from_heads(dq_ZF, B, T, D)
-    return dq_BTHD, dk_BTHD, dv_BTHD
+    """Exact gradients through the merged softmax, workers in parallel: fp32 (dq, dk, dv) of
+    every row (``_backward_rows`` over all of them)."""
+    B, T = q_BTHD.shape[:2]
+    kv = _backward_kv(k_BTHD, v_BTHD, block_size, scale, len(routing.batches_W))
+    dq_BTHD = _backward_rows(kv, do_BTHD, q_BTHD, lse_delta_ZG2, routing)
+    return (dq_BTHD, *_backward_dkv(kv, scale, B, T))
 
 
 class _SelectedAttention(torch.autograd.Function):

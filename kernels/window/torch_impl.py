@@ -23,7 +23,7 @@ Layout of the computation:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -100,21 +100,28 @@ class _Piece:
     causal: bool
 
 
-def _pieces(B: int, T: int, window: int, G: int) -> list[_Piece]:
+def _pieces(
+    B: int, T: int, window: int, G: int, rows: tuple[int, int] | None = None
+) -> list[_Piece]:
     """The head (first ``window`` queries, plain causal), the full chunks of the body in groups
-    of at most _GROUP_ROWS queries per batch row, and the partial tail chunk."""
+    of at most _GROUP_ROWS queries per batch row, and the partial tail chunk; with ``rows``
+    (t0, t1) only the pieces of those queries, the head included when t0 is 0 (then t1 must
+    reach past it; else t0 must be past it). A body query t reads keys t - window + 1 .. t."""
+    t0, t1 = (0, T) if rows is None else rows
     head = min(window, T)
-    pieces = [_Piece(None, 0, 1, head, 0, True)]
+    pieces = [_Piece(None, 0, 1, head, 0, True)] if t0 == 0 else []
+    start = max(t0, head)
     C = _chunk_size(window, G)
-    full = (T - head) // C
+    full = (t1 - start) // C
     per_group = max(1, _GROUP_ROWS // C)
     for b in range(B):
         for n0 in range(0, full, per_group):
             n = min(per_group, full - n0)
-            pieces.append(_Piece(b, head + n0 * C, n, C, 1 + n0 * C, False))
-    tail = T - head - full * C
+            q0 = start + n0 * C
+            pieces.append(_Piece(b, q0, n, C, q0 - window + 1, False))
+    tail = t1 - start - full * C
     if tail:
-        pieces.append(_Piece(None, T - tail, 1, tail, 1 + full * C, False))
+        pieces.append(_Piece(None, t1 - tail, 1, tail, t1 - tail - window + 1, False))
     return pieces
 
 
@@ -208,23 +215,25 @@ def _backward(
     scale: float,
     piece_rows: PieceRows,
     dq_BTHD: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
+    dkv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the inputs' dtypes; dk, dv accumulate in fp32 across pieces.
 
     ``piece_rows`` gives each piece's output-gradient and output rows: slices of saved tensors
     (``_WindowAttention``) or a recomputed output (``gated_window_backward``). A given
     ``dq_BTHD`` (contiguous, q's shape) gets dq added into it and is returned; else a zeroed
-    one does.
+    one does. With ``rows`` (t0, t1) only those queries run (``_pieces``), ``dq_BTHD`` holds
+    just their rows, and ``dkv`` (``window_dkv``'s accumulators, added into) collects dk and
+    dv across calls; the returned dk and dv are then those accumulators, unconverted.
     """
-    B, T, H, D = k_BTHD.shape
+    B, T, H, _ = k_BTHD.shape
     HQ = q_BTHD.shape[2]
+    t0 = 0 if rows is None else rows[0]
     dq_BTHD = torch.zeros_like(q_BTHD) if dq_BTHD is None else dq_BTHD
-    slack = _chunk_size(window, HQ // H)
-    dk_BTHD, dv_BTHD = (
-        torch.zeros(B, T + slack, H, D, dtype=torch.float32, device=k_BTHD.device) for _ in range(2)
-    )
+    dk_BTHD, dv_BTHD = window_dkv(k_BTHD, window, HQ // H) if dkv is None else dkv
     masks: dict[int, torch.Tensor] = {}
-    for piece in _pieces(B, T, window, HQ // H):
+    for piece in _pieces(B, T, window, HQ // H, rows):
         mask = _piece_mask(piece, window, masks, q_BTHD, H)
         q_rows = _to_kernel(_queries(q_BTHD, piece), piece, H)
         do_rows, o_rows = piece_rows(piece, mask, q_rows)
@@ -240,11 +249,23 @@ def _backward(
             attn_mask=mask,
             scale=scale,
         )
-        dq_rows = _queries(dq_BTHD, piece)
+        dq_rows = _queries(dq_BTHD, replace(piece, t0=piece.t0 - t0))
         dq_rows += _from_kernel(dq_NHYD, piece)
         _add_tiles(dk_BTHD, dk_NHKD, piece, window)
         _add_tiles(dv_BTHD, dv_NHKD, piece, window)
+    if dkv is not None:
+        return dq_BTHD, dk_BTHD, dv_BTHD
     return dq_BTHD, dk_BTHD[:, :T].to(k_BTHD.dtype), dv_BTHD[:, :T].to(v_BTHD.dtype)
+
+
+def window_dkv(k_BTHD: torch.Tensor, window: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 dk and dv accumulators [B, T + slack, H, D] of the backward (the slack takes
+    the last chunk's key tile past T)."""
+    B, T, H, D = k_BTHD.shape
+    slack = _chunk_size(window, G)
+    return tuple(
+        torch.zeros(B, T + slack, H, D, dtype=torch.float32, device=k_BTHD.device) for _ in range(2)
+    )
 
 
 def gated_window_backward(
@@ -257,10 +278,14 @@ def gated_window_backward(
     window: int,
     scale: float,
     dq_BTHD: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``gate · window_attention(q, k, v)`` without the saved output: adds dq into
-    ``dq_BTHD`` (contiguous) and returns (dk, dv, s_BTH), s = rowsum(dy ⊙ o) the gradient of
-    the gate.
+    rows: tuple[int, int],
+    dkv: tuple[torch.Tensor, torch.Tensor],
+    s_BTH: torch.Tensor,
+) -> None:
+    """Backward of ``gate · window_attention(q, k, v)`` for the queries ``rows`` (t0, t1)
+    without the saved output: adds their dq into ``dq_BTHD`` (contiguous, those rows only),
+    dk and dv into ``dkv`` (``window_dkv``) and writes their rows of ``s_BTH``, s = rowsum(dy ⊙
+    o) the gradient of the gate; the row ranges of ``_pieces`` (the first one past the head).
 
     Inputs are contiguous and in one dtype (the forward's); ``lse_BTH`` is the forward's. Each
     piece recomputes its output rows with the forward's flash call, so only piece-sized
@@ -268,10 +293,8 @@ def gated_window_backward(
     branch's output (NSA's ``gated_branches``) saves a q-sized tensor for one more flash
     forward. The piece's output gradient is gate · dy.
     """
-    B, T, HQ, _ = q_BTHD.shape
     H = k_BTHD.shape[2]
-    acc = torch.promote_types(q_BTHD.dtype, torch.float32)
-    s_BTH = torch.empty(B, T, HQ, dtype=acc, device=q_BTHD.device)
+    acc = s_BTH.dtype
 
     def piece_rows(
         piece: _Piece, mask: torch.Tensor | None, q_rows: torch.Tensor
@@ -290,10 +313,7 @@ def gated_window_backward(
         gate_rows = _to_kernel(_queries(gate_BTH, piece), piece, H)
         return dy_rows * gate_rows.unsqueeze(-1).to(dy_rows.dtype), o_rows
 
-    _, dk_BTHD, dv_BTHD = _backward(
-        q_BTHD, k_BTHD, v_BTHD, lse_BTH, window, scale, piece_rows, dq_BTHD
-    )
-    return dk_BTHD, dv_BTHD, s_BTH
+    _backward(q_BTHD, k_BTHD, v_BTHD, lse_BTH, window, scale, piece_rows, dq_BTHD, rows, dkv)
 
 
 class _WindowAttention(torch.autograd.Function):
