@@ -285,7 +285,8 @@ def gated_window_backward(
     """Backward of ``gate · window_attention(q, k, v)`` for the queries ``rows`` (t0, t1)
     without the saved output: adds their dq into ``dq_BTHD`` (contiguous, those rows only),
     dk and dv into ``dkv`` (``window_dkv``) and writes their rows of ``s_BTH``, s = rowsum(dy ⊙
-    o) the gradient of the gate; the row ranges of ``_pieces`` (the first one past the head).
+    o) the gradient of the gate. As in ``_pieces``, a range from 0 must reach past the
+    window's causal head and any other must start past it.
 
     Inputs are contiguous and in one dtype (the forward's); ``lse_BTH`` is the forward's. Each
     piece recomputes its output rows with the forward's flash call, so only piece-sized
