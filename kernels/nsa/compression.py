@@ -33,10 +33,11 @@ _AVAILABLE = ("naive", "torch", "triton")
 _FLASH_LSE_DEVICES = ("cpu",)
 # Elements of one fp32 score tile [B, R, rows, M] of that no-grad log-sum-exp pass (64 MiB).
 _LSE_TILE_ELEMENTS = 1 << 24
-# The gated backward (``gated_compressed_backward``) runs the folded heads in about this many
-# parts, so its recomputed output and folded copies are a sixteenth of q each (one offset of
-# the paper's stride 16 per part; eight parts of two offsets put this backward 50 MB above the
-# window's at 32k tokens, 16 query heads of 64, the NSA training peak then).
+# The gated backward (``gated_compressed_backward``) runs a row range's folded heads in about
+# this many parts, so its recomputed output and folded copies are a sixteenth of the range's
+# queries each (one offset of the paper's stride 16 per part; over whole sequences, eight parts
+# of two offsets put this backward 50 MB above the window's at 32k tokens, 16 query heads of 64,
+# then the NSA training peak).
 _GATED_PARTS = 16
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
