@@ -228,6 +228,29 @@ def test_row_ranges_cover_the_rows_at_legal_starts(
         assert end > start
 
 
+@pytest.mark.parametrize("ranges", ["one", "several"])
+def test_selection_is_routed_once_per_row_range(
+    ranges: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward routes the whole sequence; a one-range backward reuses that routing, a
+    several-range one routes each range (and keeps no whole-sequence routing)."""
+    calls: list[int] = []
+    route = gated_module._route
+
+    def counting_route(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return route(*args, **kwargs)
+
+    monkeypatch.setattr(gated_module, "_route", counting_route)
+    if ranges == "several":
+        several_row_ranges(monkeypatch)
+    knobs = NSAKnobs(16, 8, 16, 4, 16)
+    inputs = make_inputs(1, 301, 4, 1, 16, knobs)
+    run(inputs, knobs, "torch")
+    n_ranges = len(gated_module._row_ranges(1, 301, knobs))
+    assert len(calls) == (1 if ranges == "one" else 1 + n_ranges)
+
+
 def test_projected_backward_runs_once() -> None:
     """The projection's backward consumes the mix's buffer: a second backward through the same
     graph raises a clear error instead of using overwritten values."""

@@ -146,8 +146,10 @@ class _GatedBranches(torch.autograd.Function):
         y_BTHD.addcmul_(o_win_BTHD, gates_3BTH1[2])
         del o_win_BTHD
         y_BTHD = y_BTHD.to(q_BTHD.dtype)
-        # the backward routes each row range anew (``_route``): the ids, not the routing, are kept
+        # over several row ranges the backward routes each anew (``_route``): the ids, not the
+        # whole sequence's routing, are kept; one range reuses the forward's routing
         ctx.knobs, ctx.scale, ctx.workers = knobs, scale, len(routing.batches_W)
+        ctx.routing = routing if len(_row_ranges(B, T, knobs)) == 1 else None
         ctx.mark_non_differentiable(idx_BTHS)
         ctx.save_for_backward(
             q_BTHD, kcmp_BNHD, vcmp_BNHD, kslc_BTHD, vslc_BTHD, kwin_BTHD, vwin_BTHD,
@@ -209,7 +211,7 @@ class _GatedBranches(torch.autograd.Function):
             delta_bTH -= gates_3BTH[2, :, rows] * s_win_BTH[:, rows]
             lse_bZG = lse_HBTG[:, :, rows].reshape(H * B * (t1 - t0), -1)
             delta_bZG = _by_head(delta_bTH[..., None], H).view(lse_bZG.shape)
-            routing = _route(
+            routing = ctx.routing if ctx.routing is not None else _route(
                 idx_BTHS[:, rows], knobs.select_size, HQ // H, ctx.workers, t0,
                 -(-T // knobs.select_size),
             )  # fmt: skip
