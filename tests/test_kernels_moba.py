@@ -82,6 +82,13 @@ def brute_force_routing(
     return out
 
 
+@pytest.fixture(autouse=True)
+def routed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs the torch backend's routed path, short inputs included: they would
+    otherwise take its one masked SDPA call (tested in ``test_kernels_moba_masked.py``)."""
+    monkeypatch.setattr(torch_impl, "_MASKED_MAX_T", 0)
+
+
 @pytest.fixture
 def threads() -> Iterator[Callable[[int], None]]:
     """Set torch's intra-op thread count inside a test; the old count is restored afterwards."""

@@ -10,7 +10,8 @@ under one softmax. Ops:
 - ``moba_decode_attention``: the newest queries against a K/V cache, own + routed rows only.
 Attention backends: ``naive`` (dense masked oracle, fp32), ``torch`` (the fast CPU path: own
 blocks and MoE-style regrouped routed blocks through aten's flash-attention kernels, merged by
-log-sum-exp; off CPU it runs NSA's selected-attention torch path on a folded layout) and
+log-sum-exp, or one masked SDPA call for a short sequence; off CPU it runs NSA's
+selected-attention torch path on a folded layout) and
 ``triton`` (NSA's selected-attention Triton kernels on the folded layout, see ``fold.py``).
 Layout [B, T, H, D] with GQA: query head h reads KV head h // (HQ // H); routing is per query
 head and K/V are never repeated per query head in the forward.

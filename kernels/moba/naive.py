@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..block_mask import selected_keys
+from .mask import moba_mask
 
 
 def route_blocks_naive(
@@ -42,19 +42,6 @@ def route_blocks_naive(
     picked_BTHR = F.pad(picked_BTHR, (0, R - picked_BTHR.shape[-1]), value=N)
     picked_BTHR = picked_BTHR.sort(dim=-1).values
     return picked_BTHR.masked_fill(picked_BTHR == N, -1)
-
-
-def moba_mask(block_indices_BTHR: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Boolean [B, HQ, T, T]: query t of head h sees key s iff s <= t and s is in t's own block
-    or in one of its routed blocks."""
-    T = block_indices_BTHR.shape[1]
-    device = block_indices_BTHR.device
-    block_T = torch.arange(T, device=device) // block_size
-    own_TT = block_T[:, None] == block_T[None, :]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    routed_BTHT = selected_keys(block_indices_BTHR, block_size)
-    visible_BTHT = (routed_BTHT | own_TT[None, :, None, :]) & causal_TT[:, None]
-    return visible_BTHT.permute(0, 2, 1, 3)
 
 
 def moba_attention_naive(

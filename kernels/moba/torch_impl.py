@@ -15,10 +15,12 @@ exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged 
 the gradient of the one softmax over the union. The merged output is not kept from the forward:
 the backward recomputes it, keeps delta's per-row factor and hands the flash backward a stand-in
 with the same delta (see ``_MobaAttention``). Nothing of size [T, T], [T, N] or per query
-head copies of K/V is ever built. Work is split over worker threads that own disjoint ranges of
-query blocks (``kernels.cpu_workers.run_workers``: single-threaded ops per worker, because
-small multi-threaded ops wait on barriers on a loaded machine). A worker adds dk and dv of the
-keys in its own range into the shared gradients, which no other worker writes there, and those
+head copies of K/V is built, except for short sequences (at most ``_MASKED_MAX_T`` tokens),
+which take one SDPA call under a [B, HQ, T, T] mask (``_masked_attention``). Work is split
+over worker threads that own disjoint ranges of query blocks
+(``kernels.cpu_workers.run_workers``: single-threaded ops per worker, because small
+multi-threaded ops wait on barriers on a loaded machine). A worker adds dk and dv of the keys
+in its own range into the shared gradients, which no other worker writes there, and those
 of earlier keys (routed chunks) into a buffer of its own, summed in worker order at the end, so
 results are deterministic.
 Legend: B batch, T time, HQ query heads, H KV heads, G group size HQ // H, D head dim, L keys of
@@ -39,6 +41,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..cpu_workers import run_workers, worker_count
 from ..group_rows import fold_group_rows, folded_band_mask, unfold_group_rows
+from .mask import moba_mask
 
 __all__ = ["moba_attention_torch"]
 
@@ -65,6 +68,14 @@ _OWN_TILE = 64
 # at 4 MB (block 512, 16 heads, D = 64), and the calls stay large (16 x 16 sub-block heads).
 _OWN_SLAB = 2
 _MAX_WORKERS = 8
+# Short sequences attend all T keys in one masked SDPA call instead: there the routed path's
+# fixed cost per call, chunk and worker outweighs the T² scores. fwd + bwd, 4 query heads on 2
+# KV heads of 32, top_k 3, two threads, medians of 5: B 8, T 256, block 32: 102 -> 20 ms;
+# T 512: 248 -> 110 (block 32), 165 -> 122 (block 64); B 2, T 1024: 113 vs 102 masked; T 2048:
+# 152 vs 424 masked. Tests set it to 0 to run the routed path on short inputs.
+_MASKED_MAX_T = 512
+# ... and at most this many mask entries B·HQ·T²: aten expands a boolean mask to a float one.
+_MASKED_MAX_ENTRIES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -557,6 +568,32 @@ def moba_attention_torch(
     Inputs are validated by the caller (CPU tensors of one floating dtype, routing from
     ``route_blocks``). Returns o_BTHD in q's dtype; parts are merged in fp32. Uses
     ``worker_count()`` worker threads and must not be called from several threads at
-    once (see ``run_workers``).
+    once (see ``run_workers``). Sequences of at most _MASKED_MAX_T tokens (and at most
+    _MASKED_MAX_ENTRIES mask entries) take ``_masked_attention`` instead, one SDPA call.
     """
+    B, T, HQ, _ = q_BTHD.shape
+    if T <= _MASKED_MAX_T and B * HQ * T * T <= _MASKED_MAX_ENTRIES:
+        return _masked_attention(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)
     return _MobaAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)
+
+
+def _masked_attention(
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHD: torch.Tensor,
+    block_indices_BTHR: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """MoBA attention of a short sequence: SDPA over all T keys under ``moba_mask`` (own block
+    token-causal plus the routed blocks, one softmax), GQA without repeating K/V; autograd
+    gives the gradients. O(B·HQ·T²) memory: for short sequences only."""
+    o_BHTD = torch.nn.functional.scaled_dot_product_attention(
+        q_BTHD.transpose(1, 2),
+        k_BTHD.transpose(1, 2),
+        v_BTHD.transpose(1, 2),
+        attn_mask=moba_mask(block_indices_BTHR, block_size),
+        scale=scale,
+        enable_gqa=q_BTHD.shape[2] != k_BTHD.shape[2],
+    )
+    return o_BHTD.transpose(1, 2)
