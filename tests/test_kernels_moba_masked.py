@@ -18,6 +18,15 @@ from test_kernels_moba import assert_all_close, make_qkv, output_and_grads
 
 from sparsezoo.kernels.moba import moba_attention, torch_impl
 
+# the rule's own value, read before the fixture below lowers it
+MIN_CALLS = torch_impl._MASKED_MIN_CALLS
+
+
+@pytest.fixture(autouse=True)
+def masked_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short inputs here take the masked path however few routed calls they would make."""
+    monkeypatch.setattr(torch_impl, "_MASKED_MIN_CALLS", 1)
+
 
 @pytest.mark.parametrize(
     ("B", "T", "HQ", "H", "D", "block_size", "top_k", "scale"),
@@ -50,7 +59,8 @@ def test_masked_and_routed_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _path_taken(monkeypatch: pytest.MonkeyPatch, B: int, T: int, HQ: int) -> str:
-    """Which torch path ``moba_attention`` runs for a [B, T, HQ, 8] input on 1 KV head."""
+    """Which torch path ``moba_attention`` runs for a [B, T, HQ, 8] input on 1 KV head with
+    blocks of 64 (ceil(T / 64) routed calls per batch row)."""
     taken: list[str] = []
     masked, routed = torch_impl._masked_attention, torch_impl._MobaAttention.apply
 
@@ -65,12 +75,16 @@ def _path_taken(monkeypatch: pytest.MonkeyPatch, B: int, T: int, HQ: int) -> str
     return taken[0]
 
 
-def test_dispatch_by_length_and_mask_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to _MASKED_MAX_T tokens and _MASKED_MAX_ENTRIES mask entries: masked; past either:
-    routed."""
+def test_dispatch_by_length_calls_and_mask_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked up to _MASKED_MAX_T tokens, from _MASKED_MIN_CALLS routed calls (batch rows x
+    KV heads x blocks) and up to _MASKED_MAX_ENTRIES mask entries; routed past any of them."""
+    monkeypatch.setattr(torch_impl, "_MASKED_MIN_CALLS", MIN_CALLS)
     T = torch_impl._MASKED_MAX_T
-    assert _path_taken(monkeypatch, 1, T, 2) == "masked"
-    assert _path_taken(monkeypatch, 1, T + 1, 2) == "routed"
+    rows = -(-MIN_CALLS // -(-T // 64))  # fewest batch rows that make enough calls at T
+    assert _path_taken(monkeypatch, rows, T, 2) == "masked"
+    assert _path_taken(monkeypatch, rows, T + 1, 2) == "routed"
+    assert _path_taken(monkeypatch, rows - 1, T, 2) == "routed"
+    monkeypatch.setattr(torch_impl, "_MASKED_MIN_CALLS", 1)
     monkeypatch.setattr(torch_impl, "_MASKED_MAX_ENTRIES", 2 * 2 * 100 * 100)
     assert _path_taken(monkeypatch, 2, 100, 2) == "masked"
     assert _path_taken(monkeypatch, 2, 101, 2) == "routed"

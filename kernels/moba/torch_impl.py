@@ -68,14 +68,17 @@ _OWN_TILE = 64
 # at 4 MB (block 512, 16 heads, D = 64), and the calls stay large (16 x 16 sub-block heads).
 _OWN_SLAB = 2
 _MAX_WORKERS = 8
-# Short sequences attend all T keys in one masked SDPA call instead: there the routed path's
-# fixed cost per call, chunk and worker outweighs the T² scores. fwd + bwd, 4 query heads on 2
-# KV heads of 32, top_k 3, two threads, medians of 5: B 8, T 256, block 32: 102 -> 20 ms;
-# T 512: 248 -> 110 (block 32), 165 -> 122 (block 64); B 2, T 1024: 113 vs 102 masked; T 2048:
-# 152 vs 424 masked. The price is memory: the mask lives until the backward. The tiny model's
-# training step (4 layers, 8 rows, block 32, top_k 3): 256 tokens 689 -> 294 ms, peak RSS 390
-# -> 428 MB; 512 tokens 1447 -> 740 ms, 517 -> 652 MB. Tests set it to 0 for the routed path.
+# Short sequences with many routed calls attend all T keys in one masked SDPA call instead:
+# there the routed path's fixed cost per flash call (one per batch row, KV head and block)
+# outweighs the T² scores. fwd + bwd, top_k 3, two threads, routed -> masked: 4 query heads
+# on 2 KV heads of 32, B 8: T 256, block 32 (128 calls): 102 -> 20 ms; T 512: 248 -> 110
+# (block 32), 165 -> 122 (block 64); B 2, T 1024: 113 vs 102; T 2048: 152 vs 424. The bench
+# shape (B 1, 16 query heads on 1 KV head of 64, block 32: 8 and 16 calls) is faster routed:
+# 512 tokens 109 vs 127 ms, 256 tokens 55 vs 62. The tiny model's training step (4 layers,
+# 8 rows, block 32): 256 tokens 689 -> 294 ms, peak RSS 390 -> 428 MB; 512 tokens 1447 -> 740
+# ms, 517 -> 652 MB (the mask lives until the backward). Tests set _MASKED_MAX_T to 0.
 _MASKED_MAX_T = 512
+_MASKED_MIN_CALLS = 64
 # ... and at most this many mask entries B·HQ·T²: aten expands a boolean mask to a float one
 # (64 MB at the bound).
 _MASKED_MAX_ENTRIES = 1 << 24
@@ -571,11 +574,13 @@ def moba_attention_torch(
     Inputs are validated by the caller (CPU tensors of one floating dtype, routing from
     ``route_blocks``). Returns o_BTHD in q's dtype; parts are merged in fp32. Uses
     ``worker_count()`` worker threads and must not be called from several threads at
-    once (see ``run_workers``). Sequences of at most _MASKED_MAX_T tokens (and at most
-    _MASKED_MAX_ENTRIES mask entries) take ``_masked_attention`` instead, one SDPA call.
+    once (see ``run_workers``). Sequences of at most _MASKED_MAX_T tokens that would make at
+    least _MASKED_MIN_CALLS routed calls (batch rows x KV heads x blocks), with at most
+    _MASKED_MAX_ENTRIES mask entries, take ``_masked_attention`` instead, one SDPA call.
     """
     B, T, HQ, _ = q_BTHD.shape
-    if T <= _MASKED_MAX_T and B * HQ * T * T <= _MASKED_MAX_ENTRIES:
+    calls = B * k_BTHD.shape[2] * -(-T // block_size)
+    if T <= _MASKED_MAX_T and calls >= _MASKED_MIN_CALLS and B * HQ * T * T <= _MASKED_MAX_ENTRIES:
         return _masked_attention(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)
     return _MobaAttention.apply(q_BTHD, k_BTHD, v_BTHD, block_indices_BTHR, block_size, scale)
 
