@@ -15,8 +15,9 @@ exp(s - lse) from the merged lse and uses delta = rowsum(dO · O) of the merged 
 the gradient of the one softmax over the union. The merged output is not kept from the forward:
 the backward recomputes it, keeps delta's per-row factor and hands the flash backward a stand-in
 with the same delta (see ``_MobaAttention``). Nothing of size [T, T], [T, N] or per query
-head copies of K/V is built, except for short sequences (at most ``_MASKED_MAX_T`` tokens),
-which take one SDPA call under a [B, HQ, T, T] mask (``_masked_attention``). Work is split
+head copies of K/V is built, except for short inputs that would make many routed calls (see
+``moba_attention_torch``), which take one SDPA call under a [B, HQ, T, T] mask
+(``_masked_attention``). Work is split
 over worker threads that own disjoint ranges of query blocks
 (``kernels.cpu_workers.run_workers``: single-threaded ops per worker, because small
 multi-threaded ops wait on barriers on a loaded machine). A worker adds dk and dv of the keys
