@@ -305,25 +305,35 @@ def attention_results(
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     idx: torch.Tensor,
     scale: float | None = None,
+    with_probs: bool = True,
 ) -> list[torch.Tensor]:
-    """Output, slot probabilities and the q, k, v gradients of one backend."""
+    """Output, slot probabilities (when asked for) and the q, k, v gradients of one backend.
+
+    Inference asks for no probabilities (a decode step then takes another forward: one flash
+    call over the slots), so the tests check both ways."""
+    if not with_probs:
+        o = sparse_attention(*qkv, idx, scale=scale, backend=backend)
+        return [o, *cotangent_grads(o, qkv)]
     o, probs = sparse_attention(*qkv, idx, scale=scale, return_probs=True, backend=backend)
     return [o, probs, *cotangent_grads(o, qkv)]
 
 
+@pytest.mark.parametrize("with_probs", [True, False])
 @pytest.mark.parametrize(("B", "T", "S", "HQ", "H", "D", "K", "per_head"), ATTENTION_CASES)
 def test_sparse_attention_torch_matches_naive(
-    B: int, T: int, S: int, HQ: int, H: int, D: int, K: int, per_head: bool
+    B: int, T: int, S: int, HQ: int, H: int, D: int, K: int, per_head: bool, with_probs: bool
 ) -> None:
-    """Outputs, slot probabilities and all input gradients equal the oracle's in fp32."""
+    """Outputs, slot probabilities and all input gradients equal the oracle's in fp32, with
+    and without the probabilities asked for."""
     qkv = make_qkv(B, T, S, HQ, H, D)
     idx = random_indices((B, T, *((H,) if per_head else ()), K), S)
-    expected = attention_results("naive", qkv, idx, 0.3)
-    assert_all_close(attention_results("torch", qkv, idx, 0.3), expected)
+    expected = attention_results("naive", qkv, idx, 0.3, with_probs)
+    assert_all_close(attention_results("torch", qkv, idx, 0.3, with_probs), expected)
 
 
+@pytest.mark.parametrize("with_probs", [True, False])
 def test_sparse_attention_chunk_borders_and_workers(
-    monkeypatch: pytest.MonkeyPatch, threads: Callable[[int], None]
+    monkeypatch: pytest.MonkeyPatch, threads: Callable[[int], None], with_probs: bool
 ) -> None:
     """Chunks of two queries (hundreds) on three workers, per-worker dk/dv summed: same
     results, deterministic across calls."""
@@ -331,10 +341,22 @@ def test_sparse_attention_chunk_borders_and_workers(
     threads(3)
     qkv = make_qkv(2, 301, 301, 4, 2, 8)
     idx = random_indices((2, 301, 2, 10), 301)
-    actual = attention_results("torch", qkv, idx)
-    assert_all_close(actual, attention_results("naive", qkv, idx))
-    again = attention_results("torch", qkv, idx)
+    actual = attention_results("torch", qkv, idx, None, with_probs)
+    assert_all_close(actual, attention_results("naive", qkv, idx, None, with_probs))
+    again = attention_results("torch", qkv, idx, None, with_probs)
     assert all(torch.equal(a, b) for a, b in zip(actual, again, strict=True))
+
+
+@pytest.mark.parametrize("with_probs", [True, False])
+def test_sparse_attention_chunks_with_every_slot_used(with_probs: bool) -> None:
+    """Prefill's common case: every slot of a chunk holds a visible key (no mask at all), as
+    top-k's selections do past the first k queries; equal to the oracle, gradients too."""
+    T, K = 300, 24
+    qkv = make_qkv(1, T, T, 8, 2, 16)
+    t_T1, j_1K = torch.arange(T)[:, None], torch.arange(K)[None]
+    idx = ((t_T1 - 5 * j_1K) % (t_T1 + 1))[None]  # positions 0 .. t, repeats allowed
+    expected = attention_results("naive", qkv, idx, None, with_probs)
+    assert_all_close(attention_results("torch", qkv, idx, None, with_probs), expected)
 
 
 @pytest.mark.parametrize("workers", [2, 3])
