@@ -22,8 +22,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from sparsezoo.bench import (
     BenchConfig,
     BenchConfigError,
@@ -32,6 +30,7 @@ from sparsezoo.bench import (
     run_bench,
     write_outputs,
 )
+from sparsezoo.console import console
 
 
 @dataclass(frozen=True)
@@ -168,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg.validate()
     except BenchConfigError as exc:
         parser.error(str(exc))
-    console = Console()
+    con = console()
     lines = []
     for cfg, members in groups:
         result = run_bench(cfg)
-        console.print(render_table(result))
+        con.print(render_table(result))
         if args.out is not None:
             write_outputs(result, args.out / f"{members[0].layout.name}-{cfg.modes[0]}")
         lines += [verdict(t, result, args.scale)[1] for t in members]
