@@ -146,7 +146,8 @@ def select(names: str) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the selected targets' bench groups, print their tables and the verdict lines."""
+    """Run the selected targets' bench groups, print their tables, the verdict lines and how
+    many targets were met."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mechanisms", default="nsa,moba,dsa")
     parser.add_argument("--repeats", type=int, default=3)
@@ -168,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     except BenchConfigError as exc:
         parser.error(str(exc))
     con = console()
-    lines = []
+    verdicts = []
     for cfg, members in groups:
         result = run_bench(cfg)
         con.print(render_table(result))
         if args.out is not None:
             write_outputs(result, args.out / f"{members[0].layout.name}-{cfg.modes[0]}")
-        lines += [verdict(t, result, args.scale)[1] for t in members]
-    print("\n".join(lines))
+        verdicts += [verdict(t, result, args.scale) for t in members]
+    print("\n".join(line for _, line in verdicts))
+    print(f"{sum(met for met, _ in verdicts)} of {len(verdicts)} targets met")
     return 0
 
 

@@ -143,13 +143,16 @@ def test_unknown_mechanism_and_bad_values_exit_2_naming_them(targets, capsys) ->
 
 def test_runs_end_to_end_at_tiny_lengths(targets, tmp_path, capsys) -> None:
     """MoBA's four targets at 1/256 of their lengths: a table per bench call, one verdict
-    line per target, and each call's bench.json under --out."""
+    line per target, the count of targets met, and each call's bench.json under --out."""
     argv = ["--mechanisms", "moba", "--scale", "256", "--repeats", "1", "--warmup", "0"]
     code = targets.main([*argv, "--out", str(tmp_path)])
     assert code == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("moba ")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if ln.startswith("moba ")]
     assert len(lines) == 4
     assert all(ln.endswith((": met", ": NOT met")) for ln in lines)
+    met = sum(ln.endswith(": met") for ln in lines)
+    assert out[-1] == f"{met} of 4 targets met"
     written = sorted(p.parent.name for p in tmp_path.glob("*/bench.json"))
     assert written == [
         "decode-mha-decode",
