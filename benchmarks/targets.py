@@ -12,7 +12,7 @@ their registered defaults (the papers' values), MoBA with the paper's 512-token 
 top-3. ``--scale N`` divides every length by N (a quick check of the harness, not of the
 targets). Shared machines are noisy: compare the rounds, and run it more than once.
 
-    .venv/bin/python benchmarks/targets.py                        # all targets (~40 min on 2 cores)
+    .venv/bin/python benchmarks/targets.py                        # all targets (25-40 min, 2 cores)
     .venv/bin/python benchmarks/targets.py --mechanisms nsa,dsa --out bench_results/targets
 """
 
